@@ -1,0 +1,128 @@
+//! Tokio adapter for `cache-core`: runs the cache's background work on a tokio runtime.
+//!
+//! - [`TokioRuntime`] implements [`cache_core::Runtime`] for both the current-thread and the
+//!   multi-thread scheduler.
+//! - Spawning goes through a held [`Handle`], so it works from any thread, including from `Drop`
+//!   and from synchronous callbacks.
+//! - Time is read from tokio's clock, so tests that pause it (`start_paused`) see virtual time.
+//!
+//! # Examples
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use cache_core::{SharedRuntime, Sleep};
+//! use cache_tokio::TokioRuntime;
+//!
+//! #[tokio::main]
+//! async fn main() {
+//!     let runtime: SharedRuntime = Arc::new(TokioRuntime::current());
+//!     let start = runtime.now();
+//!     Sleep::after(&*runtime, Duration::from_millis(5)).await;
+//!     assert!(runtime.now() - start >= Duration::from_millis(5));
+//! }
+//! ```
+//!
+//! # Which crate do I need?
+//!
+//! | your application runs on | depend on |
+//! |---|---|
+//! | tokio | `cache-tokio` (this crate) |
+//! | smol | `cache-smol` |
+//! | async-std (discontinued upstream) | `cache-async-std`, or better, move to `cache-smol` |
+
+#![warn(missing_docs)]
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use cache_core::{BoxFuture, Runtime, Timer};
+use tokio::runtime::Handle;
+
+/// A [`Runtime`] backed by a tokio runtime, reached through its [`Handle`].
+///
+/// The tokio runtime must have its time driver enabled (`enable_time` or `enable_all`; the
+/// `#[tokio::main]` and `#[tokio::test]` macros do this).
+#[derive(Debug, Clone)]
+pub struct TokioRuntime {
+    handle: Handle,
+}
+
+// ===== impl TokioRuntime =====
+
+impl TokioRuntime {
+    /// The adapter for the tokio runtime the caller is running in.
+    ///
+    /// # Panics
+    ///
+    /// Panics if called outside the context of a tokio runtime. Use [`try_current`] to check,
+    /// or [`from_handle`] to build one from a stored [`Handle`].
+    ///
+    /// [`try_current`]: Self::try_current
+    /// [`from_handle`]: Self::from_handle
+    #[track_caller]
+    pub fn current() -> Self {
+        Self::from_handle(Handle::current())
+    }
+
+    /// The adapter for the current tokio runtime, or `None` outside of one.
+    pub fn try_current() -> Option<Self> {
+        Handle::try_current().ok().map(Self::from_handle)
+    }
+
+    /// The adapter for the runtime behind `handle`; usable from threads outside that runtime.
+    pub fn from_handle(handle: Handle) -> Self {
+        Self { handle }
+    }
+
+    /// The tokio handle this adapter spawns onto.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+}
+
+impl Runtime for TokioRuntime {
+    fn spawn(&self, future: BoxFuture<'static, ()>) {
+        // Dropping a tokio `JoinHandle` detaches the task, which is what the contract asks for.
+        drop(self.handle.spawn(future));
+    }
+
+    fn timer(&self, deadline: Instant) -> Pin<Box<dyn Timer>> {
+        // `Sleep` binds to the time driver of the current context when it is created; entering
+        // the handle makes timers creatable from threads outside the runtime too.
+        let _guard = self.handle.enter();
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+        Box::pin(TokioTimer { sleep })
+    }
+
+    fn now(&self) -> Instant {
+        // tokio's clock, not `std`'s, so a paused clock is honoured.
+        tokio::time::Instant::now().into_std()
+    }
+}
+
+// ===== impl TokioTimer =====
+
+pin_project_lite::pin_project! {
+    /// A [`Timer`] over `tokio::time::Sleep`; a local newtype because of the orphan rule, and
+    /// pinned because `Sleep` is `!Unpin`.
+    #[derive(Debug)]
+    struct TokioTimer {
+        #[pin]
+        sleep: tokio::time::Sleep,
+    }
+}
+
+impl Timer for TokioTimer {
+    fn poll_elapsed(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        std::future::Future::poll(self.project().sleep, cx)
+    }
+
+    fn reset(self: Pin<&mut Self>, deadline: Instant) {
+        self.project()
+            .sleep
+            .reset(tokio::time::Instant::from_std(deadline));
+    }
+}
