@@ -1,0 +1,466 @@
+//! The [`Cache`] handle: registration, get, prepopulate, close and metrics.
+
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use event_listener::Event;
+
+use crate::backoff::BackoffPolicy;
+use crate::cache_type::{CacheType, RequestInfo};
+use crate::error::{CacheError, GetError};
+use crate::expiry::{self, ExpiryQueue};
+use crate::metrics::Metrics;
+use crate::ratelimit::RateLimit;
+use crate::runtime::SharedRuntime;
+use crate::store::{ErasedStore, GetOutcome, Response, Store};
+
+/// Cache-wide state shared by every store and background task.
+pub(crate) struct Shared {
+    pub(crate) rt: SharedRuntime,
+    /// The origin of the entries' last-read timestamps.
+    pub(crate) epoch: Instant,
+    closed: AtomicBool,
+    pub(crate) close_event: Event,
+    pub(crate) backoff: BackoffPolicy,
+    pub(crate) expiry: ExpiryQueue,
+    rate_limit: RwLock<RateLimit>,
+    max_entries: Option<usize>,
+    entries: AtomicUsize,
+    stores: RwLock<Vec<Arc<dyn ErasedStore>>>,
+}
+
+impl Shared {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn rate_limit(&self) -> RateLimit {
+        *self.rate_limit.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn on_insert(&self) {
+        let n = self.entries.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(max) = self.max_entries {
+            if n > max {
+                self.enforce_capacity(max);
+            }
+        }
+    }
+
+    pub(crate) fn on_remove(&self) {
+        self.entries.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Evicts least recently read entries until at most `max` remain.
+    fn enforce_capacity(&self, max: usize) {
+        while self.entries.load(Ordering::Relaxed) > max {
+            let stores = self
+                .stores
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let oldest = stores
+                .iter()
+                .filter_map(|s| s.oldest())
+                .min_by_key(|(read, _)| *read);
+            match oldest {
+                Some((_, evict)) => {
+                    evict();
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// Builds a [`Cache`] with non-default cache-wide options.
+#[derive(Debug)]
+#[must_use]
+pub struct CacheBuilder {
+    rt: SharedRuntime,
+    backoff: BackoffPolicy,
+    rate_limit: RateLimit,
+    max_entries: Option<usize>,
+}
+
+impl CacheBuilder {
+    /// The backoff policy of background refresh and watches (default: the reference's).
+    pub fn backoff(mut self, policy: BackoffPolicy) -> Self {
+        self.backoff = policy;
+        self
+    }
+
+    /// The per-entry fetch rate limit (default: unlimited, burst 2).
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = limit;
+        self
+    }
+
+    /// Bounds the number of entries; the least recently read are evicted first (default: no
+    /// bound). Entries with active watches are never evicted for capacity.
+    pub fn max_entries(mut self, max_entries: usize) -> Self {
+        self.max_entries = Some(max_entries);
+        self
+    }
+
+    /// Builds the cache and starts its expiry task on the runtime.
+    pub fn build(self) -> Cache {
+        let epoch = self.rt.now();
+        let shared = Arc::new(Shared {
+            rt: self.rt,
+            epoch,
+            closed: AtomicBool::new(false),
+            close_event: Event::new(),
+            backoff: self.backoff,
+            expiry: ExpiryQueue::default(),
+            rate_limit: RwLock::new(self.rate_limit),
+            max_entries: self.max_entries,
+            entries: AtomicUsize::new(0),
+            stores: RwLock::new(Vec::new()),
+        });
+        shared.rt.spawn(Box::pin(expiry::run(Arc::clone(&shared))));
+        Cache {
+            inner: Arc::new(Inner {
+                shared,
+                types: RwLock::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    types: RwLock<HashMap<TypeId, Arc<dyn ErasedStore>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        close(&self.shared);
+    }
+}
+
+fn close(shared: &Shared) {
+    if !shared.closed.swap(true, Ordering::AcqRel) {
+        shared.close_event.notify(usize::MAX);
+    }
+}
+
+/// A Consul-style agent cache: typed entries kept fresh from an authoritative source.
+///
+/// Cheap to clone; clones share the entries. Dropping the last clone (and every
+/// [`TypedCache`]) closes the cache.
+///
+/// # Examples
+///
+/// ```
+/// use cache_core::{Cache, CacheRequest, CacheType, FetchOptions, FetchResult, RequestInfo};
+/// use cache_core::sim::SimRuntime;
+///
+/// struct Greeting;
+/// #[derive(Clone)]
+/// struct Hello(String);
+/// impl CacheRequest for Hello {
+///     fn cache_info(&self) -> RequestInfo<'_> {
+///         RequestInfo::new(self.0.as_str())
+///     }
+/// }
+/// impl CacheType for Greeting {
+///     type Request = Hello;
+///     type Value = String;
+///     type Error = std::io::Error;
+///     async fn fetch(&self, _: FetchOptions<String>, req: &Hello) -> std::io::Result<FetchResult<String>> {
+///         Ok(FetchResult::new(format!("hello, {}", req.0), 1))
+///     }
+/// }
+///
+/// let sim = SimRuntime::new(1);
+/// let cache = Cache::new(sim.handle());
+/// cache.register(Greeting);
+/// sim.block_on(async {
+///     let first = cache.get::<Greeting>(&Hello("world".into())).await.unwrap();
+///     assert_eq!(first.value.as_deref(), Some("hello, world"));
+///     assert!(!first.meta.hit);
+///     let second = cache.get::<Greeting>(&Hello("world".into())).await.unwrap();
+///     assert!(second.meta.hit);
+/// });
+/// ```
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Cache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("closed", &self.inner.shared.is_closed())
+            .field(
+                "entries",
+                &self.inner.shared.entries.load(Ordering::Relaxed),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cache {
+    /// A cache with default options on `runtime`.
+    pub fn new(runtime: SharedRuntime) -> Self {
+        Self::builder(runtime).build()
+    }
+
+    /// A builder for a cache on `runtime`.
+    pub fn builder(runtime: SharedRuntime) -> CacheBuilder {
+        CacheBuilder {
+            rt: runtime,
+            backoff: BackoffPolicy::default(),
+            rate_limit: RateLimit::default(),
+            max_entries: None,
+        }
+    }
+
+    /// Registers a cache type and returns its typed handle.
+    ///
+    /// Registering the same Rust type again replaces the registration: new gets use the new
+    /// one, whose entries start empty.
+    pub fn register<T: CacheType>(&self, cache_type: T) -> TypedCache<T> {
+        let store = Store::new(cache_type, Arc::clone(&self.inner.shared));
+        let erased: Arc<dyn ErasedStore> = store.clone();
+        self.inner
+            .types
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(TypeId::of::<T>(), erased.clone());
+        let mut stores = self
+            .inner
+            .shared
+            .stores
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        stores.retain(|s| s.type_id_of() != TypeId::of::<Store<T>>());
+        stores.push(erased);
+        drop(stores);
+        TypedCache {
+            cache: self.clone(),
+            store,
+        }
+    }
+
+    /// The typed handle of a registered type; `None` if `T` was never registered.
+    pub fn typed<T: CacheType>(&self) -> Option<TypedCache<T>> {
+        let erased = self
+            .inner
+            .types
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&TypeId::of::<T>())?
+            .clone();
+        let store = erased.as_any().downcast::<Store<T>>().ok()?;
+        Some(TypedCache {
+            cache: self.clone(),
+            store,
+        })
+    }
+
+    /// Gets the value for `request` of type `T` (SPEC §4). See [`TypedCache::get`].
+    ///
+    /// # Errors
+    ///
+    /// [`GetError::NotRegistered`] if `T` was never registered, else as [`TypedCache::get`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future never cancels the shared fetch.
+    pub async fn get<T: CacheType>(
+        &self,
+        request: &T::Request,
+    ) -> Result<Response<T::Value>, GetError<T::Error>> {
+        match self.typed::<T>() {
+            Some(typed) => typed.get(request).await,
+            None => Err(GetError::NotRegistered(std::any::type_name::<T>())),
+        }
+    }
+
+    /// Like [`Cache::get`], but returns the last good value alongside an error.
+    pub async fn get_outcome<T: CacheType>(
+        &self,
+        request: &T::Request,
+    ) -> GetOutcome<T::Value, T::Error> {
+        match self.typed::<T>() {
+            Some(typed) => typed.get_outcome(request).await,
+            None => GetOutcome {
+                value: None,
+                meta: Default::default(),
+                error: Some(GetError::NotRegistered(std::any::type_name::<T>())),
+            },
+        }
+    }
+
+    /// Stores a value for type `T` without fetching (Consul's `Prepopulate`).
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::NotRegistered`] if `T` was never registered; [`CacheError::EmptyKey`]
+    /// for an empty key.
+    pub fn prepopulate<T: CacheType>(
+        &self,
+        info: &RequestInfo<'_>,
+        value: T::Value,
+        index: u64,
+    ) -> Result<(), CacheError> {
+        match self.typed::<T>() {
+            Some(typed) => typed.prepopulate(info, value, index),
+            None => Err(CacheError::NotRegistered(std::any::type_name::<T>())),
+        }
+    }
+
+    /// Changes the per-entry fetch rate limit; it applies to existing entries from their next
+    /// fetch on.
+    pub fn set_rate_limit(&self, limit: RateLimit) {
+        *self
+            .inner
+            .shared
+            .rate_limit
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = limit;
+    }
+
+    /// Stops background work: refresh, expiry and watches. Idempotent. Reads keep working
+    /// (entries no longer expire); in-flight fetches may finish but start nothing new.
+    pub fn close(&self) {
+        close(&self.inner.shared);
+    }
+
+    /// Whether [`Cache::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.shared.is_closed()
+    }
+
+    /// A snapshot of every type's counters.
+    pub fn metrics(&self) -> Metrics {
+        let stores = self
+            .inner
+            .shared
+            .stores
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        Metrics {
+            types: stores.iter().map(|s| s.metrics()).collect(),
+        }
+    }
+
+    /// The number of entries across all types.
+    pub fn len(&self) -> usize {
+        self.inner.shared.entries.load(Ordering::Relaxed)
+    }
+
+    /// Whether the cache holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+}
+
+/// The typed handle of one registered type: get, prepopulate, notify and watch without naming
+/// the type at each call, and without a registry lookup.
+pub struct TypedCache<T: CacheType> {
+    cache: Cache,
+    pub(crate) store: Arc<Store<T>>,
+}
+
+impl<T: CacheType> Clone for TypedCache<T> {
+    fn clone(&self) -> Self {
+        Self {
+            cache: self.cache.clone(),
+            store: Arc::clone(&self.store),
+        }
+    }
+}
+
+impl<T: CacheType> fmt::Debug for TypedCache<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TypedCache")
+            .field("type", &self.store.name)
+            .field("options", &self.store.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: CacheType> TypedCache<T> {
+    /// Gets the value for `request` (SPEC §4): from a valid entry (a hit), or by joining or
+    /// starting the entry's single in-flight fetch and waiting for it.
+    ///
+    /// A get makes one fetch attempt: if it fails, the error is returned (use
+    /// [`TypedCache::get_outcome`] to also receive the last good value). With
+    /// `RequestInfo::timeout`, a get that sees no change in time returns the last known value
+    /// (possibly none) and no error, as a blocking query does.
+    ///
+    /// # Errors
+    ///
+    /// [`GetError::Fetch`] or [`GetError::Panicked`] when the fetch this get waited for failed
+    /// and `stale_if_error` did not allow the last value.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future returns at once and never cancels the shared fetch, which runs in a
+    /// task owned by the cache.
+    pub async fn get(
+        &self,
+        request: &T::Request,
+    ) -> Result<Response<T::Value>, GetError<T::Error>> {
+        self.store.get(request).await.into_result()
+    }
+
+    /// Like [`TypedCache::get`], but returns value, meta and error together, so the last good
+    /// value comes along with an error.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`TypedCache::get`].
+    pub async fn get_outcome(&self, request: &T::Request) -> GetOutcome<T::Value, T::Error> {
+        self.store.get(request).await
+    }
+
+    /// Stores a value without fetching (Consul's `Prepopulate`).
+    ///
+    /// # Errors
+    ///
+    /// [`CacheError::EmptyKey`] for an empty key.
+    pub fn prepopulate(
+        &self,
+        info: &RequestInfo<'_>,
+        value: T::Value,
+        index: u64,
+    ) -> Result<(), CacheError> {
+        if info.key.is_empty() {
+            return Err(CacheError::EmptyKey);
+        }
+        self.store.prepopulate(info, value, index);
+        Ok(())
+    }
+
+    /// The cache this handle belongs to.
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// The options the type registered with.
+    pub fn options(&self) -> &crate::cache_type::RegisterOptions {
+        &self.store.opts
+    }
+}
+
+trait TypeIdOf {
+    fn type_id_of(&self) -> TypeId;
+}
+
+impl TypeIdOf for Arc<dyn ErasedStore> {
+    fn type_id_of(&self) -> TypeId {
+        self.clone().as_any().as_ref().type_id()
+    }
+}

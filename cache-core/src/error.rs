@@ -1,0 +1,55 @@
+//! Errors of the cache's operations.
+
+use std::sync::Arc;
+
+/// Why a get (or a watch event) carries no fresh value.
+///
+/// Cloneable: one failed fetch is reported to every caller that waited for it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GetError<E> {
+    /// The type's fetch returned an error.
+    #[error("fetch failed: {0}")]
+    Fetch(#[source] Arc<E>),
+    /// The type's fetch panicked; the cache contained the panic and the entry stays usable.
+    #[error("fetch panicked: {0}")]
+    Panicked(Arc<str>),
+    /// The type was never registered with this cache.
+    #[error("cache type `{0}` is not registered")]
+    NotRegistered(&'static str),
+}
+
+impl<E> Clone for GetError<E> {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Fetch(e) => Self::Fetch(e.clone()),
+            Self::Panicked(m) => Self::Panicked(m.clone()),
+            Self::NotRegistered(n) => Self::NotRegistered(n),
+        }
+    }
+}
+
+impl<E> GetError<E> {
+    /// The type's own error, when the fetch failed with one.
+    pub fn fetch_error(&self) -> Option<&E> {
+        match self {
+            Self::Fetch(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Errors of the cache's non-get operations.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CacheError {
+    /// The type was never registered with this cache.
+    #[error("cache type `{0}` is not registered")]
+    NotRegistered(&'static str),
+    /// A prepopulate was given an empty key, which names no entry.
+    #[error("an empty key names no cache entry")]
+    EmptyKey,
+    /// A rate-limit setting is out of range.
+    #[error("invalid rate limit: {0}")]
+    InvalidRateLimit(&'static str),
+}

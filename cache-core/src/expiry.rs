@@ -1,0 +1,143 @@
+//! TTL expiry: one queue and one task per cache, on the runtime's timers (SPEC §8).
+//!
+//! Reads only store a timestamp in their entry. The queue holds a deadline per entry that may be
+//! early; when it passes, the entry is asked for its real deadline (last read + TTL) and is
+//! either rescheduled or evicted. So a hit never touches the queue, and no TTL is shortened.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_listener::Event;
+use futures::future::{Either, select};
+
+use crate::cache::Shared;
+use crate::runtime::Sleep;
+
+/// An entry the expiry queue can check.
+pub(crate) trait Expirable: Send + Sync {
+    /// Called once the scheduled deadline has passed: evicts the entry and returns `None`, or
+    /// returns its real, later deadline.
+    fn check_expiry(&self, now: Instant) -> Option<Instant>;
+}
+
+struct Item {
+    deadline: Instant,
+    seq: u64,
+    target: Arc<dyn Expirable>,
+}
+
+impl PartialEq for Item {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Item {}
+impl PartialOrd for Item {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Item {
+    // Reversed: the earliest deadline is the heap's maximum.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.deadline, other.seq).cmp(&(self.deadline, self.seq))
+    }
+}
+
+#[derive(Default)]
+struct Heap {
+    items: BinaryHeap<Item>,
+    seq: u64,
+}
+
+/// Deadlines of every entry whose first fetch has completed.
+#[derive(Default)]
+pub(crate) struct ExpiryQueue {
+    heap: Mutex<Heap>,
+    earlier: Event,
+}
+
+impl ExpiryQueue {
+    pub(crate) fn schedule(&self, deadline: Instant, target: Arc<dyn Expirable>) {
+        let mut heap = self.heap.lock().unwrap_or_else(|p| p.into_inner());
+        let earlier = heap.items.peek().is_none_or(|top| deadline < top.deadline);
+        heap.seq += 1;
+        let seq = heap.seq;
+        heap.items.push(Item {
+            deadline,
+            seq,
+            target,
+        });
+        drop(heap);
+        if earlier {
+            self.earlier.notify(1);
+        }
+    }
+
+    fn pop_due(&self, now: Instant) -> Vec<Arc<dyn Expirable>> {
+        let mut heap = self.heap.lock().unwrap_or_else(|p| p.into_inner());
+        let mut due = Vec::new();
+        while heap.items.peek().is_some_and(|top| top.deadline <= now) {
+            if let Some(item) = heap.items.pop() {
+                due.push(item.target);
+            }
+        }
+        due
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let heap = self.heap.lock().unwrap_or_else(|p| p.into_inner());
+        heap.items.peek().map(|top| top.deadline)
+    }
+
+    pub(crate) fn clear(&self) {
+        let items = std::mem::take(&mut self.heap.lock().unwrap_or_else(|p| p.into_inner()).items);
+        drop(items);
+    }
+}
+
+/// The expiry task: sleeps until the earliest deadline, checks what is due, and stops when the
+/// cache closes.
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let queue = &shared.expiry;
+    let mut sleep: Option<Sleep> = None;
+    loop {
+        let earlier = queue.earlier.listen();
+        let closed = shared.close_event.listen();
+        if shared.is_closed() {
+            break;
+        }
+        let now = shared.rt.now();
+        let due = queue.pop_due(now);
+        if !due.is_empty() {
+            for target in due {
+                if let Some(deadline) = target.check_expiry(now) {
+                    queue.schedule(deadline, target);
+                }
+            }
+            continue;
+        }
+        let wake = select(earlier, closed);
+        match queue.next_deadline() {
+            Some(deadline) => {
+                let timer = match sleep.as_mut() {
+                    Some(timer) => {
+                        timer.reset(deadline);
+                        timer
+                    }
+                    None => sleep.insert(Sleep::until(&*shared.rt, deadline)),
+                };
+                if let Either::Right(((), _)) = select(wake, timer).await {
+                    // The timer fired; re-arm a fresh one next time.
+                    sleep = None;
+                }
+            }
+            None => {
+                wake.await;
+            }
+        }
+    }
+    queue.clear();
+}

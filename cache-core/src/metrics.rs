@@ -1,0 +1,159 @@
+//! Counters per cache type (SPEC §10), exposed as a plain snapshot.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// A snapshot of the cache's counters, one row per registered type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Metrics {
+    /// One row per registered type, in registration order.
+    pub types: Vec<TypeMetrics>,
+}
+
+impl Metrics {
+    /// The row of the type whose name is `name` (its Rust type name unless renamed).
+    pub fn get(&self, name: &str) -> Option<&TypeMetrics> {
+        self.types.iter().find(|t| t.name == name)
+    }
+
+    /// The sum of every row (named `"total"`).
+    pub fn total(&self) -> TypeMetrics {
+        let mut total = TypeMetrics {
+            name: "total".to_owned(),
+            ..TypeMetrics::default()
+        };
+        for t in &self.types {
+            total.hits += t.hits;
+            total.misses_new += t.misses_new;
+            total.misses_blocking += t.misses_blocking;
+            total.bypasses += t.bypasses;
+            total.fetch_success += t.fetch_success;
+            total.fetch_not_modified += t.fetch_not_modified;
+            total.fetch_errors += t.fetch_errors;
+            total.fetch_errors_fatal += t.fetch_errors_fatal;
+            total.expirations += t.expirations;
+            total.evictions_capacity += t.evictions_capacity;
+            total.entries += t.entries;
+            total.watches += t.watches;
+        }
+        total
+    }
+}
+
+/// The counters of one cache type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TypeMetrics {
+    /// The type's name.
+    pub name: String,
+    /// Gets answered from a valid entry on the first look.
+    pub hits: u64,
+    /// Gets that found no value and had to wait for a fetch.
+    pub misses_new: u64,
+    /// Gets that found a value but blocked for a newer index (or revalidated).
+    pub misses_blocking: u64,
+    /// Gets with an empty key, passed straight to fetch.
+    pub bypasses: u64,
+    /// Completed fetches without error (including not-modified ones).
+    pub fetch_success: u64,
+    /// Of `fetch_success`, those that answered "not modified".
+    pub fetch_not_modified: u64,
+    /// Fetches that failed (including panics).
+    pub fetch_errors: u64,
+    /// Of `fetch_errors`, those the type classified as fatal.
+    pub fetch_errors_fatal: u64,
+    /// Entries removed because their TTL ran out.
+    pub expirations: u64,
+    /// Entries removed to respect the capacity bound.
+    pub evictions_capacity: u64,
+    /// Entries currently held (gauge).
+    pub entries: u64,
+    /// Watches currently running (gauge).
+    pub watches: u64,
+}
+
+const STRIPES: usize = 8;
+
+/// A counter split over cache-line-padded stripes, so that threads counting hits on one hot
+/// entry do not bounce a single cache line.
+#[derive(Debug, Default)]
+pub(crate) struct StripedCounter {
+    stripes: [Padded; STRIPES],
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded(AtomicU64);
+
+thread_local! {
+    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
+fn stripe() -> usize {
+    STRIPE.with(|s| {
+        let mut v = s.get();
+        if v == usize::MAX {
+            v = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
+            s.set(v);
+        }
+        v
+    })
+}
+
+impl StripedCounter {
+    pub(crate) fn incr(&self) {
+        self.stripes[stripe()].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// The live counters of one type.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: StripedCounter,
+    pub(crate) misses_new: AtomicU64,
+    pub(crate) misses_blocking: AtomicU64,
+    pub(crate) bypasses: AtomicU64,
+    pub(crate) fetch_success: AtomicU64,
+    pub(crate) fetch_not_modified: AtomicU64,
+    pub(crate) fetch_errors: AtomicU64,
+    pub(crate) fetch_errors_fatal: AtomicU64,
+    pub(crate) expirations: AtomicU64,
+    pub(crate) evictions_capacity: AtomicU64,
+    pub(crate) entries: AtomicU64,
+    pub(crate) watches: AtomicU64,
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self, name: &str) -> TypeMetrics {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        TypeMetrics {
+            name: name.to_owned(),
+            hits: self.hits.get(),
+            misses_new: load(&self.misses_new),
+            misses_blocking: load(&self.misses_blocking),
+            bypasses: load(&self.bypasses),
+            fetch_success: load(&self.fetch_success),
+            fetch_not_modified: load(&self.fetch_not_modified),
+            fetch_errors: load(&self.fetch_errors),
+            fetch_errors_fatal: load(&self.fetch_errors_fatal),
+            expirations: load(&self.expirations),
+            evictions_capacity: load(&self.evictions_capacity),
+            entries: load(&self.entries),
+            watches: load(&self.watches),
+        }
+    }
+}
