@@ -1,0 +1,283 @@
+//! Wiring: builds the upstream, the cache and its types, and the HTTP server; runs it until
+//! shutdown.
+//!
+//! Shutdown order (Ctrl-C, SIGTERM, or [`RunningAgent::shutdown`]):
+//! 1. stop accepting connections;
+//! 2. tell open long-polls to answer now (with the data as it is, as if their wait had
+//!    passed) and end `/v1/watch` streams;
+//! 3. close the cache (ends background refresh and watches) and the upstream (answers its
+//!    open blocking reads);
+//! 4. wait for in-flight responses to finish.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use cache_core::{Cache, RateLimit, SharedRuntime, TypedCache};
+use cache_tokio::TokioRuntime;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, KvCacheMode, UpstreamKind};
+use crate::http;
+use crate::types::{BlockingOptions, KvType, ListType, StatsType};
+use crate::upstream::{FaultSettings, Faults, MemoryUpstream, Upstream};
+
+/// How long shutdown waits for in-flight responses before it gives up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything a request handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AgentState {
+    pub(crate) inner: Arc<StateInner>,
+}
+
+pub(crate) struct StateInner {
+    pub(crate) cache: Cache,
+    pub(crate) kv: TypedCache<KvType>,
+    pub(crate) list: TypedCache<ListType>,
+    pub(crate) stats: TypedCache<StatsType>,
+    pub(crate) upstream: Arc<dyn Upstream>,
+    /// The embedded store, for its live counters on the metrics page.
+    pub(crate) memory: Option<Arc<MemoryUpstream>>,
+    pub(crate) faults: Arc<Faults>,
+    pub(crate) kv_mode: KvCacheMode,
+    /// Flips to `true` once shutdown starts.
+    pub(crate) shutdown: watch::Receiver<bool>,
+    /// `/v1/watch` streams open now.
+    pub(crate) sse_streams: AtomicU64,
+    pub(crate) debug_routes: bool,
+}
+
+impl AgentState {
+    /// Builds the upstream, the cache and its types from `config`. Must run inside a tokio
+    /// runtime (the cache spawns its background work on it).
+    pub fn new(config: &Config, shutdown: watch::Receiver<bool>) -> Result<Self, StartError> {
+        let faults = Faults::new(FaultSettings {
+            latency: config.upstream_latency,
+            fail_rate: config.upstream_fail_rate,
+            fail: false,
+        });
+        let (upstream, memory): (Arc<dyn Upstream>, _) = match config.upstream {
+            UpstreamKind::Embedded => {
+                let memory = MemoryUpstream::new(faults.clone());
+                (memory.clone(), Some(memory))
+            }
+        };
+        let runtime: SharedRuntime = Arc::new(TokioRuntime::current());
+        let mut builder = Cache::builder(runtime);
+        if let Some(per_second) = config.rate_limit {
+            let limit = RateLimit::new(per_second, config.rate_burst)
+                .map_err(|e| StartError::Config(e.to_string()))?;
+            builder = builder.rate_limit(limit);
+        }
+        if let Some(max) = config.max_entries {
+            builder = builder.max_entries(max);
+        }
+        let cache = builder.build();
+        let blocking = BlockingOptions {
+            refresh: config.kv_cache == KvCacheMode::Refresh,
+            query_timeout: config.query_timeout,
+        };
+        let kv = cache.register(KvType::new(upstream.clone(), blocking));
+        let list = cache.register(ListType::new(upstream.clone(), blocking));
+        let stats = cache.register(StatsType::new(upstream.clone(), config.stats_refresh));
+        Ok(Self {
+            inner: Arc::new(StateInner {
+                cache,
+                kv,
+                list,
+                stats,
+                upstream,
+                memory,
+                faults,
+                kv_mode: config.kv_cache,
+                shutdown,
+                sse_streams: AtomicU64::new(0),
+                debug_routes: config.debug_routes,
+            }),
+        })
+    }
+
+    /// The cache (for metrics and tests).
+    pub fn cache(&self) -> &Cache {
+        &self.inner.cache
+    }
+
+    /// Completes once shutdown has started (at once if the agent's shutdown handle is gone).
+    pub fn shutdown_started(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut shutdown = self.inner.shutdown.clone();
+        async move {
+            // The guard `wait_for` returns is not `Send`; drop it here.
+            let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+        }
+    }
+
+    /// The live fault settings of the upstream.
+    pub fn faults(&self) -> &Arc<Faults> {
+        &self.inner.faults
+    }
+}
+
+/// Why the agent did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A flag combination is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// The agent: [`Agent::start`] runs it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Agent;
+
+impl Agent {
+    /// Binds `config.listen`, builds the agent and serves it in a background task.
+    ///
+    /// # Errors
+    ///
+    /// [`StartError`] when the address cannot be bound or the configuration is invalid.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let state = AgentState::new(&config, shutdown_rx.clone())?;
+        let app = http::app(state.clone());
+        let mut graceful = shutdown_rx;
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = graceful.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+        tracing::info!(%addr, upstream = ?config.upstream, kv_cache = ?config.kv_cache, "agent listening");
+        Ok(RunningAgent {
+            addr,
+            state,
+            shutdown: ShutdownHandle {
+                tx: Arc::new(shutdown_tx),
+            },
+            server,
+        })
+    }
+}
+
+/// A running agent: its address, a shutdown handle, and its server task.
+#[derive(Debug)]
+pub struct RunningAgent {
+    addr: SocketAddr,
+    state: AgentState,
+    shutdown: ShutdownHandle,
+    server: JoinHandle<io::Result<()>>,
+}
+
+impl std::fmt::Debug for AgentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentState")
+            .field("cache", &self.inner.cache)
+            .field("kv_mode", &self.inner.kv_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningAgent {
+    /// The address the agent listens on (with the real port when 0 was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The agent's state (its cache and faults), for tests.
+    pub fn state(&self) -> &AgentState {
+        &self.state
+    }
+
+    /// A handle that starts shutdown from anywhere (a signal handler, a test).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Shuts down (see the module docs) and waits until the server has stopped.
+    ///
+    /// # Errors
+    ///
+    /// The server's I/O error, if it failed; a timeout error if in-flight responses did not
+    /// finish within 30 s.
+    pub async fn shutdown(self) -> io::Result<()> {
+        self.shutdown.shutdown();
+        self.wait().await
+    }
+
+    /// Waits until the server has stopped (after a [`ShutdownHandle::shutdown`]), closing the
+    /// cache and upstream once shutdown has started.
+    ///
+    /// # Errors
+    ///
+    /// As [`RunningAgent::shutdown`].
+    pub async fn wait(self) -> io::Result<()> {
+        let mut shutdown = self.state.inner.shutdown.clone();
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        // Handlers saw the signal first (they hold the same receiver); now end background
+        // work and the upstream's open blocking reads.
+        self.state.inner.cache.close();
+        self.state.inner.upstream.close();
+        let mut server = self.server;
+        match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join_error)) => Err(io::Error::other(join_error)),
+            Err(_) => {
+                server.abort();
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "in-flight responses did not finish within 30s",
+                ))
+            }
+        }
+        .inspect(|()| tracing::info!("agent stopped"))
+    }
+}
+
+/// Starts an agent's shutdown; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl ShutdownHandle {
+    /// Starts shutdown. Idempotent.
+    pub fn shutdown(&self) {
+        self.tx.send_replace(true);
+    }
+}

@@ -1,0 +1,114 @@
+//! `/v1/agent/*`: health, metrics, the upstream's stats (served by a polling cache type), and
+//! the fault-injection switches.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::error::ApiError;
+use super::kv::get_error;
+use super::params::Params;
+use super::{set_cache_headers, set_index_headers};
+use crate::agent::AgentState;
+use crate::config::parse_rate;
+use crate::duration::{GoDuration, parse_duration};
+use crate::types::StatsRequest;
+use crate::upstream::FaultSettings;
+
+/// The longest simulated latency accepted at run time.
+const MAX_LATENCY: Duration = Duration::from_secs(60);
+
+/// `GET /v1/agent/health`.
+pub(super) async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /v1/agent/metrics`: Prometheus text.
+pub(super) async fn metrics(State(state): State<AgentState>) -> Response {
+    let mut response = crate::metrics::render(&state).into_response();
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+/// `GET /v1/agent/upstream/stats`: the upstream's counters through the polling cache type
+/// (refreshed in the background every `--stats-refresh`), with `X-Cache` and `Age`.
+pub(super) async fn stats(State(state): State<AgentState>) -> Response {
+    let outcome = state.inner.stats.get_outcome(&StatsRequest).await;
+    let mut response = match (outcome.error, outcome.value) {
+        (Some(error), _) => get_error(error).into_response(),
+        (None, None) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no stats yet").into_response()
+        }
+        (None, Some(stats)) => {
+            let mut response = Json(&*stats).into_response();
+            set_index_headers(response.headers_mut(), outcome.meta.index);
+            response
+        }
+    };
+    set_cache_headers(response.headers_mut(), outcome.meta.hit, outcome.meta.age);
+    response
+}
+
+fn faults_json(settings: FaultSettings) -> Json<serde_json::Value> {
+    Json(json!({
+        "kind": "embedded",
+        "latency": GoDuration(settings.latency).to_string(),
+        "fail_rate": settings.fail_rate,
+        "fail": settings.fail,
+    }))
+}
+
+/// `GET /v1/agent/upstream`: the fault settings in force.
+pub(super) async fn get_faults(State(state): State<AgentState>) -> Json<serde_json::Value> {
+    faults_json(state.faults().get())
+}
+
+/// `PUT /v1/agent/upstream?fail=true|false&fail_rate=0.2&latency=5ms`: changes the fault
+/// settings (absent parameters keep their value) and returns them.
+pub(super) async fn put_faults(
+    State(state): State<AgentState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let mut settings = state.faults().get();
+    if let Some(fail) = params.get("fail") {
+        settings.fail = match fail {
+            "true" | "1" | "" => true,
+            "false" | "0" => false,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid fail {other:?}: use true or false"
+                )));
+            }
+        };
+    }
+    if let Some(rate) = params.get("fail_rate") {
+        settings.fail_rate = parse_rate(rate)
+            .map_err(|e| ApiError::bad_request(format!("invalid fail_rate: {e}")))?;
+    }
+    if let Some(latency) = params.get("latency") {
+        let latency = parse_duration(latency)
+            .map_err(|e| ApiError::bad_request(format!("invalid latency: {e}")))?;
+        if latency > MAX_LATENCY {
+            return Err(ApiError::bad_request("invalid latency: at most 1m"));
+        }
+        settings.latency = latency;
+    }
+    state.faults().set(settings);
+    tracing::info!(?settings, "upstream fault settings changed");
+    Ok(faults_json(settings))
+}
+
+/// `GET /v1/agent/debug/panic` (with `--debug-routes`): panics, to show that the agent
+/// answers 500 and keeps serving.
+pub(super) async fn panic() -> &'static str {
+    panic!("deliberate panic from /v1/agent/debug/panic")
+}

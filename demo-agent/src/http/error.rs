@@ -1,0 +1,68 @@
+//! The agent's HTTP errors: every error is JSON `{"error": "..."}` with a status that says
+//! whose fault it is (4xx: the request's, 5xx: the agent's or the upstream's).
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::upstream::UpstreamError;
+
+/// An error response: a status, a message naming the problem, and optionally the index the
+/// answer is at (a 404 for a missing key still tells the client where to block from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// The index of the data the answer reflects, sent as `X-Index` and `"index"`.
+    pub index: Option<u64>,
+}
+
+impl ApiError {
+    /// An error with `status` and `message`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            index: None,
+        }
+    }
+
+    /// A 400 Bad Request.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// Attaches the index of the data the answer reflects.
+    pub fn with_index(mut self, index: u64) -> Self {
+        self.index = Some(index);
+        self
+    }
+}
+
+impl From<UpstreamError> for ApiError {
+    fn from(error: UpstreamError) -> Self {
+        match &error {
+            UpstreamError::CasMismatch { current, .. } => {
+                Self::new(StatusCode::CONFLICT, error.to_string()).with_index((*current).max(1))
+            }
+            _ => Self::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.index {
+            Some(index) => json!({ "error": self.message, "index": index }),
+            None => json!({ "error": self.message }),
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(index) = self.index {
+            super::set_index_headers(response.headers_mut(), index);
+        }
+        response
+    }
+}

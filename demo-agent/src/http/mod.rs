@@ -1,0 +1,122 @@
+//! The HTTP API (JSON, modelled on Consul's agent): routes, shared response headers, and the
+//! layers around every handler.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /v1/kv/{key}` | one key; `?cached`, `?index=&wait=`, `?recurse` (list under it) |
+//! | `PUT /v1/kv/{key}` | write the body; `?cas=N` |
+//! | `DELETE /v1/kv/{key}` | delete; `?cas=N` |
+//! | `GET /v1/kv/?prefix=p` (or `/v1/kv?prefix=p`) | list keys under a prefix |
+//! | `GET /v1/watch?key=a&prefix=c` | server-sent events, several watches on one stream |
+//! | `GET /v1/agent/metrics` | Prometheus text |
+//! | `GET /v1/agent/health` | `{"status":"ok"}` |
+//! | `GET /v1/agent/upstream/stats` | upstream counters, via a polling cache type |
+//! | `GET`/`PUT /v1/agent/upstream` | fault injection: `?fail=`, `?fail_rate=`, `?latency=` |
+//!
+//! There is no compression layer (a compressing layer buffers server-sent events, tower-http
+//! #420; if one is added, exclude `/v1/watch`), and the request timeout (11 min) exceeds the
+//! longest wait (10 min).
+
+mod agent_routes;
+pub mod error;
+mod kv;
+pub mod params;
+mod watch;
+
+use std::any::Any;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::agent::AgentState;
+use crate::upstream::MAX_WAIT;
+use error::ApiError;
+
+/// The request timeout: above the longest blocking wait, so no long-poll is cut short.
+pub const REQUEST_TIMEOUT: Duration = MAX_WAIT.saturating_add(Duration::from_secs(60));
+
+/// The agent's router with every route and layer, ready to serve.
+pub fn app(state: AgentState) -> Router {
+    let mut router = Router::new()
+        .route("/v1/kv", get(kv::list_root))
+        .route("/v1/kv/", get(kv::list_root))
+        .route(
+            "/v1/kv/{*key}",
+            get(kv::get_key).put(kv::put_key).delete(kv::delete_key),
+        )
+        .route("/v1/watch", get(watch::watch))
+        .route("/v1/agent/metrics", get(agent_routes::metrics))
+        .route("/v1/agent/health", get(agent_routes::health))
+        .route(
+            "/v1/agent/upstream",
+            get(agent_routes::get_faults).put(agent_routes::put_faults),
+        )
+        .route("/v1/agent/upstream/stats", get(agent_routes::stats));
+    if state.inner.debug_routes {
+        router = router.route("/v1/agent/debug/panic", get(agent_routes::panic));
+    }
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(params::MAX_VALUE_BYTES))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route for {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed on {}", uri.path()),
+    )
+}
+
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned());
+    tracing::error!(%message, "a handler panicked; the agent keeps serving");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("internal error: a handler panicked: {message}"),
+    )
+    .into_response()
+}
+
+/// Sets `X-Index` and `X-Consul-Index` (never 0).
+pub(crate) fn set_index_headers(headers: &mut HeaderMap, index: u64) {
+    let value = HeaderValue::from(index.max(1));
+    headers.insert("x-index", value.clone());
+    headers.insert("x-consul-index", value);
+}
+
+/// Sets `X-Cache: HIT|MISS` and, on hits, `Age` in whole seconds.
+pub(crate) fn set_cache_headers(headers: &mut HeaderMap, hit: bool, age: Duration) {
+    headers.insert(
+        "x-cache",
+        HeaderValue::from_static(if hit { "HIT" } else { "MISS" }),
+    );
+    if hit {
+        headers.insert("age", HeaderValue::from(age.as_secs()));
+    }
+}

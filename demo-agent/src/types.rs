@@ -1,0 +1,289 @@
+//! The agent's cache types: how each kind of cached data is fetched from the [`Upstream`].
+//!
+//! | type | data | blocking | background refresh |
+//! |---|---|---|---|
+//! | [`KvType`] | one key (absent is a value too) | yes | `--kv-refresh` (default on) |
+//! | [`ListType`] | the keys under a prefix | yes | `--kv-refresh` (default on) |
+//! | [`StatsType`] | the upstream's counters | no (polling) | yes, every `--stats-refresh` |
+//!
+//! A request whose `cached` flag is off names no entry (an empty key), so the cache passes it
+//! straight to the type's fetch: uncached reads take the same path to the upstream as cached
+//! ones, without coalescing or storing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cache_core::{
+    CacheRequest, CacheType, FetchOptions, FetchResult, RegisterOptions, RequestInfo,
+};
+
+use crate::upstream::{KeyRead, ListRead, Query, Upstream, UpstreamError, UpstreamStats};
+
+/// How one read is served: from the cache or not, blocking or not, and its `Cache-Control`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Serve from the cache (`?cached`); otherwise the read goes straight to the upstream.
+    pub cached: bool,
+    /// Wait for an index above this (`?index=`); 0 answers at once.
+    pub min_index: u64,
+    /// The longest to wait for that (`?wait=`), when blocking.
+    pub wait: Option<Duration>,
+    /// Whether the read may block upstream: set for `?index=` reads and for watches. In the
+    /// simple (non-refresh) mode a non-blocking read never opens a blocking upstream query,
+    /// so a revalidation answers at once.
+    pub block: bool,
+    /// `Cache-Control: must-revalidate`.
+    pub must_revalidate: bool,
+    /// `Cache-Control: stale-if-error=<seconds>`.
+    pub stale_if_error: Option<Duration>,
+}
+
+impl ReadOptions {
+    /// A cached read that blocks on the entry's index forever: what a watch asks for.
+    pub fn watch() -> Self {
+        Self {
+            cached: true,
+            block: true,
+            ..Self::default()
+        }
+    }
+
+    fn info<'a>(&self, key: &'a str) -> RequestInfo<'a> {
+        let mut info =
+            RequestInfo::new(if self.cached { key } else { "" }).min_index(self.min_index);
+        if let Some(wait) = self.wait.filter(|_| self.min_index > 0) {
+            info = info.timeout(wait);
+        }
+        if let Some(age) = self.stale_if_error {
+            info = info.stale_if_error(age);
+        }
+        info.must_revalidate(self.must_revalidate)
+    }
+
+    /// The upstream query for a fetch: blocking on the entry's index when the type refreshes
+    /// in the background or the read asked to block; at once otherwise.
+    fn query(&self, refresh: bool, opts_min_index: u64, opts_timeout: Duration) -> Query {
+        if opts_min_index > 0 && (refresh || self.block) {
+            // An uncached (pass-through) fetch is told the request's own wait as its timeout.
+            Query::blocking(opts_min_index, opts_timeout)
+        } else {
+            Query::now()
+        }
+    }
+}
+
+/// Options shared by the blocking types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockingOptions {
+    /// Keep entries fresh with a background blocking query (Consul's "background refresh
+    /// caching"); off means "simple caching", where `Cache-Control` decides freshness.
+    pub refresh: bool,
+    /// The upstream blocking timeout of each fetch (the type's `query_timeout`).
+    pub query_timeout: Duration,
+}
+
+// ===== KV =====
+
+/// One key of the upstream, cached; a blocking type.
+pub struct KvType {
+    upstream: Arc<dyn Upstream>,
+    options: BlockingOptions,
+}
+
+impl KvType {
+    /// A KV type reading from `upstream`.
+    pub fn new(upstream: Arc<dyn Upstream>, options: BlockingOptions) -> Self {
+        Self { upstream, options }
+    }
+}
+
+/// A read of one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvRequest {
+    /// The key.
+    pub key: String,
+    /// How to read it.
+    pub read: ReadOptions,
+}
+
+impl CacheRequest for KvRequest {
+    fn cache_info(&self) -> RequestInfo<'_> {
+        self.read.info(&self.key)
+    }
+}
+
+impl CacheType for KvType {
+    type Request = KvRequest;
+    /// The key's value (none if absent, so absence is cached and blocked on too) and index.
+    type Value = Arc<KeyRead>;
+    type Error = UpstreamError;
+
+    fn register_options(&self) -> RegisterOptions {
+        RegisterOptions::new()
+            .supports_blocking(true)
+            .refresh(self.options.refresh)
+            .query_timeout(self.options.query_timeout)
+    }
+
+    async fn fetch(
+        &self,
+        opts: FetchOptions<Self::Value>,
+        request: &KvRequest,
+    ) -> Result<FetchResult<Self::Value>, UpstreamError> {
+        let query = request
+            .read
+            .query(self.options.refresh, opts.min_index, opts.timeout);
+        let read = self.upstream.get(&request.key, query).await?;
+        let index = read.index;
+        Ok(FetchResult::new(Arc::new(read), index))
+    }
+
+    fn value_eq(&self, a: &Self::Value, b: &Self::Value) -> bool {
+        a == b
+    }
+}
+
+// ===== List =====
+
+/// The keys under a prefix, cached; a blocking type.
+pub struct ListType {
+    upstream: Arc<dyn Upstream>,
+    options: BlockingOptions,
+}
+
+impl ListType {
+    /// A list type reading from `upstream`.
+    pub fn new(upstream: Arc<dyn Upstream>, options: BlockingOptions) -> Self {
+        Self { upstream, options }
+    }
+}
+
+/// A listing of the keys under a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListRequest {
+    prefix: String,
+    /// The entry key: the prefix behind a marker, so that the empty prefix (every key) still
+    /// names an entry.
+    entry_key: String,
+    /// How to read it.
+    pub read: ReadOptions,
+}
+
+impl ListRequest {
+    /// A listing of `prefix` (every key when empty).
+    pub fn new(prefix: impl Into<String>, read: ReadOptions) -> Self {
+        let prefix = prefix.into();
+        Self {
+            entry_key: format!("prefix:{prefix}"),
+            prefix,
+            read,
+        }
+    }
+
+    /// The prefix listed.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+impl CacheRequest for ListRequest {
+    fn cache_info(&self) -> RequestInfo<'_> {
+        self.read.info(&self.entry_key)
+    }
+}
+
+impl CacheType for ListType {
+    type Request = ListRequest;
+    type Value = Arc<ListRead>;
+    type Error = UpstreamError;
+
+    fn register_options(&self) -> RegisterOptions {
+        RegisterOptions::new()
+            .supports_blocking(true)
+            .refresh(self.options.refresh)
+            .query_timeout(self.options.query_timeout)
+    }
+
+    async fn fetch(
+        &self,
+        opts: FetchOptions<Self::Value>,
+        request: &ListRequest,
+    ) -> Result<FetchResult<Self::Value>, UpstreamError> {
+        let query = request
+            .read
+            .query(self.options.refresh, opts.min_index, opts.timeout);
+        let read = self.upstream.list(&request.prefix, query).await?;
+        let index = read.index;
+        Ok(FetchResult::new(Arc::new(read), index))
+    }
+
+    fn value_eq(&self, a: &Self::Value, b: &Self::Value) -> bool {
+        a == b
+    }
+}
+
+// ===== Stats =====
+
+/// The upstream's counters: a non-blocking (polling) type refreshed on a timer, to show that
+/// path of the cache.
+pub struct StatsType {
+    upstream: Arc<dyn Upstream>,
+    refresh_every: Duration,
+}
+
+impl StatsType {
+    /// A stats type polling `upstream` every `refresh_every`.
+    pub fn new(upstream: Arc<dyn Upstream>, refresh_every: Duration) -> Self {
+        Self {
+            upstream,
+            refresh_every,
+        }
+    }
+}
+
+/// A read of the upstream's counters (there is one entry).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsRequest;
+
+impl CacheRequest for StatsRequest {
+    fn cache_info(&self) -> RequestInfo<'_> {
+        RequestInfo::new("upstream-stats")
+    }
+}
+
+impl CacheType for StatsType {
+    type Request = StatsRequest;
+    type Value = Arc<UpstreamStats>;
+    type Error = UpstreamError;
+
+    fn register_options(&self) -> RegisterOptions {
+        RegisterOptions::new()
+            .refresh(true)
+            .refresh_timer(self.refresh_every)
+    }
+
+    async fn fetch(
+        &self,
+        _opts: FetchOptions<Self::Value>,
+        _request: &StatsRequest,
+    ) -> Result<FetchResult<Self::Value>, UpstreamError> {
+        let stats = self.upstream.stats().await?;
+        let index = stats.index;
+        Ok(FetchResult::new(Arc::new(stats), index))
+    }
+
+    fn value_eq(&self, a: &Self::Value, b: &Self::Value) -> bool {
+        a == b
+    }
+}
+
+/// A short, stable name for a cache type, for metric labels (`kv`, `kv_list`,
+/// `upstream_stats`); other names pass through.
+pub fn short_type_name(rust_name: &str) -> &str {
+    match rust_name.rsplit("::").next().unwrap_or(rust_name) {
+        "KvType" => "kv",
+        "ListType" => "kv_list",
+        "StatsType" => "upstream_stats",
+        other => other,
+    }
+}

@@ -1,0 +1,494 @@
+//! The embedded upstream: an in-process authoritative key-value store with one monotonically
+//! increasing index per write (like a Raft index) that answers blocking queries.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+use super::{
+    Faults, KeyRead, KeyValue, ListRead, MAX_WAIT, Query, Upstream, UpstreamError, UpstreamStats,
+};
+
+/// The index of an upstream that has seen no write: indexes are never 0.
+const FIRST_INDEX: u64 = 1;
+
+#[derive(Debug)]
+struct Item {
+    value: String,
+    modify_index: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    /// The index of the last write.
+    index: u64,
+    data: BTreeMap<String, Item>,
+    /// The index at which each deleted key was deleted, so that "absent" has an index that
+    /// rises on every change. Never pruned: the store is a demo, not a database.
+    tombstones: BTreeMap<String, u64>,
+}
+
+impl State {
+    fn key_index(&self, key: &str) -> u64 {
+        self.data
+            .get(key)
+            .map(|item| item.modify_index)
+            .or_else(|| self.tombstones.get(key).copied())
+            .unwrap_or(FIRST_INDEX)
+    }
+
+    fn read_key(&self, key: &str) -> (KeyRead, u64) {
+        let index = self.key_index(key);
+        let read = KeyRead {
+            value: self.data.get(key).map(|item| item.value.clone()),
+            index,
+        };
+        (read, index)
+    }
+
+    fn read_prefix(&self, prefix: &str) -> (ListRead, u64) {
+        let mut index = FIRST_INDEX;
+        let mut keys = Vec::new();
+        for (key, item) in under_prefix(&self.data, prefix) {
+            index = index.max(item.modify_index);
+            keys.push(KeyValue {
+                key: key.clone(),
+                value: item.value.clone(),
+            });
+        }
+        for (_, deleted_at) in under_prefix(&self.tombstones, prefix) {
+            index = index.max(*deleted_at);
+        }
+        (ListRead { keys, index }, index)
+    }
+
+    /// The key's index for compare-and-set: 0 when it does not exist.
+    fn cas_index(&self, key: &str) -> u64 {
+        self.data.get(key).map_or(0, |item| item.modify_index)
+    }
+}
+
+fn under_prefix<'a, V>(
+    map: &'a BTreeMap<String, V>,
+    prefix: &'a str,
+) -> impl Iterator<Item = (&'a String, &'a V)> + 'a {
+    map.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+        .take_while(move |(key, _)| key.starts_with(prefix))
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    key_reads: AtomicU64,
+    key_reads_blocking: AtomicU64,
+    list_reads: AtomicU64,
+    list_reads_blocking: AtomicU64,
+    stats_reads: AtomicU64,
+    writes: AtomicU64,
+    injected_failures: AtomicU64,
+    blocking_open: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts an open blocking read for as long as it lives (also when its future is dropped).
+struct OpenGuard<'a>(&'a AtomicU64);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An in-process authoritative key-value store that answers blocking queries.
+///
+/// Every write (put, or delete of an existing key) takes the next index, starting at 2 (1 is
+/// the index of the empty store). Blocked reads are woken on every write and re-check their
+/// own key or prefix, so a write elsewhere does not answer them.
+///
+/// # Examples
+///
+/// ```
+/// use demo_agent::upstream::{FaultSettings, Faults, MemoryUpstream, Query, Upstream};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let upstream = MemoryUpstream::new(Faults::new(FaultSettings::default()));
+/// let index = upstream.put("greeting", "hello".to_owned(), None).await.unwrap();
+/// let read = upstream.get("greeting", Query::now()).await.unwrap();
+/// assert_eq!((read.value.as_deref(), read.index), (Some("hello"), index));
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct MemoryUpstream {
+    state: Mutex<State>,
+    /// Bumped after every write and on close; blocked reads wait for it to change.
+    changed: watch::Sender<u64>,
+    faults: Arc<Faults>,
+    closed: AtomicBool,
+    counters: Counters,
+}
+
+impl MemoryUpstream {
+    /// An empty store (index 1) whose operations suffer `faults`.
+    pub fn new(faults: Arc<Faults>) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                index: FIRST_INDEX,
+                data: BTreeMap::new(),
+                tombstones: BTreeMap::new(),
+            }),
+            changed: watch::Sender::new(0),
+            faults,
+            closed: AtomicBool::new(false),
+            counters: Counters::default(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn notify(&self) {
+        self.changed
+            .send_modify(|version| *version = version.wrapping_add(1));
+    }
+
+    async fn before_operation(&self) -> Result<(), UpstreamError> {
+        self.faults.before_operation().await.map_err(|reason| {
+            bump(&self.counters.injected_failures);
+            UpstreamError::Unavailable(reason)
+        })
+    }
+
+    /// A read that blocks until `read`'s index is above `query.min_index`, `query.wait` has
+    /// passed, an outage starts, or the store closes.
+    async fn blocking_read<T>(
+        &self,
+        query: Query,
+        blocking_counter: &AtomicU64,
+        plain_counter: &AtomicU64,
+        read: impl Fn(&State) -> (T, u64),
+    ) -> Result<T, UpstreamError> {
+        let wait = query.wait.min(MAX_WAIT);
+        let block = query.min_index > 0 && !wait.is_zero();
+        bump(if block {
+            blocking_counter
+        } else {
+            plain_counter
+        });
+        self.before_operation().await?;
+        // Subscribe before the first look, so a write between the look and the wait still
+        // wakes this read (listen, re-check, then wait).
+        let mut changed = self.changed.subscribe();
+        let mut faults = self.faults.subscribe();
+        if !block {
+            return Ok(read(&self.lock()).0);
+        }
+        self.counters.blocking_open.fetch_add(1, Ordering::Relaxed);
+        let _open = OpenGuard(&self.counters.blocking_open);
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
+        loop {
+            let (result, index) = read(&self.lock());
+            if index > query.min_index || self.closed.load(Ordering::Acquire) {
+                return Ok(result);
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = faults.changed() => {
+                    if self.faults.get().fail {
+                        bump(&self.counters.injected_failures);
+                        return Err(UpstreamError::Unavailable(
+                            "injected outage ended an open blocking query".to_owned(),
+                        ));
+                    }
+                }
+                () = &mut deadline => return Ok(read(&self.lock()).0),
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        key: &str,
+        cas: Option<u64>,
+        apply: impl FnOnce(&mut State, u64) -> bool,
+    ) -> Result<u64, UpstreamError> {
+        let index = {
+            let mut state = self.lock();
+            if let Some(expected) = cas {
+                let current = state.cas_index(key);
+                if current != expected {
+                    return Err(UpstreamError::CasMismatch {
+                        key: key.to_owned(),
+                        expected,
+                        current,
+                    });
+                }
+            }
+            let next = state.index + 1;
+            if !apply(&mut state, next) {
+                return Ok(state.key_index(key));
+            }
+            state.index = next;
+            next
+        };
+        bump(&self.counters.writes);
+        self.notify();
+        Ok(index)
+    }
+}
+
+impl Upstream for MemoryUpstream {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        query: Query,
+    ) -> BoxFuture<'a, Result<KeyRead, UpstreamError>> {
+        self.blocking_read(
+            query,
+            &self.counters.key_reads_blocking,
+            &self.counters.key_reads,
+            move |state| state.read_key(key),
+        )
+        .boxed()
+    }
+
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+        query: Query,
+    ) -> BoxFuture<'a, Result<ListRead, UpstreamError>> {
+        self.blocking_read(
+            query,
+            &self.counters.list_reads_blocking,
+            &self.counters.list_reads,
+            move |state| state.read_prefix(prefix),
+        )
+        .boxed()
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: String,
+        cas: Option<u64>,
+    ) -> BoxFuture<'a, Result<u64, UpstreamError>> {
+        async move {
+            self.before_operation().await?;
+            self.write(key, cas, |state, index| {
+                state.tombstones.remove(key);
+                state.data.insert(
+                    key.to_owned(),
+                    Item {
+                        value,
+                        modify_index: index,
+                    },
+                );
+                true
+            })
+        }
+        .boxed()
+    }
+
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+        cas: Option<u64>,
+    ) -> BoxFuture<'a, Result<u64, UpstreamError>> {
+        async move {
+            self.before_operation().await?;
+            self.write(key, cas, |state, index| {
+                if state.data.remove(key).is_none() {
+                    return false;
+                }
+                state.tombstones.insert(key.to_owned(), index);
+                true
+            })
+        }
+        .boxed()
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<UpstreamStats, UpstreamError>> {
+        async move {
+            bump(&self.counters.stats_reads);
+            self.before_operation().await?;
+            Ok(self.counters())
+        }
+        .boxed()
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.notify();
+    }
+}
+
+impl MemoryUpstream {
+    /// The counters right now, without latency or fault injection (for the metrics page).
+    pub fn counters(&self) -> UpstreamStats {
+        let (index, keys) = {
+            let state = self.lock();
+            (state.index, state.data.len() as u64)
+        };
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let c = &self.counters;
+        UpstreamStats {
+            kind: "embedded",
+            index,
+            keys,
+            key_reads: load(&c.key_reads),
+            key_reads_blocking: load(&c.key_reads_blocking),
+            list_reads: load(&c.list_reads),
+            list_reads_blocking: load(&c.list_reads_blocking),
+            stats_reads: load(&c.stats_reads),
+            writes: load(&c.writes),
+            injected_failures: load(&c.injected_failures),
+            blocking_open: load(&c.blocking_open),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::upstream::FaultSettings;
+
+    fn store() -> Arc<MemoryUpstream> {
+        MemoryUpstream::new(Faults::new(FaultSettings::default()))
+    }
+
+    #[tokio::test]
+    async fn indexes_start_at_one_and_rise_per_write() {
+        let up = store();
+        let absent = up.get("a", Query::now()).await.unwrap();
+        assert_eq!((absent.value, absent.index), (None, 1));
+        assert_eq!(up.put("a", "1".into(), None).await.unwrap(), 2);
+        assert_eq!(up.put("b", "2".into(), None).await.unwrap(), 3);
+        assert_eq!(up.get("a", Query::now()).await.unwrap().index, 2);
+        assert_eq!(up.delete("a", None).await.unwrap(), 4);
+        let deleted = up.get("a", Query::now()).await.unwrap();
+        assert_eq!((deleted.value, deleted.index), (None, 4));
+        // Deleting an absent key changes nothing.
+        assert_eq!(up.delete("zzz", None).await.unwrap(), 1);
+        assert_eq!(up.counters().index, 4);
+    }
+
+    #[tokio::test]
+    async fn prefix_index_covers_writes_and_deletes_under_it() {
+        let up = store();
+        up.put("app/x", "1".into(), None).await.unwrap();
+        up.put("other", "2".into(), None).await.unwrap();
+        up.put("app/y", "3".into(), None).await.unwrap();
+        let list = up.list("app/", Query::now()).await.unwrap();
+        assert_eq!(list.index, 4);
+        assert_eq!(
+            list.keys
+                .iter()
+                .map(|kv| kv.key.as_str())
+                .collect::<Vec<_>>(),
+            ["app/x", "app/y"]
+        );
+        up.delete("app/y", None).await.unwrap();
+        let list = up.list("app/", Query::now()).await.unwrap();
+        assert_eq!((list.keys.len(), list.index), (1, 5));
+        assert_eq!(up.list("", Query::now()).await.unwrap().keys.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn cas_checks_the_key_index() {
+        let up = store();
+        assert_eq!(up.put("a", "1".into(), Some(0)).await.unwrap(), 2);
+        let err = up.put("a", "2".into(), Some(0)).await.unwrap_err();
+        assert!(matches!(err, UpstreamError::CasMismatch { current: 2, .. }));
+        assert_eq!(up.put("a", "2".into(), Some(2)).await.unwrap(), 3);
+        assert!(up.delete("a", Some(2)).await.is_err());
+        assert_eq!(up.delete("a", Some(3)).await.unwrap(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn blocking_read_wakes_on_its_key_only() {
+        let up = store();
+        let index = up.put("a", "1".into(), None).await.unwrap();
+        let reader = {
+            let up = up.clone();
+            tokio::spawn(async move {
+                up.get("a", Query::blocking(index, Duration::from_secs(60)))
+                    .await
+                    .unwrap()
+            })
+        };
+        // The read is open once the gauge says so.
+        while up.counters().blocking_open == 0 {
+            tokio::task::yield_now().await;
+        }
+        up.put("b", "other".into(), None).await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(!reader.is_finished());
+        let next = up.put("a", "2".into(), None).await.unwrap();
+        let read = reader.await.unwrap();
+        assert_eq!((read.value.as_deref(), read.index), (Some("2"), next));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn blocking_read_answers_at_its_wait() {
+        let up = store();
+        let read = up
+            .get("a", Query::blocking(1, Duration::from_secs(10)))
+            .await
+            .unwrap();
+        assert_eq!(read.index, 1);
+        assert_eq!(up.counters().key_reads_blocking, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outage_fails_open_blocking_reads() {
+        let faults = Faults::new(FaultSettings::default());
+        let up = MemoryUpstream::new(faults.clone());
+        let reader = {
+            let up = up.clone();
+            tokio::spawn(async move {
+                up.get("a", Query::blocking(1, Duration::from_secs(60)))
+                    .await
+            })
+        };
+        while up.counters().blocking_open == 0 {
+            tokio::task::yield_now().await;
+        }
+        faults.set(FaultSettings {
+            fail: true,
+            ..FaultSettings::default()
+        });
+        assert!(matches!(
+            reader.await.unwrap(),
+            Err(UpstreamError::Unavailable(_))
+        ));
+        assert!(up.put("a", "1".into(), None).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_answers_open_blocking_reads() {
+        let up = store();
+        let reader = {
+            let up = up.clone();
+            tokio::spawn(async move {
+                up.get("a", Query::blocking(1, Duration::from_secs(60)))
+                    .await
+            })
+        };
+        while up.counters().blocking_open == 0 {
+            tokio::task::yield_now().await;
+        }
+        up.close();
+        assert_eq!(reader.await.unwrap().unwrap().index, 1);
+    }
+}
