@@ -202,11 +202,37 @@ where
     };
     let simple = state.inner.kv_mode == KvCacheMode::Simple;
     let read = request.read_mut();
+    let stale_if_error = read.stale_if_error;
+    // A revalidation: a simple-mode, cached, non-blocking read that must check upstream.
+    let mut revalidating = simple && read.cached && !read.block && read.must_revalidate;
+    let mut started = tokio::time::Instant::now();
     if let Some(max_age) = max_age.filter(|_| simple && read.cached) {
         if outcome.error.is_none() && outcome.hit && outcome.age > max_age {
             read.must_revalidate = true;
             read.block = false;
+            revalidating = true;
+            started = tokio::time::Instant::now();
             outcome = cache.get_outcome(&request).await.into();
+        }
+    }
+    if revalidating
+        && outcome.error.is_none()
+        && !outcome.hit
+        && outcome.value.is_some()
+        && outcome.age > started.elapsed()
+    {
+        // The value predates this read, so the fetch it waited for failed, yet the cache
+        // answered with the old value and no error (after a failed must-revalidate fetch the
+        // entry counts as current again). Apply stale-if-error here instead.
+        if stale_if_error.is_none_or(|limit| outcome.age > limit) {
+            outcome.error = Some(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "upstream unavailable: revalidating the cached value failed; it is {}s old \
+                     (send Cache-Control: stale-if-error=<seconds> to accept it)",
+                    outcome.age.as_secs()
+                ),
+            ));
         }
     }
     outcome

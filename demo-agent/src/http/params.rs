@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use axum::http::header::CACHE_CONTROL;
 
 use super::error::ApiError;
-use crate::duration::{GoDuration, parse_duration};
+use crate::duration::parse_duration;
 use crate::upstream::MAX_WAIT;
 
 /// The longest key accepted, in bytes.
@@ -233,11 +233,6 @@ pub fn validate_prefix(prefix: &str) -> Result<(), ApiError> {
         )));
     }
     Ok(())
-}
-
-/// Describes a wait for log lines.
-pub fn describe_wait(wait: Duration) -> String {
-    GoDuration(wait).to_string()
 }
 
 #[cfg(test)]
