@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::Json;
+use super::JsonLine;
 use axum::extract::{RawQuery, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderValue, StatusCode};
@@ -24,8 +24,8 @@ use crate::upstream::FaultSettings;
 const MAX_LATENCY: Duration = Duration::from_secs(60);
 
 /// `GET /v1/agent/health`.
-pub(super) async fn health() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+pub(super) async fn health() -> JsonLine<serde_json::Value> {
+    JsonLine(json!({ "status": "ok" }))
 }
 
 /// `GET /v1/agent/metrics`: Prometheus text.
@@ -48,7 +48,7 @@ pub(super) async fn stats(State(state): State<AgentState>) -> Response {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no stats yet").into_response()
         }
         (None, Some(stats)) => {
-            let mut response = Json(&*stats).into_response();
+            let mut response = JsonLine(&*stats).into_response();
             set_index_headers(response.headers_mut(), outcome.meta.index);
             response
         }
@@ -57,8 +57,8 @@ pub(super) async fn stats(State(state): State<AgentState>) -> Response {
     response
 }
 
-fn faults_json(settings: FaultSettings) -> Json<serde_json::Value> {
-    Json(json!({
+fn faults_json(settings: FaultSettings) -> JsonLine<serde_json::Value> {
+    JsonLine(json!({
         "kind": "embedded",
         "latency": GoDuration(settings.latency).to_string(),
         "fail_rate": settings.fail_rate,
@@ -67,7 +67,7 @@ fn faults_json(settings: FaultSettings) -> Json<serde_json::Value> {
 }
 
 /// `GET /v1/agent/upstream`: the fault settings in force.
-pub(super) async fn get_faults(State(state): State<AgentState>) -> Json<serde_json::Value> {
+pub(super) async fn get_faults(State(state): State<AgentState>) -> JsonLine<serde_json::Value> {
     faults_json(state.faults().get())
 }
 
@@ -76,7 +76,7 @@ pub(super) async fn get_faults(State(state): State<AgentState>) -> Json<serde_js
 pub(super) async fn put_faults(
     State(state): State<AgentState>,
     RawQuery(query): RawQuery,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<JsonLine<serde_json::Value>, ApiError> {
     let params = Params::parse(query.as_deref());
     let mut settings = state.faults().get();
     if let Some(fail) = params.get("fail") {

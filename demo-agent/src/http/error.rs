@@ -1,7 +1,7 @@
 //! The agent's HTTP errors: every error is JSON `{"error": "..."}` with a status that says
 //! whose fault it is (4xx: the request's, 5xx: the agent's or the upstream's).
 
-use axum::Json;
+use super::JsonLine;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -59,7 +59,7 @@ impl IntoResponse for ApiError {
             Some(index) => json!({ "error": self.message, "index": index }),
             None => json!({ "error": self.message }),
         };
-        let mut response = (self.status, Json(body)).into_response();
+        let mut response = (self.status, JsonLine(body)).into_response();
         if let Some(index) = self.index {
             super::set_index_headers(response.headers_mut(), index);
         }

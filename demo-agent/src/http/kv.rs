@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
+use super::JsonLine;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, RawQuery, State};
@@ -310,7 +310,8 @@ fn key_response(key: &str, outcome: ReadOutcome<Arc<KeyRead>>, cached: bool) -> 
             match &read.value {
                 Some(value) => {
                     let mut response =
-                        Json(json!({ "key": key, "value": value, "index": index })).into_response();
+                        JsonLine(json!({ "key": key, "value": value, "index": index }))
+                            .into_response();
                     set_index_headers(response.headers_mut(), index);
                     response
                 }
@@ -330,8 +331,9 @@ fn list_response(prefix: &str, outcome: ReadOutcome<Arc<ListRead>>, cached: bool
         (None, None) => no_answer().into_response(),
         (None, Some(list)) => {
             let index = if cached { outcome.index } else { list.index }.max(1);
-            let mut response = Json(json!({ "prefix": prefix, "keys": list.keys, "index": index }))
-                .into_response();
+            let mut response =
+                JsonLine(json!({ "prefix": prefix, "keys": list.keys, "index": index }))
+                    .into_response();
             set_index_headers(response.headers_mut(), index);
             response
         }
@@ -340,7 +342,7 @@ fn list_response(prefix: &str, outcome: ReadOutcome<Arc<ListRead>>, cached: bool
 }
 
 fn write_response(index: u64) -> Response {
-    let mut response = Json(json!({ "index": index })).into_response();
+    let mut response = JsonLine(json!({ "index": index })).into_response();
     set_index_headers(response.headers_mut(), index);
     response
 }

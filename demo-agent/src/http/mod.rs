@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -101,6 +102,26 @@ fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
         format!("internal error: a handler panicked: {message}"),
     )
     .into_response()
+}
+
+/// A JSON response body followed by a newline, so that `curl` output stays readable.
+#[derive(Debug, Clone)]
+pub struct JsonLine<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for JsonLine<T> {
+    fn into_response(self) -> Response {
+        match serde_json::to_vec(&self.0) {
+            Ok(mut body) => {
+                body.push(b'\n');
+                ([(CONTENT_TYPE, "application/json")], body).into_response()
+            }
+            Err(error) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode the response: {error}"),
+            )
+                .into_response(),
+        }
+    }
 }
 
 /// Sets `X-Index` and `X-Consul-Index` (never 0).

@@ -4,6 +4,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod sse;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
