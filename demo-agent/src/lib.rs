@@ -4,7 +4,7 @@
 //! - [`Agent::start`] binds, builds and serves an agent in the current tokio runtime and
 //!   returns a [`RunningAgent`] (its address and a shutdown handle); the `demo-agent` binary
 //!   is a thin `main` around it.
-//! - [`http::app`] is the router (every route and layer), for embedding.
+//! - [`app`] (also [`http::app`]) is the router with every route and layer, for embedding.
 //! - [`upstream`]: the [`upstream::Upstream`] trait and the embedded
 //!   [`upstream::MemoryUpstream`] (blocking reads, fault injection).
 //! - [`types`]: the cache types the agent registers (two blocking, one polling).
@@ -33,3 +33,4 @@ pub mod upstream;
 
 pub use agent::{Agent, AgentState, RunningAgent, ShutdownHandle, StartError};
 pub use config::{Config, KvCacheMode, UpstreamKind};
+pub use http::app;
