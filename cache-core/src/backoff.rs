@@ -78,7 +78,8 @@ impl BackoffPolicy {
         if !self.jitter || base.is_zero() {
             return base;
         }
-        base + base.mul_f64(jitter.clamp(0.0, 1.0 - f64::EPSILON))
+        let stagger = base.mul_f64(jitter.clamp(0.0, 1.0));
+        base + stagger.min(base - Duration::from_nanos(1))
     }
 }
 

@@ -4,7 +4,7 @@ use std::any::TypeId;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Instant;
 
 use event_listener::Event;
@@ -30,7 +30,8 @@ pub(crate) struct Shared {
     rate_limit: RwLock<RateLimit>,
     max_entries: Option<usize>,
     entries: AtomicUsize,
-    stores: RwLock<Vec<Arc<dyn ErasedStore>>>,
+    /// Weak: stores hold the `Shared`, and the registry in `Inner` keeps them alive.
+    stores: RwLock<Vec<Weak<dyn ErasedStore>>>,
 }
 
 impl Shared {
@@ -65,6 +66,7 @@ impl Shared {
                 .clone();
             let oldest = stores
                 .iter()
+                .filter_map(Weak::upgrade)
                 .filter_map(|s| s.oldest())
                 .min_by_key(|(read, _)| *read);
             match oldest {
@@ -146,6 +148,14 @@ impl Drop for Inner {
 fn close(shared: &Shared) {
     if !shared.closed.swap(true, Ordering::AcqRel) {
         shared.close_event.notify(usize::MAX);
+        let stores = shared
+            .stores
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for store in stores.iter().filter_map(Weak::upgrade) {
+            store.close_watches();
+        }
     }
 }
 
@@ -239,8 +249,11 @@ impl Cache {
             .stores
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        stores.retain(|s| s.type_id_of() != TypeId::of::<Store<T>>());
-        stores.push(erased);
+        stores.retain(|s| {
+            s.upgrade()
+                .is_some_and(|s| s.type_id_of() != TypeId::of::<Store<T>>())
+        });
+        stores.push(Arc::downgrade(&erased));
         drop(stores);
         TypedCache {
             cache: self.clone(),
@@ -347,7 +360,11 @@ impl Cache {
             .read()
             .unwrap_or_else(|p| p.into_inner());
         Metrics {
-            types: stores.iter().map(|s| s.metrics()).collect(),
+            types: stores
+                .iter()
+                .filter_map(Weak::upgrade)
+                .map(|s| s.metrics())
+                .collect(),
         }
     }
 
@@ -359,10 +376,6 @@ impl Cache {
     /// Whether the cache holds no entry.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.inner.shared
     }
 }
 

@@ -76,6 +76,7 @@ pub mod sim;
 mod store;
 #[cfg(feature = "test-util")]
 pub mod testing;
+pub mod watch;
 
 pub use backoff::{Backoff, BackoffPolicy};
 pub use cache::{Cache, CacheBuilder, TypedCache};

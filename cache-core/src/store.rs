@@ -13,7 +13,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use crate::expiry::Expirable;
 use crate::metrics::{Counters, TypeMetrics, bump};
 use crate::ratelimit::TokenBucket;
 use crate::runtime::{BoxFuture, Sleep};
+use crate::watch::{Snapshot, Watcher};
 
 /// How long a refresh type's blocking fetch must stay open to count as connected again (the
 /// reference's 31 s: yamux keepalives are every 30 s, so a blackholed connection has failed by
@@ -134,14 +135,10 @@ impl EntryKey {
                 == *datacenter.as_bytes()
             && self.buf.as_bytes()[self.key_len + self.dc_len..] == *token.as_bytes()
     }
-
-    fn key(&self) -> &str {
-        &self.buf[..self.key_len]
-    }
 }
 
 /// The parts of an entry that outlive a table lock.
-pub(crate) struct EntryShared {
+pub(crate) struct EntryShared<T: CacheType> {
     hash: u64,
     key: EntryKey,
     /// Notified when a fetch for the entry completes, and when the entry is evicted or its
@@ -151,19 +148,16 @@ pub(crate) struct EntryShared {
     last_read: AtomicU64,
     /// Active watches; an entry with watchers does not expire.
     pub(crate) watchers: AtomicUsize,
+    /// The watch records, offered every completed fetch.
+    watch: Mutex<Vec<Arc<dyn Watcher<T>>>>,
 }
 
-impl EntryShared {
+impl<T: CacheType> EntryShared<T> {
     fn touch(&self, nanos: u64) {
         // A plain load first: a hot entry read by many threads is not written on every hit.
         if self.last_read.load(Ordering::Relaxed) < nanos {
             self.last_read.fetch_max(nanos, Ordering::Relaxed);
         }
-    }
-
-    /// The request key of the entry.
-    pub(crate) fn key(&self) -> &str {
-        self.key.key()
     }
 }
 
@@ -184,6 +178,8 @@ pub(crate) struct EntryState<T: CacheType> {
     pub(crate) resets: u64,
     expiry_scheduled: bool,
     chain_sleeping: bool,
+    /// Background refresh stopped (fatal error or give-up) until a get fetches again.
+    refresh_stopped: bool,
     backoff: Backoff,
     failing_since: Option<Instant>,
     bucket: TokenBucket,
@@ -204,6 +200,7 @@ impl<T: CacheType> EntryState<T> {
             resets: 0,
             expiry_scheduled: false,
             chain_sleeping: false,
+            refresh_stopped: false,
             backoff: Backoff::new(),
             failing_since: None,
             bucket: TokenBucket::default(),
@@ -212,7 +209,7 @@ impl<T: CacheType> EntryState<T> {
 }
 
 pub(crate) struct Slot<T: CacheType> {
-    pub(crate) entry: Arc<EntryShared>,
+    pub(crate) entry: Arc<EntryShared<T>>,
     pub(crate) st: EntryState<T>,
 }
 
@@ -241,7 +238,8 @@ pub(crate) trait ErasedStore: Send + Sync {
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     /// The least recently read entry, as (last read, its eviction), for the capacity bound.
     fn oldest(&self) -> Option<(u64, Arc<dyn Fn() -> bool + Send + Sync>)>;
-    fn len(&self) -> usize;
+    /// Ends every watch (the cache is closing).
+    fn close_watches(&self);
 }
 
 impl<T: CacheType> Store<T> {
@@ -303,7 +301,7 @@ impl<T: CacheType> Store<T> {
     /// Runs `f` on the state of `entry` if it is still in its table (not evicted).
     pub(crate) fn with_slot<R>(
         &self,
-        entry: &Arc<EntryShared>,
+        entry: &Arc<EntryShared<T>>,
         f: impl FnOnce(&mut Slot<T>) -> R,
     ) -> Option<R> {
         let mut table = self.write(entry.hash);
@@ -336,6 +334,7 @@ impl<T: CacheType> Store<T> {
                     changed: Event::new(),
                     last_read: AtomicU64::new(0),
                     watchers: AtomicUsize::new(0),
+                    watch: Mutex::new(Vec::new()),
                 }),
                 st: EntryState::new(),
             })
@@ -592,31 +591,112 @@ impl<T: CacheType> Store<T> {
 
     /// Starts a fetch chain for the entry; the caller checked that none is in flight.
     pub(crate) fn start_fetch(&self, slot: &mut Slot<T>, request: T::Request) {
+        self.start_chain(slot, request, None);
+    }
+
+    /// Starts a fetch chain whose first fetch waits until `first_at` (or runs now), replacing
+    /// any chain sleeping between refreshes.
+    fn start_chain(&self, slot: &mut Slot<T>, request: T::Request, first_at: Option<Instant>) {
         let Some(this) = self.this.upgrade() else {
             return;
         };
         let st = &mut slot.st;
-        st.fetching = true;
         st.generation += 1;
+        st.refresh_stopped = false;
         if std::mem::take(&mut st.chain_sleeping) {
-            // Wake the replaced refresh chain so that it stops now, not at its next timer.
+            // Wake the replaced chain so that it stops now, not at its next timer.
             slot.entry.changed.notify(usize::MAX);
         }
-        let chain = this.fetch_chain(slot.entry.clone(), st.generation, request);
+        match first_at {
+            None => st.fetching = true,
+            Some(_) => st.chain_sleeping = true,
+        }
+        let chain = this.fetch_chain(slot.entry.clone(), st.generation, request, first_at);
         self.shared.rt.spawn(Box::pin(chain));
     }
 
-    /// One fetch, then (for refresh types) the background refresh loop, until something stops
-    /// it: eviction, close, a fatal error, give-up, or a newer chain taking over.
+    /// Whether a chain should keep fetching after a completed fetch: refresh types until
+    /// refresh stops, and any type while it has watchers.
+    fn chain_continues(&self, slot: &Slot<T>) -> bool {
+        if self.shared.is_closed() {
+            return false;
+        }
+        (self.opts.refresh && !slot.st.refresh_stopped)
+            || slot.entry.watchers.load(Ordering::Acquire) > 0
+    }
+
+    /// The pause before a chain's next fetch.
+    fn next_wait(&self, slot: &Slot<T>, now: Instant) -> Duration {
+        let st = &slot.st;
+        let backoff = st
+            .backoff
+            .wait(&self.shared.backoff, self.shared.rt.jitter());
+        if self.opts.refresh && !st.refresh_stopped {
+            return backoff + self.opts.refresh_timer;
+        }
+        if self.opts.supports_blocking || st.backoff.failures() > 0 {
+            return backoff;
+        }
+        // Polling watches: wait `max_age - age`, plus up to a tenth of max_age of jitter.
+        let max_age = slot
+            .entry
+            .watch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|w| w.max_age())
+            .min()
+            .unwrap_or_default();
+        let age = st
+            .fetched_at
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        max_age.saturating_sub(age) + max_age.mul_f64(self.shared.rt.jitter() / 10.0)
+    }
+
+    /// One fetch after another for an entry, until nothing needs it any more: for refresh types
+    /// until eviction, close, a fatal error or give-up; for any type while it is watched. A
+    /// newer chain taking over (a get that found the entry invalid) also stops it.
     async fn fetch_chain(
         self: Arc<Self>,
-        entry: Arc<EntryShared>,
+        entry: Arc<EntryShared<T>>,
         generation: u64,
         request: T::Request,
+        first_at: Option<Instant>,
     ) {
         let rt = self.shared.rt.clone();
         let mut sleep: Option<Sleep> = None;
+        let mut next_at = first_at;
         loop {
+            if let Some(deadline) = next_at {
+                // Wait for the next fetch; wake early on eviction, replacement or close.
+                loop {
+                    let changed = entry.changed.listen();
+                    let closed = self.shared.close_event.listen();
+                    let claimed = self.with_slot(&entry, |slot| {
+                        if slot.st.generation != generation || !self.chain_continues(slot) {
+                            if slot.st.generation == generation {
+                                slot.st.chain_sleeping = false;
+                            }
+                            return Some(false);
+                        }
+                        if rt.now() >= deadline {
+                            slot.st.chain_sleeping = false;
+                            slot.st.fetching = true;
+                            return Some(true);
+                        }
+                        None
+                    });
+                    match claimed {
+                        None | Some(Some(false)) => return,
+                        Some(Some(true)) => break,
+                        Some(None) => {}
+                    }
+                    let timer = sleep.get_or_insert_with(|| Sleep::until(&*rt, deadline));
+                    timer.reset(deadline);
+                    select(select(changed, closed), timer).await;
+                }
+            }
+
             // The per-entry rate limit, re-read each time so reloaded options apply.
             loop {
                 let limit = self.shared.rate_limit();
@@ -662,53 +742,29 @@ impl<T: CacheType> Store<T> {
             let next = self.with_slot(&entry, |slot| {
                 if slot.st.generation != generation {
                     // Replaced by a newer chain while in flight: the newer one owns the entry.
-                    return None;
+                    return (None, None);
                 }
-                let keep_going = self.apply(slot, result, now);
-                let wait = keep_going.then(|| {
-                    slot.st.backoff.wait(&self.shared.backoff, rt.jitter())
-                        + self.opts.refresh_timer
-                });
-                if wait.is_some() {
-                    slot.st.chain_sleeping = true;
-                }
-                wait
+                self.apply(slot, result, now);
+                let snapshot = (slot.entry.watchers.load(Ordering::Acquire) > 0)
+                    .then(|| self.snapshot_of(&slot.st, false, now));
+                let wait = self
+                    .chain_continues(slot)
+                    .then(|| self.next_wait(slot, now));
+                slot.st.chain_sleeping = wait.is_some();
+                (wait, snapshot)
             });
             entry.changed.notify(usize::MAX);
-            let Some(Some(wait)) = next else {
-                // Evicted during the fetch (never re-inserted), replaced, or finished.
+            let Some((wait, snapshot)) = next else {
+                // Evicted during the fetch: never re-inserted.
                 return;
             };
-
-            // Wait for the next refresh; wake early on eviction, replacement or close.
-            let deadline = rt.now() + wait;
-            loop {
-                let changed = entry.changed.listen();
-                let closed = self.shared.close_event.listen();
-                if self.shared.is_closed() {
-                    return;
-                }
-                let claimed = self.with_slot(&entry, |slot| {
-                    let st = &mut slot.st;
-                    if st.generation != generation {
-                        return Some(false);
-                    }
-                    if rt.now() >= deadline {
-                        st.chain_sleeping = false;
-                        st.fetching = true;
-                        return Some(true);
-                    }
-                    None
-                });
-                match claimed {
-                    None | Some(Some(false)) => return,
-                    Some(Some(true)) => break,
-                    Some(None) => {}
-                }
-                let timer = sleep.get_or_insert_with(|| Sleep::until(&*rt, deadline));
-                timer.reset(deadline);
-                select(select(changed, closed), timer).await;
+            if let Some(snapshot) = snapshot {
+                self.deliver(&entry, &snapshot);
             }
+            let Some(wait) = wait else {
+                return;
+            };
+            next_at = Some(now + wait);
         }
     }
 
@@ -732,14 +788,13 @@ impl<T: CacheType> Store<T> {
         (opts, connected_timer)
     }
 
-    /// Stores a fetch's outcome in the entry (SPEC §5). Returns whether background refresh
-    /// goes on.
+    /// Stores a fetch's outcome in the entry (SPEC §5).
     fn apply(
         &self,
         slot: &mut Slot<T>,
         result: std::thread::Result<Result<FetchResult<T::Value>, T::Error>>,
         now: Instant,
-    ) -> bool {
+    ) {
         let st = &mut slot.st;
         st.fetching = false;
         st.attempts += 1;
@@ -805,19 +860,18 @@ impl<T: CacheType> Store<T> {
             slot.entry.touch(self.nanos(now));
             self.schedule_expiry(&slot.entry, now + self.opts.last_get_ttl);
         }
-        let st = &slot.st;
-        if !self.opts.refresh || fatal || self.shared.is_closed() {
-            return false;
+        let st = &mut slot.st;
+        if self.opts.refresh && fatal {
+            st.refresh_stopped = true;
         }
         if let (Some(give_up), Some(since)) = (self.opts.refresh_give_up, st.failing_since) {
             if now.saturating_duration_since(since) >= give_up {
-                return false;
+                st.refresh_stopped = true;
             }
         }
-        true
     }
 
-    fn schedule_expiry(&self, entry: &Arc<EntryShared>, deadline: Instant) {
+    fn schedule_expiry(&self, entry: &Arc<EntryShared<T>>, deadline: Instant) {
         let target = Arc::new(ExpiryRef {
             store: self.this.clone(),
             entry: entry.clone(),
@@ -826,7 +880,7 @@ impl<T: CacheType> Store<T> {
     }
 
     /// Removes `entry` from its table (if it is still there) and wakes everything waiting on it.
-    pub(crate) fn evict(&self, entry: &Arc<EntryShared>) -> bool {
+    pub(crate) fn evict(&self, entry: &Arc<EntryShared<T>>) -> bool {
         let removed = {
             let mut table = self.write(entry.hash);
             match table.find_entry(entry.hash, |s| Arc::ptr_eq(&s.entry, entry)) {
@@ -866,8 +920,116 @@ impl<T: CacheType> Store<T> {
         }
     }
 
-    pub(crate) fn hash_of(&self, info: &RequestInfo<'_>) -> u64 {
-        self.hash(info)
+    // ===== watches =====
+
+    pub(crate) fn this(&self) -> Option<Arc<Self>> {
+        self.this.upgrade()
+    }
+
+    pub(crate) fn snapshot_of(&self, st: &EntryState<T>, hit: bool, now: Instant) -> Snapshot<T> {
+        Snapshot {
+            value: st.value.clone(),
+            error: st.error.clone(),
+            meta: self.meta(st, hit, now),
+            resets: st.resets,
+        }
+    }
+
+    /// The entry's current state as a watch event, if it is still cached.
+    pub(crate) fn snapshot(&self, entry: &Arc<EntryShared<T>>) -> Option<Snapshot<T>> {
+        let now = self.shared.rt.now();
+        let table = self.read(entry.hash);
+        let slot = table.find(entry.hash, |s| Arc::ptr_eq(&s.entry, entry))?;
+        Some(self.snapshot_of(&slot.st, false, now))
+    }
+
+    /// Offers a fetch's outcome to every watch of the entry, dropping those whose receiver is
+    /// gone.
+    pub(crate) fn deliver(&self, entry: &Arc<EntryShared<T>>, snap: &Snapshot<T>) {
+        let mut removed = 0;
+        entry
+            .watch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|watcher| {
+                let keep = watcher.offer(self, entry, snap);
+                if !keep {
+                    watcher.cancel();
+                    removed += 1;
+                }
+                keep
+            });
+        if removed > 0 {
+            self.watchers_removed(entry, removed);
+        }
+    }
+
+    /// Registers a watch on the entry of `request` and makes sure something keeps fetching it.
+    pub(crate) fn add_watcher(
+        &self,
+        request: T::Request,
+        watcher: Arc<dyn Watcher<T>>,
+    ) -> Arc<EntryShared<T>> {
+        let now = self.shared.rt.now();
+        let info = request.cache_info();
+        let hash = self.hash(&info);
+        let max_age = watcher.max_age();
+        let (entry, initial) = self.with_entry(hash, &info, |slot| {
+            slot.entry.touch(self.nanos(now));
+            slot.entry
+                .watch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(watcher.clone());
+            slot.entry.watchers.fetch_add(1, Ordering::AcqRel);
+            let st = &slot.st;
+            let age = st.fetched_at.map(|t| now.saturating_duration_since(t));
+            let fresh = st.value.is_some() && max_age.is_none_or(|m| age.is_some_and(|a| a <= m));
+            // The first delivery may be a cache hit.
+            let initial = fresh.then(|| self.snapshot_of(st, true, now));
+            if !st.fetching && !st.chain_sleeping {
+                // Nothing keeps this entry fetching: start the watch loop. A fresh polled
+                // value is next fetched when it reaches max age.
+                let first_at = match (fresh, max_age, st.fetched_at) {
+                    (true, Some(max_age), Some(at)) => Some(at + max_age),
+                    _ => None,
+                };
+                self.start_chain(slot, request.clone(), first_at);
+            }
+            (slot.entry.clone(), initial)
+        });
+        drop(info);
+        if let Some(snap) = initial {
+            if !watcher.offer(self, &entry, &snap) {
+                self.remove_watcher(&entry, watcher.id());
+            }
+        }
+        entry
+    }
+
+    /// Removes a watch from its entry (cancel, or receiver gone). Idempotent.
+    pub(crate) fn remove_watcher(&self, entry: &Arc<EntryShared<T>>, id: u64) {
+        let removed = {
+            let mut list = entry.watch.lock().unwrap_or_else(|p| p.into_inner());
+            list.iter()
+                .position(|w| w.id() == id)
+                .map(|pos| list.swap_remove(pos))
+        };
+        if let Some(watcher) = removed {
+            watcher.cancel();
+            self.watchers_removed(entry, 1);
+        }
+    }
+
+    fn watchers_removed(&self, entry: &Arc<EntryShared<T>>, n: usize) {
+        let left = entry.watchers.fetch_sub(n, Ordering::AcqRel) - n;
+        self.counters.watches.fetch_sub(n as u64, Ordering::Relaxed);
+        // The TTL counts again from the last watch.
+        entry.touch(self.nanos(self.shared.rt.now()));
+        if left == 0 {
+            // Wake a chain that only ran for the watches, so that it stops now.
+            entry.changed.notify(usize::MAX);
+        }
     }
 }
 
@@ -881,11 +1043,13 @@ impl<T: CacheType> ErasedStore for Store<T> {
     }
 
     fn oldest(&self) -> Option<(u64, Arc<dyn Fn() -> bool + Send + Sync>)> {
-        let mut best: Option<(u64, Arc<EntryShared>)> = None;
+        let mut best: Option<(u64, Arc<EntryShared<T>>)> = None;
         for shard in self.shards.iter() {
             let table = shard.table.read().unwrap_or_else(|p| p.into_inner());
             for slot in table.iter() {
-                if slot.entry.watchers.load(Ordering::Relaxed) > 0 {
+                // Watched entries stay; so do entries still waiting for their first value
+                // (the one being inserted among them), or a get could evict its own entry.
+                if slot.entry.watchers.load(Ordering::Relaxed) > 0 || slot.st.value.is_none() {
                     continue;
                 }
                 let read = slot.entry.last_read.load(Ordering::Relaxed);
@@ -910,14 +1074,29 @@ impl<T: CacheType> ErasedStore for Store<T> {
         ))
     }
 
-    fn len(&self) -> usize {
-        self.counters.entries.load(Ordering::Relaxed) as usize
+    fn close_watches(&self) {
+        for shard in self.shards.iter() {
+            let entries: Vec<Arc<EntryShared<T>>> = {
+                let table = shard.table.read().unwrap_or_else(|p| p.into_inner());
+                table.iter().map(|slot| slot.entry.clone()).collect()
+            };
+            for entry in entries {
+                let list =
+                    std::mem::take(&mut *entry.watch.lock().unwrap_or_else(|p| p.into_inner()));
+                if !list.is_empty() {
+                    for watcher in &list {
+                        watcher.cancel();
+                    }
+                    self.watchers_removed(&entry, list.len());
+                }
+            }
+        }
     }
 }
 
 struct ExpiryRef<T: CacheType> {
     store: Weak<Store<T>>,
-    entry: Arc<EntryShared>,
+    entry: Arc<EntryShared<T>>,
 }
 
 impl<T: CacheType> Expirable for ExpiryRef<T> {

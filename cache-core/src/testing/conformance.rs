@@ -66,7 +66,7 @@ pub async fn many_spawns_run(rt: SharedRuntime) {
 /// `$harness` is a function `fn(impl FnOnce(SharedRuntime) -> BoxFuture<'static, ()>)` that
 /// builds a runtime, constructs the adapter inside it, and blocks on the case.
 ///
-/// ```ignore
+/// ```text
 /// fn harness(case: impl FnOnce(cache_core::SharedRuntime) -> cache_core::BoxFuture<'static, ()>) {
 ///     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
 ///     rt.block_on(async { case(std::sync::Arc::new(cache_tokio::TokioRuntime::current())).await });

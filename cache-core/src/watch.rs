@@ -1,0 +1,569 @@
+//! Notify and watch: change notifications for many consumers (SPEC §9; Consul's `Notify`).
+//!
+//! A watch is not a task. It is a small record on its entry — a correlation id, a sink and the
+//! index it last delivered — and the entry's one fetch chain (the same single-flight fetches
+//! that gets join) offers every completed fetch to each record. So N watches of one entry
+//! cause one upstream fetch stream, and an idle watch costs a few dozen bytes.
+//!
+//! A consumer that does not keep up only slows its own watch: when its sink is full the record
+//! is marked pending and a short-lived task waits for room, then sends what the sink could not
+//! take and, if the entry moved on meanwhile, the latest value. Nothing queues without bound.
+//!
+//! # Examples
+//!
+//! Two watches of different types on one channel, told apart by correlation id, with no
+//! downcasting: [`map_sink`] wraps each type's events into the consumer's own enum.
+//!
+//! ```
+//! use std::time::Duration;
+//! use cache_core::{Cache, RegisterOptions};
+//! use cache_core::sim::SimRuntime;
+//! use cache_core::testing::{MockError, MockRequest, MockServer};
+//! use cache_core::watch::{UpdateEvent, map_sink};
+//!
+//! enum Update {
+//!     Name(UpdateEvent<&'static str, String, MockError>),
+//!     Count(UpdateEvent<&'static str, u64, MockError>),
+//! }
+//!
+//! let sim = SimRuntime::new(1);
+//! let cache = Cache::new(sim.handle());
+//! let names = MockServer::new(sim.handle(), "ada".to_string(), 1);
+//! let counts = MockServer::new(sim.handle(), 10u64, 1);
+//! let name_type = cache.register(names.blocking_type(RegisterOptions::new()));
+//! let count_type = cache.register(counts.blocking_type(RegisterOptions::new()));
+//!
+//! let (tx, rx) = async_channel::bounded(16);
+//! let _a = name_type.notify(MockRequest::new("name"), "name", map_sink(tx.clone(), Update::Name)).unwrap();
+//! let _b = count_type.notify(MockRequest::new("count"), "count", map_sink(tx, Update::Count)).unwrap();
+//!
+//! sim.block_on(async {
+//!     let mut next = async || match rx.recv().await.unwrap() {
+//!         Update::Name(e) => format!("{}={}", e.correlation_id, e.result.unwrap()),
+//!         Update::Count(e) => format!("{}={}", e.correlation_id, e.result.unwrap()),
+//!     };
+//!     let mut first = vec![next().await, next().await];
+//!     first.sort();
+//!     assert_eq!(first, ["count=10", "name=ada"]);
+//!     counts.set(11, 2);
+//!     assert_eq!(next().await, "count=11");
+//! });
+//! ```
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use event_listener::Event;
+use futures::Stream;
+use futures::future::{Either, select};
+
+use crate::cache::TypedCache;
+use crate::cache_type::{CacheRequest, CacheType};
+use crate::error::GetError;
+use crate::metrics::bump;
+use crate::runtime::BoxFuture;
+use crate::store::{EntryShared, ResultMeta, Store};
+
+/// One change of a watched entry (Consul's `UpdateEvent`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct UpdateEvent<C, V, E> {
+    /// The caller's id for the watch, opaque to the cache.
+    pub correlation_id: C,
+    /// The value (with an error: the last good value, if any).
+    pub result: Option<V>,
+    /// Hit, index and age, as a get would report them.
+    pub meta: ResultMeta,
+    /// The fetch error, delivered only before the first value.
+    pub error: Option<GetError<E>>,
+}
+
+/// Why a sink did not take an event at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TrySendError {
+    /// No room now.
+    #[error("the sink is full")]
+    Full,
+    /// The receiving side is gone.
+    #[error("the sink's receiver is gone")]
+    Closed,
+}
+
+/// The receiving side of a sink is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the sink's receiver is gone")]
+pub struct SinkClosed;
+
+/// Where a watch pushes its events: a bounded channel's sending side, supplied by the caller.
+///
+/// Implemented for [`async_channel::Sender`] (runtime-agnostic) and for [`map_sink`]. Events a
+/// sink refuses are dropped: the watch always resends the latest state when room appears.
+pub trait EventSink<Ev>: Send + Sync + 'static {
+    /// Sends without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`TrySendError::Full`] when there is no room, [`TrySendError::Closed`] when the
+    /// receiver is gone.
+    fn try_send(&self, event: Ev) -> Result<(), TrySendError>;
+
+    /// Waits for room and sends.
+    fn send(&self, event: Ev) -> BoxFuture<'static, Result<(), SinkClosed>>;
+
+    /// Whether the receiving side is gone.
+    fn is_closed(&self) -> bool;
+}
+
+impl<Ev: Send + 'static> EventSink<Ev> for async_channel::Sender<Ev> {
+    fn try_send(&self, event: Ev) -> Result<(), TrySendError> {
+        async_channel::Sender::try_send(self, event).map_err(|e| match e {
+            async_channel::TrySendError::Full(_) => TrySendError::Full,
+            async_channel::TrySendError::Closed(_) => TrySendError::Closed,
+        })
+    }
+
+    fn send(&self, event: Ev) -> BoxFuture<'static, Result<(), SinkClosed>> {
+        let tx = self.clone();
+        Box::pin(async move { tx.send(event).await.map_err(|_| SinkClosed) })
+    }
+
+    fn is_closed(&self) -> bool {
+        async_channel::Sender::is_closed(self)
+    }
+}
+
+/// A sink that converts each event with `f` before handing it to `sink`: the way to put
+/// watches of different cache types on one channel of the consumer's own enum.
+pub fn map_sink<A, B, S, F>(sink: S, f: F) -> MapSink<S, F>
+where
+    S: EventSink<B>,
+    F: Fn(A) -> B + Send + Sync + 'static,
+{
+    MapSink { sink, f }
+}
+
+/// The sink returned by [`map_sink`].
+#[derive(Clone)]
+pub struct MapSink<S, F> {
+    sink: S,
+    f: F,
+}
+
+impl<S, F> fmt::Debug for MapSink<S, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MapSink").finish_non_exhaustive()
+    }
+}
+
+impl<A, B, S, F> EventSink<A> for MapSink<S, F>
+where
+    A: Send + 'static,
+    S: EventSink<B>,
+    F: Fn(A) -> B + Send + Sync + 'static,
+{
+    fn try_send(&self, event: A) -> Result<(), TrySendError> {
+        self.sink.try_send((self.f)(event))
+    }
+
+    fn send(&self, event: A) -> BoxFuture<'static, Result<(), SinkClosed>> {
+        self.sink.send((self.f)(event))
+    }
+
+    fn is_closed(&self) -> bool {
+        self.sink.is_closed()
+    }
+}
+
+/// Why a watch could not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WatchError {
+    /// The type was never registered with this cache.
+    #[error("cache type `{0}` is not registered")]
+    NotRegistered(&'static str),
+    /// A request with an empty key is not cached, so it cannot be watched.
+    #[error("an empty key cannot be watched: it is not cached")]
+    EmptyKey,
+    /// Watching a non-blocking type polls, and the poll interval comes from `max_age`.
+    #[error("watching non-blocking type `{0}` polls every max_age: set RequestInfo::max_age")]
+    MaxAgeRequired(&'static str),
+    /// The cache was closed.
+    #[error("the cache is closed")]
+    Closed,
+}
+
+// ===== Watch records =====
+
+/// What the entry's fetch chain offers each watcher after a fetch.
+pub(crate) struct Snapshot<T: CacheType> {
+    pub(crate) value: Option<T::Value>,
+    pub(crate) error: Option<GetError<T::Error>>,
+    pub(crate) meta: ResultMeta,
+    pub(crate) resets: u64,
+}
+
+impl<T: CacheType> Clone for Snapshot<T> {
+    fn clone(&self) -> Self {
+        Self {
+            value: self.value.clone(),
+            error: self.error.clone(),
+            meta: self.meta,
+            resets: self.resets,
+        }
+    }
+}
+
+/// A watch as its entry sees it, with the consumer's types erased.
+pub(crate) trait Watcher<T: CacheType>: Send + Sync {
+    fn id(&self) -> u64;
+    /// The poll interval of a watch of a non-blocking type.
+    fn max_age(&self) -> Option<Duration>;
+    /// Offers a fetch's outcome. Returns `false` when the receiver is gone.
+    fn offer(&self, store: &Store<T>, entry: &Arc<EntryShared<T>>, snap: &Snapshot<T>) -> bool;
+    /// Stops any task the watch runs and drops the sink.
+    fn cancel(&self);
+}
+
+struct Progress<V> {
+    last_index: u64,
+    last_resets: u64,
+    last_value: Option<V>,
+    delivered: bool,
+    pending: bool,
+}
+
+struct Record<T: CacheType, C, S> {
+    this: Weak<Self>,
+    id: u64,
+    correlation_id: C,
+    sink: Mutex<Option<S>>,
+    max_age: Option<Duration>,
+    polling: bool,
+    progress: Mutex<Progress<T::Value>>,
+    cancelled: AtomicBool,
+    cancel_event: Event,
+}
+
+static NEXT_WATCH_ID: AtomicU64 = AtomicU64::new(1);
+
+impl<T, C, S> Record<T, C, S>
+where
+    T: CacheType,
+    C: Clone + Send + Sync + 'static,
+    S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
+{
+    /// Whether the snapshot is news to this watch (SPEC §9), updating its progress if so.
+    fn accept(&self, store: &Store<T>, p: &mut Progress<T::Value>, snap: &Snapshot<T>) -> bool {
+        let reset = snap.resets > p.last_resets && snap.value.is_some();
+        let news = if p.last_index == 0 {
+            // Before the first value everything is news, errors included.
+            !(p.delivered && snap.error.is_none() && snap.value.is_none())
+        } else if reset || snap.meta.index > p.last_index {
+            true
+        } else if self.polling && snap.error.is_none() {
+            match (&p.last_value, &snap.value) {
+                (Some(old), Some(new)) => !store.ty.value_eq(old, new),
+                (None, Some(_)) => true,
+                _ => false,
+            }
+        } else {
+            false
+        };
+        if !news {
+            return false;
+        }
+        p.delivered = true;
+        p.last_resets = snap.resets;
+        p.last_index = snap.meta.index;
+        if snap.error.is_none() && p.last_index < 1 {
+            // The loop raises its index 0 → 1 only after a success.
+            p.last_index = 1;
+        }
+        if self.polling {
+            p.last_value.clone_from(&snap.value);
+        }
+        true
+    }
+
+    fn event(&self, snap: &Snapshot<T>) -> UpdateEvent<C, T::Value, T::Error> {
+        UpdateEvent {
+            correlation_id: self.correlation_id.clone(),
+            result: snap.value.clone(),
+            meta: snap.meta,
+            error: snap.error.clone(),
+        }
+    }
+
+    fn sink_closed(&self) -> bool {
+        self.sink
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|s| s.is_closed())
+    }
+
+    /// Waits for room in the sink, sends, and catches up with the entry until the watch has
+    /// delivered the latest index.
+    async fn flush(
+        self: Arc<Self>,
+        store: Arc<Store<T>>,
+        entry: Arc<EntryShared<T>>,
+        mut snap: Snapshot<T>,
+    ) {
+        loop {
+            let send = {
+                let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+                match sink.as_ref() {
+                    Some(sink) => sink.send(self.event(&snap)),
+                    None => return,
+                }
+            };
+            let cancelled = self.cancel_event.listen();
+            if self.cancelled.load(Ordering::Acquire) {
+                return;
+            }
+            match select(send, cancelled).await {
+                Either::Left((Ok(()), _)) => {}
+                Either::Left((Err(_), _)) => {
+                    store.remove_watcher(&entry, self.id);
+                    return;
+                }
+                Either::Right(_) => return,
+            }
+            let latest = store.snapshot(&entry);
+            let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+            let caught_up = p.last_index == snap.meta.index && p.last_resets == snap.resets;
+            match latest {
+                Some(latest) if !caught_up => {
+                    // Offers made while we waited moved the progress on; send the latest.
+                    p.last_index = latest.meta.index.max(p.last_index);
+                    p.last_resets = latest.resets;
+                    drop(p);
+                    snap = latest;
+                }
+                _ => {
+                    p.pending = false;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl<T, C, S> Watcher<T> for Record<T, C, S>
+where
+    T: CacheType,
+    C: Clone + Send + Sync + 'static,
+    S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
+{
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn max_age(&self) -> Option<Duration> {
+        self.max_age
+    }
+
+    fn offer(&self, store: &Store<T>, entry: &Arc<EntryShared<T>>, snap: &Snapshot<T>) -> bool {
+        if self.cancelled.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.accept(store, &mut p, snap) {
+            drop(p);
+            return !self.sink_closed();
+        }
+        if p.pending {
+            // A flush task is waiting for room; it sends the latest when it gets some.
+            return true;
+        }
+        let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sink_ref) = sink.as_ref() else {
+            return false;
+        };
+        match sink_ref.try_send(self.event(snap)) {
+            Ok(()) => true,
+            Err(TrySendError::Closed) => false,
+            Err(TrySendError::Full) => {
+                p.pending = true;
+                drop(sink);
+                drop(p);
+                if let (Some(store), Some(this)) = (store.this(), self.this.upgrade()) {
+                    let rt = store.shared.rt.clone();
+                    rt.spawn(Box::pin(this.flush(store, entry.clone(), snap.clone())));
+                }
+                true
+            }
+        }
+    }
+
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.cancel_event.notify(usize::MAX);
+        let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(sink);
+    }
+}
+
+// ===== Handles =====
+
+/// Keeps a watch running; dropping it cancels the watch (Consul cancels with a context).
+///
+/// Cancelling removes the watch from its entry at once and leaves no task, timer or entry
+/// reference behind; the shared fetch other callers rely on is never cancelled.
+#[must_use = "dropping a WatchHandle cancels the watch"]
+pub struct WatchHandle {
+    cancel: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl fmt::Debug for WatchHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WatchHandle")
+            .field("active", &self.cancel.is_some())
+            .finish()
+    }
+}
+
+impl WatchHandle {
+    /// Cancels the watch now (the same as dropping the handle).
+    pub fn cancel(mut self) {
+        if let Some(cancel) = self.cancel.take() {
+            cancel();
+        }
+    }
+
+    /// Lets the watch run until its receiver is dropped or the cache closes, as Consul's
+    /// `Notify` with a context that is never cancelled.
+    pub fn detach(mut self) {
+        self.cancel = None;
+    }
+}
+
+impl Drop for WatchHandle {
+    fn drop(&mut self) {
+        if let Some(cancel) = self.cancel.take() {
+            cancel();
+        }
+    }
+}
+
+/// A watch as a [`Stream`] of update events (correlation id `()`). Dropping it cancels the
+/// watch.
+#[must_use = "streams do nothing unless polled"]
+pub struct WatchStream<V, E> {
+    rx: Pin<Box<async_channel::Receiver<UpdateEvent<(), V, E>>>>,
+    _handle: WatchHandle,
+}
+
+impl<V, E> fmt::Debug for WatchStream<V, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WatchStream").finish_non_exhaustive()
+    }
+}
+
+impl<V, E> Stream for WatchStream<V, E> {
+    type Item = UpdateEvent<(), V, E>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.as_mut().poll_next(cx)
+    }
+}
+
+// ===== TypedCache API =====
+
+impl<T: CacheType> TypedCache<T> {
+    /// Pushes an [`UpdateEvent`] into `sink` each time the result of `request` changes
+    /// (Consul's `Cache.Notify`), until the returned handle is dropped, the sink's receiver is
+    /// gone, or the cache closes.
+    ///
+    /// Blocking types deliver the current value at once (possibly a hit), then each risen (or
+    /// reset) index; errors are delivered only before the first value, later ones are retried
+    /// with backoff. Non-blocking types are polled every `max_age` of the request (required).
+    /// Many watches of one entry share one upstream fetch stream.
+    ///
+    /// # Errors
+    ///
+    /// [`WatchError::EmptyKey`], [`WatchError::MaxAgeRequired`] for a non-blocking type
+    /// without `max_age`, [`WatchError::Closed`] after [`Cache::close`](crate::Cache::close).
+    #[doc(alias = "Notify")]
+    pub fn notify<C, S>(
+        &self,
+        request: T::Request,
+        correlation_id: C,
+        sink: S,
+    ) -> Result<WatchHandle, WatchError>
+    where
+        C: Clone + Send + Sync + 'static,
+        S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
+    {
+        let store = &self.store;
+        if store.shared.is_closed() {
+            return Err(WatchError::Closed);
+        }
+        let max_age = {
+            let info = request.cache_info();
+            if info.key.is_empty() {
+                return Err(WatchError::EmptyKey);
+            }
+            if !store.opts.supports_blocking && info.max_age.is_none_or(|a| a.is_zero()) {
+                return Err(WatchError::MaxAgeRequired(store.name));
+            }
+            info.max_age
+        };
+        let record = Arc::new_cyclic(|this| Record::<T, C, S> {
+            this: this.clone(),
+            id: NEXT_WATCH_ID.fetch_add(1, Ordering::Relaxed),
+            correlation_id,
+            sink: Mutex::new(Some(sink)),
+            max_age: if store.opts.supports_blocking {
+                None
+            } else {
+                max_age
+            },
+            polling: !store.opts.supports_blocking,
+            progress: Mutex::new(Progress {
+                last_index: 0,
+                last_resets: 0,
+                last_value: None,
+                delivered: false,
+                pending: false,
+            }),
+            cancelled: AtomicBool::new(false),
+            cancel_event: Event::new(),
+        });
+        let id = record.id;
+        let entry = store.add_watcher(request, record.clone());
+        bump(&store.counters.watches);
+        let weak_store: Weak<Store<T>> = Arc::downgrade(&self.store);
+        Ok(WatchHandle {
+            cancel: Some(Box::new(move || {
+                record.cancel();
+                if let Some(store) = weak_store.upgrade() {
+                    store.remove_watcher(&entry, id);
+                }
+            })),
+        })
+    }
+
+    /// The same watch as [`TypedCache::notify`], as a [`Stream`] that holds at most one
+    /// undelivered event (a slow reader then receives the latest).
+    ///
+    /// # Errors
+    ///
+    /// As [`TypedCache::notify`].
+    pub fn watch(
+        &self,
+        request: T::Request,
+    ) -> Result<WatchStream<T::Value, T::Error>, WatchError> {
+        let (tx, rx) = async_channel::bounded(1);
+        let handle = self.notify(request, (), tx)?;
+        Ok(WatchStream {
+            rx: Box::pin(rx),
+            _handle: handle,
+        })
+    }
+}
