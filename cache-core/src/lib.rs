@@ -89,3 +89,4 @@ pub use metrics::{Metrics, TypeMetrics};
 pub use ratelimit::RateLimit;
 pub use runtime::{BoxFuture, Runtime, SharedRuntime, Sleep, Timer};
 pub use store::{GetOutcome, Response, ResultMeta};
+pub use watch::{EventSink, UpdateEvent, WatchError, WatchHandle, WatchStream};

@@ -411,6 +411,22 @@ where
 
 // ===== Handles =====
 
+/// The end of a watch as its handle sees it.
+trait WatchEnd: Send + Sync {
+    fn ended(&self) -> bool;
+    fn listen(&self) -> event_listener::EventListener;
+}
+
+impl<T: CacheType, C: Send + Sync, S: Send> WatchEnd for Record<T, C, S> {
+    fn ended(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    fn listen(&self) -> event_listener::EventListener {
+        self.cancel_event.listen()
+    }
+}
+
 /// Keeps a watch running; dropping it cancels the watch (Consul cancels with a context).
 ///
 /// Cancelling removes the watch from its entry at once and leaves no task, timer or entry
@@ -418,12 +434,13 @@ where
 #[must_use = "dropping a WatchHandle cancels the watch"]
 pub struct WatchHandle {
     cancel: Option<Box<dyn FnOnce() + Send + Sync>>,
+    end: Arc<dyn WatchEnd>,
 }
 
 impl fmt::Debug for WatchHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WatchHandle")
-            .field("active", &self.cancel.is_some())
+            .field("active", &self.is_active())
             .finish()
     }
 }
@@ -440,6 +457,26 @@ impl WatchHandle {
     /// `Notify` with a context that is never cancelled.
     pub fn detach(mut self) {
         self.cancel = None;
+    }
+
+    /// Whether the watch is still running (not cancelled, receiver present, cache open).
+    pub fn is_active(&self) -> bool {
+        !self.end.ended()
+    }
+
+    /// Completes when the watch has ended, whatever ended it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future has no effect on the watch.
+    pub async fn ended(&self) {
+        loop {
+            let listener = self.end.listen();
+            if self.end.ended() {
+                return;
+            }
+            listener.await;
+        }
     }
 }
 
@@ -536,9 +573,10 @@ impl<T: CacheType> TypedCache<T> {
             cancel_event: Event::new(),
         });
         let id = record.id;
-        let entry = store.add_watcher(request, record.clone());
         bump(&store.counters.watches);
+        let entry = store.add_watcher(request, record.clone());
         let weak_store: Weak<Store<T>> = Arc::downgrade(&self.store);
+        let end: Arc<dyn WatchEnd> = record.clone();
         Ok(WatchHandle {
             cancel: Some(Box::new(move || {
                 record.cancel();
@@ -546,7 +584,38 @@ impl<T: CacheType> TypedCache<T> {
                     store.remove_watcher(&entry, id);
                 }
             })),
+            end,
         })
+    }
+
+    /// Like [`TypedCache::notify`], but the watch runs until `cancel` completes (a shutdown
+    /// signal, a oneshot, a timer), or until its receiver is gone or the cache closes.
+    ///
+    /// # Errors
+    ///
+    /// As [`TypedCache::notify`].
+    pub fn notify_until<C, S, F>(
+        &self,
+        request: T::Request,
+        correlation_id: C,
+        sink: S,
+        cancel: F,
+    ) -> Result<(), WatchError>
+    where
+        C: Clone + Send + Sync + 'static,
+        S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let handle = self.notify(request, correlation_id, sink)?;
+        self.store.shared.rt.spawn(Box::pin(async move {
+            {
+                let cancel = std::pin::pin!(cancel);
+                let ended = std::pin::pin!(handle.ended());
+                select(cancel, ended).await;
+            }
+            drop(handle);
+        }));
+        Ok(())
     }
 
     /// The same watch as [`TypedCache::notify`], as a [`Stream`] that holds at most one

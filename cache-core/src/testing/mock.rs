@@ -142,6 +142,7 @@ type FetchFn<V> = dyn Fn(FetchOptions<V>, MockRequest) -> BoxFuture<'static, Res
 /// A cache type whose fetch is a closure; counts its calls.
 pub struct MockType<V> {
     opts: RegisterOptions,
+    eq: Option<fn(&V, &V) -> bool>,
     fetch: Box<FetchFn<V>>,
     calls: Arc<AtomicUsize>,
 }
@@ -164,9 +165,19 @@ impl<V: Clone + Send + Sync + 'static> MockType<V> {
     {
         Self {
             opts,
+            eq: None,
             fetch: Box::new(move |o, r| Box::pin(fetch(o, r))),
             calls: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Compares values with `==` (for polling watches), instead of "always changed".
+    pub fn compare_values(mut self) -> Self
+    where
+        V: PartialEq,
+    {
+        self.eq = Some(|a, b| a == b);
+        self
     }
 
     /// A counter of fetch calls that stays readable after the type is registered.
@@ -195,5 +206,9 @@ impl<V: Clone + Send + Sync + 'static> CacheType for MockType<V> {
 
     fn is_fatal(&self, error: &MockError) -> bool {
         error.fatal
+    }
+
+    fn value_eq(&self, a: &V, b: &V) -> bool {
+        self.eq.is_some_and(|eq| eq(a, b))
     }
 }
