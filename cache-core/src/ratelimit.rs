@@ -87,10 +87,15 @@ impl TokenBucket {
 mod tests {
     use super::*;
 
+    /// Any fixed instant: the bucket only looks at differences.
+    fn origin() -> Instant {
+        crate::sim::SimRuntime::new(0).now()
+    }
+
     #[test]
     fn unlimited_never_waits() {
         let mut b = TokenBucket::default();
-        let t = Instant::now();
+        let t = origin();
         for _ in 0..1000 {
             assert_eq!(b.acquire(t, &RateLimit::UNLIMITED), Duration::ZERO);
         }
@@ -100,7 +105,7 @@ mod tests {
     fn burst_then_rate() {
         let limit = RateLimit::new(2.0, 2).unwrap();
         let mut b = TokenBucket::default();
-        let t = Instant::now();
+        let t = origin();
         assert_eq!(b.acquire(t, &limit), Duration::ZERO);
         assert_eq!(b.acquire(t, &limit), Duration::ZERO);
         let wait = b.acquire(t, &limit);

@@ -370,7 +370,7 @@ fn partitions_never_mix() {
     let sim = SimRuntime::new(1);
     let cache = Cache::new(sim.handle());
     let typed = cache.register(MockType::new(RegisterOptions::new(), |_, req| {
-        let v = format!("{}", req.key());
+        let v = req.key().to_string();
         async move { Ok(FetchResult::new(v, 1)) }
     }));
     let calls = typed.cache().metrics();

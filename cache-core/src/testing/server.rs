@@ -87,11 +87,7 @@ impl<V: Clone + Send + Sync + 'static> MockServer<V> {
                 if let Some(error) = &st.error {
                     return Err(error.clone());
                 }
-                if st.index > min_index
-                    || st.index < min_index
-                    || timeout.is_zero()
-                    || self.rt.now() >= deadline
-                {
+                if st.index != min_index || timeout.is_zero() || self.rt.now() >= deadline {
                     return Ok(FetchResult::new(st.value.clone(), st.index));
                 }
             }
