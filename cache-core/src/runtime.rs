@@ -3,7 +3,7 @@
 //! The cache never calls a runtime directly. It holds an `Arc<dyn Runtime>` and asks it to spawn
 //! background work, to arm timers and to tell the time. Adapter crates (`cache-tokio`,
 //! `cache-async-std`, `cache-smol`) implement this trait in a few lines; the virtual-time
-//! [`SimRuntime`](crate::sim::SimRuntime) implements it for deterministic tests.
+//! `sim::SimRuntime` (feature `test-util`) implements it for deterministic tests.
 
 use std::fmt;
 use std::future::Future;
