@@ -8,21 +8,10 @@
 //!
 //! # Examples
 //!
-//! ```
-//! use std::sync::Arc;
-//! use std::time::Duration;
+//! The quick start from the README (`examples/quickstart.rs`): a blocking cache type, one
+//! miss, then a hit.
 //!
-//! use cache_core::{SharedRuntime, Sleep};
-//! use cache_tokio::TokioRuntime;
-//!
-//! #[tokio::main]
-//! async fn main() {
-//!     let runtime: SharedRuntime = Arc::new(TokioRuntime::current());
-//!     let start = runtime.now();
-//!     Sleep::after(&*runtime, Duration::from_millis(5)).await;
-//!     assert!(runtime.now() - start >= Duration::from_millis(5));
-//! }
-//! ```
+#![doc = concat!("```\n", include_str!("../examples/quickstart.rs"), "```")]
 //!
 //! # Which crate do I need?
 //!
