@@ -115,6 +115,28 @@ fn every_workspace_member_is_in_the_test_matrix() {
 
 // ===== helpers =====
 
+#[test]
+fn readme_quick_starts_are_the_compiled_examples() {
+    // The README shows each adapter's `examples/quickstart.rs` verbatim, so the quick starts a
+    // user pastes are the ones `cargo test` compiles and the crate docs run.
+    let readme = read(&project_root().join("README.md"));
+    for adapter in ADAPTERS {
+        let example = read(&project_root().join(adapter).join("examples/quickstart.rs"));
+        assert!(
+            readme.contains(&example),
+            "README.md does not contain {adapter}/examples/quickstart.rs verbatim"
+        );
+    }
+}
+
+#[test]
+fn readme_shows_the_two_commands() {
+    let readme = read(&project_root().join("README.md"));
+    for command in ["cargo run -p demo-agent", "cargo xtask test"] {
+        assert!(readme.contains(command), "README.md does not show `{command}`");
+    }
+}
+
 fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
