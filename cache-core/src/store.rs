@@ -478,6 +478,12 @@ impl<T: CacheType> Store<T> {
         let mut first = true;
         let mut seen_attempts: Option<u64> = None;
         let mut seen_resets: Option<u64> = None;
+        // Set once an attempt this get waited for succeeded without satisfying it (a blocking
+        // fetch that saw no change, or one with no value): further attempts respect the entry's
+        // backoff, so a type answering index 0 or nothing at once cannot spin the get.
+        let mut attempted = false;
+        let mut retry_at: Option<Instant> = None;
+        let mut retry_sleep: Option<Sleep> = None;
         loop {
             let now = self.shared.rt.now();
             let info = request.cache_info();
@@ -503,6 +509,7 @@ impl<T: CacheType> Store<T> {
                         if let Some(error) = &st.error {
                             return Err(self.error_outcome(st, &info, error.clone(), now));
                         }
+                        attempted = true;
                     }
                 }
                 if first {
@@ -513,7 +520,22 @@ impl<T: CacheType> Store<T> {
                     }
                 }
                 if !slot.st.fetching {
-                    self.start_fetch(slot, request.clone());
+                    let backoff = if attempted {
+                        slot.st
+                            .backoff
+                            .wait(&self.shared.backoff, self.shared.rt.jitter())
+                    } else {
+                        Duration::ZERO
+                    };
+                    match retry_at {
+                        Some(at) if now >= at => {
+                            retry_at = None;
+                            self.start_fetch(slot, request.clone());
+                        }
+                        Some(_) => {}
+                        None if backoff.is_zero() => self.start_fetch(slot, request.clone()),
+                        None => retry_at = Some(now + backoff),
+                    }
                 }
                 seen_attempts = Some(slot.st.attempts);
                 Ok(slot.entry.changed.listen())
@@ -524,12 +546,23 @@ impl<T: CacheType> Store<T> {
                 Ok(listener) => listener,
                 Err(outcome) => return outcome,
             };
+            let woken = match retry_at {
+                Some(at) => {
+                    let retry =
+                        retry_sleep.get_or_insert_with(|| Sleep::until(&*self.shared.rt, at));
+                    retry.reset(at);
+                    Either::Left(select(listener, retry).map(|_| ()))
+                }
+                None => Either::Right(listener),
+            };
             match deadline {
-                None => listener.await,
+                None => {
+                    woken.await;
+                }
                 Some(deadline) => {
                     let timer =
                         sleep.get_or_insert_with(|| Sleep::until(&*self.shared.rt, deadline));
-                    if let Either::Right(_) = select(listener, timer).await {
+                    if let Either::Right(_) = select(woken, timer).await {
                         return self.timeout_outcome(hash, &request.cache_info());
                     }
                 }

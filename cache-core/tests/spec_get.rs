@@ -610,3 +610,47 @@ fn not_modified_keeps_value_and_takes_index() {
     let m = cache.metrics().total();
     assert_eq!((m.fetch_success, m.fetch_not_modified), (2, 1));
 }
+
+#[test]
+fn empty_fetch_results_do_not_spin_a_blocking_get() {
+    // The reference's "empty fetch result" case: after a value, the type answers no value and
+    // index 0. A blocking get keeps the last value, returns it at its timeout with no error,
+    // and the zero index backs the retries off instead of spinning.
+    let sim = SimRuntime::new(1);
+    let cache = Cache::new(sim.handle());
+    let n = Arc::new(AtomicUsize::new(0));
+    let ty = MockType::new(
+        RegisterOptions::new().supports_blocking(true),
+        move |o, _| {
+            let i = n.fetch_add(1, Ordering::SeqCst);
+            let state = o.last_result.and_then(|l| l.state);
+            async move {
+                if i == 0 {
+                    let state: cache_core::FetchState = Arc::new(31u32);
+                    Ok(FetchResult::new(42u64, 1).with_state(state))
+                } else {
+                    assert!(state.is_some(), "the entry's state is handed back");
+                    Ok(FetchResult::none(0))
+                }
+            }
+        },
+    );
+    let calls = ty.calls();
+    let typed = cache.register(ty);
+    sim.block_on(async {
+        let r = typed.get(&MockRequest::new("k")).await.unwrap();
+        assert_eq!(r.value, Some(42));
+        let r = typed
+            .get(&MockRequest::new("k").min_index(1).timeout(secs(10)))
+            .await
+            .unwrap();
+        assert_eq!((r.value, r.meta.index, r.meta.hit), (Some(42), 1, false));
+    });
+    assert_eq!(sim.elapsed(), secs(10));
+    // 1 + three immediate retries + retries at 2 s and 6 s (backoff), within the 10 s.
+    assert!(
+        calls.load(Ordering::SeqCst) <= 8,
+        "{}",
+        calls.load(Ordering::SeqCst)
+    );
+}

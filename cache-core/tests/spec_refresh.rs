@@ -426,3 +426,94 @@ fn zero_index_counts_as_failure_for_backoff() {
     assert_eq!(calls.load(Ordering::SeqCst), 9);
     cache.close();
 }
+
+#[test]
+fn open_blocking_fetch_counts_as_connected_after_threshold() {
+    // Refresh age: after an outage the age grows; once a blocking fetch has stayed open past
+    // the 31 s "connected" threshold, the server is reachable and the age returns to zero even
+    // though nothing changed.
+    let sim = SimRuntime::new(1);
+    let cache = no_jitter(&sim);
+    let server = MockServer::new(sim.handle(), 1u64, 5);
+    let typed = cache.register(
+        server.blocking_type(
+            RegisterOptions::new()
+                .refresh(true)
+                .query_timeout(secs(600)),
+        ),
+    );
+    sim.block_on(async {
+        typed.get(&MockRequest::new("k")).await.unwrap();
+        server.set_error(Some(MockError::new("down")));
+        sim.sleep(secs(1)).await;
+        server.set_error(None);
+        // The retries after the recovery block (nothing changed); the age keeps growing until
+        // the open fetch passes 31 s.
+        sim.sleep(secs(20)).await;
+        let age = typed.get(&MockRequest::new("k")).await.unwrap().meta.age;
+        assert!(age >= secs(20), "{age:?}");
+        sim.sleep(secs(40)).await;
+        let r = typed.get(&MockRequest::new("k")).await.unwrap();
+        assert_eq!(r.meta.age, Duration::ZERO);
+    });
+    cache.close();
+}
+
+#[test]
+fn same_key_in_different_types_never_mixes() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::new(sim.handle());
+    let a = MockServer::new(sim.handle(), 1u64, 5);
+    let b = MockServer::new(sim.handle(), "b".to_string(), 9);
+    let ta = cache.register(a.polling_type(RegisterOptions::new()));
+    let tb = cache.register(b.polling_type(RegisterOptions::new()));
+    sim.block_on(async {
+        assert_eq!(ta.get(&MockRequest::new("k")).await.unwrap().value, Some(1));
+        assert_eq!(
+            tb.get(&MockRequest::new("k"))
+                .await
+                .unwrap()
+                .value
+                .as_deref(),
+            Some("b")
+        );
+        assert!(ta.get(&MockRequest::new("k")).await.unwrap().meta.hit);
+    });
+    assert_eq!(cache.len(), 2);
+    assert_eq!(cache.metrics().types.len(), 2);
+}
+
+#[test]
+fn query_timeout_is_handed_to_blocking_fetches_only() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::new(sim.handle());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (s1, s2) = (seen.clone(), seen.clone());
+    let blocking = cache.register(MockType::new(
+        RegisterOptions::new()
+            .supports_blocking(true)
+            .query_timeout(secs(77)),
+        move |o, _| {
+            s1.lock().unwrap().push(o.timeout);
+            async { Ok(FetchResult::new(1u8, 1)) }
+        },
+    ));
+    let polling = cache.register(MockType::new(RegisterOptions::new(), move |o, _| {
+        s2.lock().unwrap().push(o.timeout);
+        async { Ok(FetchResult::new(1u16, 1)) }
+    }));
+    sim.block_on(async {
+        blocking.get(&MockRequest::new("k")).await.unwrap();
+        polling.get(&MockRequest::new("k")).await.unwrap();
+    });
+    assert_eq!(*seen.lock().unwrap(), vec![secs(77), Duration::ZERO]);
+}
+
+#[test]
+fn default_query_timeout_is_ten_minutes() {
+    assert_eq!(RegisterOptions::default().query_timeout, secs(600));
+    assert_eq!(RegisterOptions::default().last_get_ttl, secs(72 * 3600));
+    assert!(!RegisterOptions::default().refresh);
+    assert!(!RegisterOptions::default().supports_blocking);
+    assert_eq!(RegisterOptions::default().refresh_timer, Duration::ZERO);
+}
