@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::ratelimit::RateLimit;
 use crate::runtime::SharedRuntime;
 use crate::store::{ErasedStore, GetOutcome, Response, Store};
+use crate::watch::{EventSink, UpdateEvent, WatchError, WatchHandle};
 
 /// Cache-wide state shared by every store and background task.
 pub(crate) struct Shared {
@@ -326,6 +327,29 @@ impl Cache {
         match self.typed::<T>() {
             Some(typed) => typed.prepopulate(info, value, index),
             None => Err(CacheError::NotRegistered(std::any::type_name::<T>())),
+        }
+    }
+
+    /// Watches `request` of type `T`; see [`TypedCache::notify`] (Consul's `Notify`).
+    ///
+    /// # Errors
+    ///
+    /// [`WatchError::NotRegistered`] if `T` was never registered, else as
+    /// [`TypedCache::notify`].
+    pub fn notify<T, C, S>(
+        &self,
+        request: T::Request,
+        correlation_id: C,
+        sink: S,
+    ) -> Result<WatchHandle, WatchError>
+    where
+        T: CacheType,
+        C: Clone + Send + Sync + 'static,
+        S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
+    {
+        match self.typed::<T>() {
+            Some(typed) => typed.notify(request, correlation_id, sink),
+            None => Err(WatchError::NotRegistered(std::any::type_name::<T>())),
         }
     }
 

@@ -937,19 +937,29 @@ impl<T: CacheType> Store<T> {
     pub(crate) fn prepopulate(&self, info: &RequestInfo<'_>, value: T::Value, index: u64) {
         let now = self.shared.rt.now();
         let hash = self.hash(info);
-        let entry = self.with_entry(hash, info, |slot| {
+        let (entry, first, snapshot) = self.with_entry(hash, info, |slot| {
             let st = &mut slot.st;
+            let index = index.max(1);
+            if st.value.is_some() && index < st.index {
+                st.resets += 1;
+            }
             st.value = Some(value);
-            st.index = index.max(1);
+            st.index = index;
             st.error = None;
             st.fetched_at = Some(now);
             st.lost_contact_at = None;
             slot.entry.touch(self.nanos(now));
-            (!std::mem::replace(&mut st.expiry_scheduled, true)).then(|| slot.entry.clone())
+            let first = !std::mem::replace(&mut st.expiry_scheduled, true);
+            let snapshot = (slot.entry.watchers.load(Ordering::Acquire) > 0)
+                .then(|| self.snapshot_of(&slot.st, false, now));
+            (slot.entry.clone(), first, snapshot)
         });
-        if let Some(entry) = entry {
+        if first {
             self.schedule_expiry(&entry, now + self.opts.last_get_ttl);
-            entry.changed.notify(usize::MAX);
+        }
+        entry.changed.notify(usize::MAX);
+        if let Some(snapshot) = snapshot {
+            self.deliver(&entry, &snapshot);
         }
     }
 

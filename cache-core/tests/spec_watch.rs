@@ -477,3 +477,29 @@ fn refresh_type_watch_follows_background_refresh() {
     });
     cache.close();
 }
+
+#[test]
+fn prepopulate_is_delivered_to_watches_and_cache_notify_checks_registration() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::new(sim.handle());
+    let server = MockServer::new(sim.handle(), 1u64, 5);
+    let typed = cache.register(server.blocking_type(RegisterOptions::new()));
+    let (tx, rx) = async_channel::bounded(16);
+    let _watch = cache
+        .notify::<MockType<u64>, _, _>(MockRequest::new("k"), "k", tx)
+        .unwrap();
+    sim.block_on(async {
+        sim.sleep(secs(1)).await;
+        typed
+            .prepopulate(&cache_core::RequestInfo::new("k"), 99, 50)
+            .unwrap();
+        let events = drain(&rx);
+        assert_eq!(indexes(&events), vec![5, 50]);
+        assert_eq!(events[1].result, Some(99));
+    });
+    let (tx, _rx) = async_channel::bounded::<Event<String>>(1);
+    assert!(matches!(
+        cache.notify::<MockType<String>, _, _>(MockRequest::new("k"), "k", tx),
+        Err(WatchError::NotRegistered(_))
+    ));
+}
