@@ -1,11 +1,12 @@
 //! Runs the real `demo-agent` binary: `--help`, a bad flag, port discovery from the
-//! `listening on ADDR` line, a request, and a clean exit on SIGTERM with a watch open.
+//! `listening on ADDR` line, a request, and a clean exit on SIGTERM with a long-poll and a watch open.
 
 mod common;
 
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::sse::SseReader;
 use reqwest::StatusCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -89,6 +90,14 @@ async fn serves_and_exits_cleanly_on_sigterm() {
             tokio::spawn(async move { client.get(url).send().await })
         };
         wait_for_blocking_miss(&client, &url).await;
+        // And a watch stream.
+        let watch = client
+            .get(format!("{url}/v1/watch?key=greeting"))
+            .send()
+            .await
+            .unwrap();
+        let mut events = SseReader::new(watch);
+        assert_eq!(events.next().await.unwrap().data["value"], "hello");
 
         let pid = child.id().expect("running").to_string();
         let kill = Command::new("kill")
@@ -104,6 +113,7 @@ async fn serves_and_exits_cleanly_on_sigterm() {
         assert!(status.success(), "exit status {status}");
         let answered = poll.await.unwrap().expect("the long-poll was answered");
         assert_eq!(answered.status(), StatusCode::OK);
+        assert!(events.next().await.is_none(), "the watch stream ended");
     })
     .await;
 }

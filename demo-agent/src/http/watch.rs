@@ -8,25 +8,55 @@
 //! value is its list of `{"key", "value"}`. The stream ends when the client leaves (the watch
 //! handles are dropped with it) or the agent shuts down.
 
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use cache_core::watch::{UpdateEvent, WatchError, WatchHandle, map_sink};
+use futures::StreamExt;
+use serde_json::json;
 
 use super::error::ApiError;
 use super::params::{self, MAX_WATCHES_PER_STREAM, Params};
 use crate::agent::AgentState;
+use crate::types::{KvRequest, ListRequest, ReadOptions};
+use crate::upstream::{KeyRead, ListRead, UpstreamError};
 
 /// The events one stream's channel buffers before a slow client slows its own watches.
 const CHANNEL_CAPACITY: usize = 64;
 /// How often an idle stream sends a keep-alive comment.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
+/// One event of any watched type, on the stream's one channel.
+enum WatchEvent {
+    Key(UpdateEvent<String, Arc<KeyRead>, UpstreamError>),
+    Prefix(UpdateEvent<String, Arc<ListRead>, UpstreamError>),
+}
+
+/// Keeps a stream's watches alive and counts the stream; dropping it (the client left, or
+/// shutdown) cancels every watch.
+struct StreamGuard {
+    _handles: Vec<WatchHandle>,
+    state: AgentState,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.state.inner.sse_streams.fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!("watch stream closed");
+    }
+}
+
 /// `GET /v1/watch`.
 pub(super) async fn watch(
     State(state): State<AgentState>,
     RawQuery(query): RawQuery,
-) -> Result<(), ApiError> {
+) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref());
     let keys: Vec<&str> = params.all("key").collect();
     let prefixes: Vec<&str> = params.all("prefix").collect();
@@ -48,9 +78,75 @@ pub(super) async fn watch(
         params::validate_prefix(prefix)?;
     }
 
-    let _ = (state, CHANNEL_CAPACITY, KEEP_ALIVE);
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "watches need cache-core's watch API (not landed yet)",
-    ))
+    let (tx, rx) = async_channel::bounded(CHANNEL_CAPACITY);
+    let mut handles = Vec::with_capacity(keys.len() + prefixes.len());
+    for key in keys {
+        let request = KvRequest {
+            key: key.to_owned(),
+            read: ReadOptions::watch(),
+        };
+        let sink = map_sink(tx.clone(), WatchEvent::Key);
+        handles.push(
+            state
+                .inner
+                .kv
+                .notify(request, format!("key:{key}"), sink)
+                .map_err(watch_error)?,
+        );
+    }
+    for prefix in prefixes {
+        let request = ListRequest::new(prefix, ReadOptions::watch());
+        let sink = map_sink(tx.clone(), WatchEvent::Prefix);
+        handles.push(
+            state
+                .inner
+                .list
+                .notify(request, format!("prefix:{prefix}"), sink)
+                .map_err(watch_error)?,
+        );
+    }
+    // Only the watches hold senders now: when they all end, the stream ends.
+    drop(tx);
+
+    state.inner.sse_streams.fetch_add(1, Ordering::Relaxed);
+    let guard = StreamGuard {
+        _handles: handles,
+        state: state.clone(),
+    };
+    let events = futures::stream::unfold((rx, guard), |(rx, guard)| async move {
+        let event = rx.recv().await.ok()?;
+        Some((Ok::<_, Infallible>(sse_event(event)), (rx, guard)))
+    })
+    .take_until(state.shutdown_started());
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response())
+}
+
+fn watch_error(error: WatchError) -> ApiError {
+    match error {
+        WatchError::Closed => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
+        ),
+        other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    }
+}
+
+fn sse_event(event: WatchEvent) -> Event {
+    let data = match event {
+        WatchEvent::Key(e) => json!({
+            "correlation_id": e.correlation_id,
+            "index": e.meta.index.max(1),
+            "value": e.result.as_ref().and_then(|read| read.value.as_deref()),
+            "error": e.error.map(|error| error.to_string()),
+        }),
+        WatchEvent::Prefix(e) => json!({
+            "correlation_id": e.correlation_id,
+            "index": e.meta.index.max(1),
+            "value": e.result.as_ref().map(|list| &list.keys),
+            "error": e.error.map(|error| error.to_string()),
+        }),
+    };
+    Event::default().event("update").data(data.to_string())
 }
