@@ -494,6 +494,16 @@ impl<T: CacheType> Store<T> {
                 // An index that went backwards wakes a blocked get with the new value,
                 // whatever min index it waited for (SPEC §9, index reset).
                 let reset = st.resets > resets && st.value.is_some();
+                // The attempt this get waited for failed: its error comes first, even when the
+                // old value would now count as valid (a failed revalidation is a failure).
+                if let Some(seen) = seen_attempts {
+                    if st.attempts > seen {
+                        if let Some(error) = &st.error {
+                            return Err(self.error_outcome(st, &info, error.clone(), now));
+                        }
+                        attempted = true;
+                    }
+                }
                 if reset || self.is_valid(st, &info, must_revalidate, now) {
                     if first {
                         self.counters.hits.incr();
@@ -503,14 +513,6 @@ impl<T: CacheType> Store<T> {
                         meta: self.meta(st, first, now),
                         error: None,
                     });
-                }
-                if let Some(seen) = seen_attempts {
-                    if st.attempts > seen {
-                        if let Some(error) = &st.error {
-                            return Err(self.error_outcome(st, &info, error.clone(), now));
-                        }
-                        attempted = true;
-                    }
                 }
                 if first {
                     if st.value.is_some() {

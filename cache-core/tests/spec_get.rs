@@ -654,3 +654,32 @@ fn empty_fetch_results_do_not_spin_a_blocking_get() {
         calls.load(Ordering::SeqCst)
     );
 }
+
+#[test]
+fn failed_revalidation_returns_the_error_or_the_stale_value() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::new(sim.handle());
+    let server = MockServer::new(sim.handle(), "v", 5);
+    let typed = cache.register(server.polling_type(RegisterOptions::new()));
+    sim.block_on(async {
+        typed.get(&MockRequest::new("k")).await.unwrap();
+        sim.sleep(secs(30)).await;
+        server.set_error(Some(MockError::new("down")));
+        let outcome = typed
+            .get_outcome(&MockRequest::new("k").must_revalidate())
+            .await;
+        assert!(outcome.error.is_some(), "the revalidation failed");
+        assert_eq!(outcome.value, Some("v"), "with the last value alongside");
+        let r = typed
+            .get(
+                &MockRequest::new("k")
+                    .must_revalidate()
+                    .stale_if_error(secs(60)),
+            )
+            .await
+            .unwrap();
+        assert_eq!((r.value, r.meta.age), (Some("v"), secs(30)));
+        // A plain get still finds the value valid.
+        assert!(typed.get(&MockRequest::new("k")).await.unwrap().meta.hit);
+    });
+}
