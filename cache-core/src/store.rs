@@ -42,6 +42,10 @@ const CONNECTED_THRESHOLD: Duration = Duration::from_secs(31);
 
 const SHARDS: usize = 64;
 
+/// Up to this many entries in a type, capacity eviction picks the exact least recently read.
+pub(crate) const EXACT_LRU_LIMIT: u64 = 4096;
+const SAMPLED_SHARDS: usize = 4;
+
 /// What a get reports about the value it returns (Consul's `ResultMeta`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -237,6 +241,8 @@ pub(crate) trait ErasedStore: Send + Sync {
     fn metrics(&self) -> TypeMetrics;
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     /// The least recently read entry, as (last read, its eviction), for the capacity bound.
+    /// Exact below [`EXACT_LRU_LIMIT`] entries; above it, the oldest of a few random shards
+    /// (sampled LRU, as Redis does), so an insert never scans a million entries.
     fn oldest(&self) -> Option<(u64, Arc<dyn Fn() -> bool + Send + Sync>)>;
     /// Ends every watch (the cache is closing).
     fn close_watches(&self);
@@ -1089,7 +1095,16 @@ impl<T: CacheType> ErasedStore for Store<T> {
 
     fn oldest(&self) -> Option<(u64, Arc<dyn Fn() -> bool + Send + Sync>)> {
         let mut best: Option<(u64, Arc<EntryShared<T>>)> = None;
-        for shard in self.shards.iter() {
+        let sampled: Vec<&Shard<T>> =
+            if self.counters.entries.load(Ordering::Relaxed) <= EXACT_LRU_LIMIT {
+                self.shards.iter().collect()
+            } else {
+                let start = fastrand::usize(..SHARDS);
+                (0..SAMPLED_SHARDS)
+                    .map(|i| &self.shards[(start + i * (SHARDS / SAMPLED_SHARDS)) % SHARDS])
+                    .collect()
+            };
+        for shard in sampled {
             let table = shard.table.read().unwrap_or_else(|p| p.into_inner());
             for slot in table.iter() {
                 // Watched entries stay; so do entries still waiting for their first value

@@ -517,3 +517,22 @@ fn default_query_timeout_is_ten_minutes() {
     assert!(!RegisterOptions::default().supports_blocking);
     assert_eq!(RegisterOptions::default().refresh_timer, Duration::ZERO);
 }
+
+#[test]
+fn large_capacity_bound_holds_with_sampled_eviction() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::builder(sim.handle()).max_entries(5000).build();
+    let server = MockServer::new(sim.handle(), 1u64, 5);
+    let typed = cache.register(server.polling_type(RegisterOptions::new()));
+    sim.block_on(async {
+        for i in 0..6000 {
+            typed
+                .get(&MockRequest::new(&format!("k{i}")))
+                .await
+                .unwrap();
+            sim.sleep(Duration::from_millis(1)).await;
+        }
+    });
+    assert_eq!(cache.len(), 5000);
+    assert_eq!(cache.metrics().total().evictions_capacity, 1000);
+}
