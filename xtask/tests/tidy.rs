@@ -133,7 +133,10 @@ fn readme_quick_starts_are_the_compiled_examples() {
 fn readme_shows_the_two_commands() {
     let readme = read(&project_root().join("README.md"));
     for command in ["cargo run -p demo-agent", "cargo xtask test"] {
-        assert!(readme.contains(command), "README.md does not show `{command}`");
+        assert!(
+            readme.contains(command),
+            "README.md does not show `{command}`"
+        );
     }
 }
 
