@@ -13,10 +13,11 @@ use crate::backoff::BackoffPolicy;
 use crate::cache_type::{CacheType, RequestInfo};
 use crate::error::{CacheError, GetError};
 use crate::expiry::{self, ExpiryQueue};
+use crate::get::{GetOutcome, Response};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimit;
 use crate::runtime::SharedRuntime;
-use crate::store::{ErasedStore, GetOutcome, Response, Store};
+use crate::store::{ErasedStore, Store};
 use crate::watch::{EventSink, UpdateEvent, WatchError, WatchHandle};
 
 /// Cache-wide state shared by every store and background task.

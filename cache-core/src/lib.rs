@@ -68,6 +68,8 @@ mod cache;
 mod cache_type;
 mod error;
 mod expiry;
+mod fetch;
+mod get;
 mod metrics;
 mod ratelimit;
 pub mod runtime;
@@ -85,8 +87,8 @@ pub use cache_type::{
     RequestInfo,
 };
 pub use error::{CacheError, GetError};
+pub use get::{GetOutcome, Response, ResultMeta};
 pub use metrics::{Metrics, TypeMetrics};
 pub use ratelimit::RateLimit;
 pub use runtime::{BoxFuture, Runtime, SharedRuntime, Sleep, Timer};
-pub use store::{GetOutcome, Response, ResultMeta};
 pub use watch::{EventSink, UpdateEvent, WatchError, WatchHandle, WatchStream};

@@ -1,0 +1,311 @@
+//! The fetch chain (SPEC §5–§7): one task per entry at a time runs the single-flight fetch,
+//! stores its result, wakes waiters, offers it to watches, and — for refresh types and watched
+//! entries — fetches again after backoff, the refresh timer or the polling interval.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::{Either, select};
+
+use crate::cache_type::{CacheType, FetchOptions, FetchResult, LastResult};
+use crate::error::GetError;
+use crate::metrics::bump;
+use crate::runtime::Sleep;
+use crate::store::{EntryShared, EntryState, Slot, Store, panic_message};
+
+/// How long a refresh type's blocking fetch must stay open to count as connected again (the
+/// reference's 31 s: yamux keepalives are every 30 s, so a blackholed connection has failed by
+/// then).
+const CONNECTED_THRESHOLD: Duration = Duration::from_secs(31);
+
+impl<T: CacheType> Store<T> {
+    /// Starts a fetch chain for the entry; the caller checked that none is in flight.
+    pub(crate) fn start_fetch(&self, slot: &mut Slot<T>, request: T::Request) {
+        self.start_chain(slot, request, None);
+    }
+
+    /// Starts a fetch chain whose first fetch waits until `first_at` (or runs now), replacing
+    /// any chain sleeping between refreshes.
+    pub(crate) fn start_chain(
+        &self,
+        slot: &mut Slot<T>,
+        request: T::Request,
+        first_at: Option<Instant>,
+    ) {
+        let Some(this) = self.this.upgrade() else {
+            return;
+        };
+        let st = &mut slot.st;
+        st.generation += 1;
+        st.refresh_stopped = false;
+        if std::mem::take(&mut st.chain_sleeping) {
+            // Wake the replaced chain so that it stops now, not at its next timer.
+            slot.entry.changed.notify(usize::MAX);
+        }
+        match first_at {
+            None => st.fetching = true,
+            Some(_) => st.chain_sleeping = true,
+        }
+        let chain = this.fetch_chain(slot.entry.clone(), st.generation, request, first_at);
+        self.shared.rt.spawn(Box::pin(chain));
+    }
+
+    /// Whether a chain should keep fetching after a completed fetch: refresh types until
+    /// refresh stops, and any type while it has watchers.
+    fn chain_continues(&self, slot: &Slot<T>) -> bool {
+        if self.shared.is_closed() {
+            return false;
+        }
+        (self.opts.refresh && !slot.st.refresh_stopped)
+            || slot.entry.watchers.load(Ordering::Acquire) > 0
+    }
+
+    /// The pause before a chain's next fetch.
+    fn next_wait(&self, slot: &Slot<T>, now: Instant) -> Duration {
+        let st = &slot.st;
+        let backoff = st
+            .backoff
+            .wait(&self.shared.backoff, self.shared.rt.jitter());
+        if self.opts.refresh && !st.refresh_stopped {
+            return backoff + self.opts.refresh_timer;
+        }
+        if self.opts.supports_blocking || st.backoff.failures() > 0 {
+            return backoff;
+        }
+        // Polling watches: wait `max_age - age`, plus up to a tenth of max_age of jitter.
+        let max_age = slot
+            .entry
+            .watch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|w| w.max_age())
+            .min()
+            .unwrap_or_default();
+        let age = st
+            .fetched_at
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        max_age.saturating_sub(age) + max_age.mul_f64(self.shared.rt.jitter() / 10.0)
+    }
+
+    /// One fetch after another for an entry, until nothing needs it any more: for refresh types
+    /// until eviction, close, a fatal error or give-up; for any type while it is watched. A
+    /// newer chain taking over (a get that found the entry invalid) also stops it.
+    async fn fetch_chain(
+        self: Arc<Self>,
+        entry: Arc<EntryShared<T>>,
+        generation: u64,
+        request: T::Request,
+        first_at: Option<Instant>,
+    ) {
+        let rt = self.shared.rt.clone();
+        let mut sleep: Option<Sleep> = None;
+        let mut next_at = first_at;
+        loop {
+            if let Some(deadline) = next_at {
+                // Wait for the next fetch; wake early on eviction, replacement or close.
+                loop {
+                    let changed = entry.changed.listen();
+                    let closed = self.shared.close_event.listen();
+                    let claimed = self.with_slot(&entry, |slot| {
+                        if slot.st.generation != generation || !self.chain_continues(slot) {
+                            if slot.st.generation == generation {
+                                slot.st.chain_sleeping = false;
+                            }
+                            return Some(false);
+                        }
+                        if rt.now() >= deadline {
+                            slot.st.chain_sleeping = false;
+                            slot.st.fetching = true;
+                            return Some(true);
+                        }
+                        None
+                    });
+                    match claimed {
+                        None | Some(Some(false)) => return,
+                        Some(Some(true)) => break,
+                        Some(None) => {}
+                    }
+                    let timer = sleep.get_or_insert_with(|| Sleep::until(&*rt, deadline));
+                    timer.reset(deadline);
+                    select(select(changed, closed), timer).await;
+                }
+            }
+
+            // The per-entry rate limit, re-read each time so reloaded options apply.
+            loop {
+                let limit = self.shared.rate_limit();
+                let now = rt.now();
+                let wait = self.with_slot(&entry, |slot| {
+                    (slot.st.generation == generation).then(|| slot.st.bucket.acquire(now, &limit))
+                });
+                let Some(Some(wait)) = wait else {
+                    return;
+                };
+                if wait.is_zero() {
+                    break;
+                }
+                let timer = sleep.get_or_insert_with(|| Sleep::until(&*rt, now));
+                timer.reset(now + wait);
+                timer.await;
+            }
+
+            let Some(Some((opts, connected_timer))) = self.with_slot(&entry, |slot| {
+                let st = &slot.st;
+                (st.generation == generation).then(|| self.fetch_options(st))
+            }) else {
+                return;
+            };
+
+            let fetch = AssertUnwindSafe(self.ty.fetch(opts, &request)).catch_unwind();
+            let result = if connected_timer {
+                let mut fetch = std::pin::pin!(fetch);
+                let threshold = Sleep::after(&*rt, CONNECTED_THRESHOLD);
+                match select(fetch.as_mut(), threshold).await {
+                    Either::Left((result, _)) => result,
+                    Either::Right(((), _)) => {
+                        // A blocking fetch open this long means the server is reachable.
+                        self.with_slot(&entry, |slot| slot.st.lost_contact_at = None);
+                        fetch.await
+                    }
+                }
+            } else {
+                fetch.await
+            };
+
+            let now = rt.now();
+            let next = self.with_slot(&entry, |slot| {
+                if slot.st.generation != generation {
+                    // Replaced by a newer chain while in flight: the newer one owns the entry.
+                    return (None, None);
+                }
+                self.apply(slot, result, now);
+                let snapshot = (slot.entry.watchers.load(Ordering::Acquire) > 0)
+                    .then(|| self.snapshot_of(&slot.st, false, now));
+                let wait = self
+                    .chain_continues(slot)
+                    .then(|| self.next_wait(slot, now));
+                slot.st.chain_sleeping = wait.is_some();
+                (wait, snapshot)
+            });
+            entry.changed.notify(usize::MAX);
+            let Some((wait, snapshot)) = next else {
+                // Evicted during the fetch: never re-inserted.
+                return;
+            };
+            if let Some(snapshot) = snapshot {
+                self.deliver(&entry, &snapshot);
+            }
+            let Some(wait) = wait else {
+                return;
+            };
+            next_at = Some(now + wait);
+        }
+    }
+
+    /// The options for the next fetch, and whether to arm the "connected" timer.
+    fn fetch_options(&self, st: &EntryState<T>) -> (FetchOptions<T::Value>, bool) {
+        let mut opts = FetchOptions::new();
+        if self.opts.supports_blocking {
+            opts.min_index = st.index;
+            opts.timeout = self.opts.query_timeout;
+        }
+        opts.last_result = st.value.clone().map(|value| LastResult {
+            value,
+            index: st.index,
+            state: st.fetch_state.clone(),
+        });
+        let connected_timer = self.opts.refresh
+            && st.index > 0
+            && self.opts.supports_blocking
+            && self.opts.query_timeout > CONNECTED_THRESHOLD
+            && st.lost_contact_at.is_some();
+        (opts, connected_timer)
+    }
+
+    /// Stores a fetch's outcome in the entry (SPEC §5).
+    fn apply(
+        &self,
+        slot: &mut Slot<T>,
+        result: std::thread::Result<Result<FetchResult<T::Value>, T::Error>>,
+        now: Instant,
+    ) {
+        let st = &mut slot.st;
+        st.fetching = false;
+        st.attempts += 1;
+        let mut fatal = false;
+        let success = match result {
+            Ok(Ok(result)) => {
+                bump(&self.counters.fetch_success);
+                if result.not_modified {
+                    bump(&self.counters.fetch_not_modified);
+                }
+                st.error = None;
+                let has_value =
+                    result.value.is_some() || (result.not_modified && st.value.is_some());
+                if has_value {
+                    if let Some(value) = result.value {
+                        if !result.not_modified || st.value.is_none() {
+                            st.value = Some(value);
+                        }
+                    }
+                    let index = result.index.max(1);
+                    if index < st.index {
+                        st.resets += 1;
+                    }
+                    st.index = index;
+                    st.fetch_state = result.state;
+                    st.fetched_at = Some(now);
+                } else if result.state.is_some() {
+                    st.fetch_state = result.state;
+                }
+                if self.opts.refresh {
+                    st.lost_contact_at = None;
+                }
+                // A zero index never blocks: count it as a failure so backoff guards the loop.
+                result.index > 0
+            }
+            Ok(Err(error)) => {
+                fatal = self.ty.is_fatal(&error);
+                bump(&self.counters.fetch_errors);
+                if fatal {
+                    bump(&self.counters.fetch_errors_fatal);
+                }
+                st.error = Some(GetError::Fetch(Arc::new(error)));
+                false
+            }
+            Err(panic) => {
+                bump(&self.counters.fetch_errors);
+                st.error = Some(GetError::Panicked(panic_message(&*panic)));
+                false
+            }
+        };
+        st.backoff.on_outcome(success);
+        if success {
+            st.failing_since = None;
+        } else {
+            st.failing_since.get_or_insert(now);
+            if self.opts.refresh && st.error.is_some() {
+                st.lost_contact_at.get_or_insert(now);
+            }
+        }
+        if !st.expiry_scheduled {
+            // The TTL clock starts when the first fetch completes.
+            st.expiry_scheduled = true;
+            slot.entry.touch(self.nanos(now));
+            self.schedule_expiry(&slot.entry, now + self.opts.last_get_ttl);
+        }
+        let st = &mut slot.st;
+        if self.opts.refresh && fatal {
+            st.refresh_stopped = true;
+        }
+        if let (Some(give_up), Some(since)) = (self.opts.refresh_give_up, st.failing_since) {
+            if now.saturating_duration_since(since) >= give_up {
+                st.refresh_stopped = true;
+            }
+        }
+    }
+}

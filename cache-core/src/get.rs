@@ -1,0 +1,366 @@
+//! The get path (SPEC §4): the hit path, the slow path that joins or starts the entry's fetch,
+//! timeouts, the one-attempt error rule and stale-if-error.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::{Either, select};
+
+use crate::cache_type::{CacheRequest, CacheType, FetchOptions, RequestInfo};
+use crate::error::GetError;
+use crate::metrics::bump;
+use crate::runtime::{BoxFuture, Sleep};
+use crate::store::{EntryState, Store, panic_message};
+
+/// What a get reports about the value it returns (Consul's `ResultMeta`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResultMeta {
+    /// The value came from a valid entry on the first look.
+    pub hit: bool,
+    /// The entry's index.
+    pub index: u64,
+    /// Refresh types: zero while the background refresh is healthy, else the time since it
+    /// first lost contact. Other types: the time since the value was fetched.
+    pub age: Duration,
+}
+
+/// The full answer to a get: the value, its meta, and the error of the get's fetch attempt.
+///
+/// Unlike `Result`, it can carry the last good value alongside an error (Consul returns both).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct GetOutcome<V, E> {
+    /// The value: the fresh one, or the last good one when `error` is set (if any).
+    pub value: Option<V>,
+    /// Hit, index and age.
+    pub meta: ResultMeta,
+    /// The error of the fetch attempt this get waited for.
+    pub error: Option<GetError<E>>,
+}
+
+impl<V, E> GetOutcome<V, E> {
+    /// Splits the outcome into a `Result`, dropping the stale value that came with an error.
+    ///
+    /// # Errors
+    ///
+    /// The outcome's error, if it has one.
+    pub fn into_result(self) -> Result<Response<V>, GetError<E>> {
+        match self.error {
+            Some(error) => Err(error),
+            None => Ok(Response {
+                value: self.value,
+                meta: self.meta,
+            }),
+        }
+    }
+}
+
+/// A successful get: the value (none only when a get timed out before any value existed, or a
+/// pass-through fetch returned none) and its meta.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Response<V> {
+    /// The value.
+    pub value: Option<V>,
+    /// Hit, index and age.
+    pub meta: ResultMeta,
+}
+
+impl<V> Response<V> {
+    /// The value, if any.
+    pub fn into_value(self) -> Option<V> {
+        self.value
+    }
+}
+
+// ===== impl Store: get =====
+
+impl<T: CacheType> Store<T> {
+    /// Whether the entry answers `info` without a fetch (SPEC §4.2).
+    fn is_valid(
+        &self,
+        st: &EntryState<T>,
+        info: &RequestInfo<'_>,
+        must_revalidate: bool,
+        now: Instant,
+    ) -> bool {
+        if st.value.is_none() {
+            return false;
+        }
+        if self.opts.supports_blocking && info.min_index > 0 && info.min_index >= st.index {
+            return false;
+        }
+        if !self.opts.refresh {
+            if let (Some(max_age), Some(fetched_at)) = (info.max_age, st.fetched_at) {
+                if now.saturating_duration_since(fetched_at) > max_age {
+                    return false;
+                }
+            }
+            if must_revalidate {
+                // An open fetch means the entry is current: the reference leaves it alone.
+                return st.fetching;
+            }
+        }
+        true
+    }
+
+    /// The hit path: one read lock, no allocation.
+    fn try_hit(
+        &self,
+        hash: u64,
+        info: &RequestInfo<'_>,
+        now: Instant,
+    ) -> Option<GetOutcome<T::Value, T::Error>> {
+        let table = self.read(hash);
+        let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
+        let slot = table.find(hash, |s| s.entry.key.matches(key, dc, token))?;
+        if !self.is_valid(&slot.st, info, info.must_revalidate, now) {
+            return None;
+        }
+        slot.entry.touch(self.nanos(now));
+        let outcome = GetOutcome {
+            value: slot.st.value.clone(),
+            meta: self.meta(&slot.st, true, now),
+            error: None,
+        };
+        drop(table);
+        self.counters.hits.incr();
+        Some(outcome)
+    }
+
+    /// `Cache::get` for this type (SPEC §4).
+    ///
+    /// A hit is answered without allocating; a miss boxes the waiting part. No `RequestInfo`
+    /// is held across an await: its `Cow`s trip the compiler's higher-ranked `Send` check, and
+    /// re-asking the request for it is cheap.
+    pub(crate) fn get<'a>(&'a self, request: &'a T::Request) -> GetFuture<'a, T> {
+        let start = self.shared.rt.now();
+        let info = request.cache_info();
+        if info.key.is_empty() {
+            return GetFuture::Slow(Box::pin(self.bypass(request)));
+        }
+        let hash = self.hash(&info);
+        if let Some(hit) = self.try_hit(hash, &info, start) {
+            return GetFuture::Ready(Some(hit));
+        }
+        GetFuture::Slow(Box::pin(self.get_slow(request, hash, start)))
+    }
+
+    async fn bypass(&self, request: &T::Request) -> GetOutcome<T::Value, T::Error> {
+        bump(&self.counters.bypasses);
+        let mut opts = FetchOptions::new();
+        {
+            let info = request.cache_info();
+            opts.min_index = info.min_index;
+            opts.timeout = info.timeout.unwrap_or_default();
+        }
+        let result = AssertUnwindSafe(self.ty.fetch(opts, request))
+            .catch_unwind()
+            .await;
+        match result {
+            Ok(Ok(result)) => GetOutcome {
+                value: result.value,
+                meta: ResultMeta::default(),
+                error: None,
+            },
+            Ok(Err(error)) => GetOutcome {
+                value: None,
+                meta: ResultMeta::default(),
+                error: Some(GetError::Fetch(Arc::new(error))),
+            },
+            Err(panic) => GetOutcome {
+                value: None,
+                meta: ResultMeta::default(),
+                error: Some(GetError::Panicked(panic_message(&*panic))),
+            },
+        }
+    }
+
+    async fn get_slow(
+        &self,
+        request: &T::Request,
+        hash: u64,
+        start: Instant,
+    ) -> GetOutcome<T::Value, T::Error> {
+        let (deadline, mut must_revalidate) = {
+            let info = request.cache_info();
+            let deadline = info.timeout.filter(|t| !t.is_zero()).map(|t| start + t);
+            (deadline, info.must_revalidate)
+        };
+        let mut sleep: Option<Sleep> = None;
+        let mut first = true;
+        let mut seen_attempts: Option<u64> = None;
+        let mut seen_resets: Option<u64> = None;
+        // Set once an attempt this get waited for succeeded without satisfying it (a blocking
+        // fetch that saw no change, or one with no value): further attempts respect the entry's
+        // backoff, so a type answering index 0 or nothing at once cannot spin the get.
+        let mut attempted = false;
+        let mut retry_at: Option<Instant> = None;
+        let mut retry_sleep: Option<Sleep> = None;
+        loop {
+            let now = self.shared.rt.now();
+            let info = request.cache_info();
+            let step = self.with_entry(hash, &info, |slot| {
+                slot.entry.touch(self.nanos(now));
+                let st = &slot.st;
+                let resets = *seen_resets.get_or_insert(st.resets);
+                // An index that went backwards wakes a blocked get with the new value,
+                // whatever min index it waited for (SPEC §9, index reset).
+                let reset = st.resets > resets && st.value.is_some();
+                // The attempt this get waited for failed: its error comes first, even when the
+                // old value would now count as valid (a failed revalidation is a failure).
+                if let Some(seen) = seen_attempts {
+                    if st.attempts > seen {
+                        if let Some(error) = &st.error {
+                            return Err(self.error_outcome(st, &info, error.clone(), now));
+                        }
+                        attempted = true;
+                    }
+                }
+                if reset || self.is_valid(st, &info, must_revalidate, now) {
+                    if first {
+                        self.counters.hits.incr();
+                    }
+                    return Err(GetOutcome {
+                        value: st.value.clone(),
+                        meta: self.meta(st, first, now),
+                        error: None,
+                    });
+                }
+                if first {
+                    if st.value.is_some() {
+                        bump(&self.counters.misses_blocking);
+                    } else {
+                        bump(&self.counters.misses_new);
+                    }
+                }
+                if !slot.st.fetching {
+                    let backoff = if attempted {
+                        slot.st
+                            .backoff
+                            .wait(&self.shared.backoff, self.shared.rt.jitter())
+                    } else {
+                        Duration::ZERO
+                    };
+                    match retry_at {
+                        Some(at) if now >= at => {
+                            retry_at = None;
+                            self.start_fetch(slot, request.clone());
+                        }
+                        Some(_) => {}
+                        None if backoff.is_zero() => self.start_fetch(slot, request.clone()),
+                        None => retry_at = Some(now + backoff),
+                    }
+                }
+                seen_attempts = Some(slot.st.attempts);
+                Ok(slot.entry.changed.listen())
+            });
+            drop(info);
+            first = false;
+            let listener = match step {
+                Ok(listener) => listener,
+                Err(outcome) => return outcome,
+            };
+            let woken = match retry_at {
+                Some(at) => {
+                    let retry =
+                        retry_sleep.get_or_insert_with(|| Sleep::until(&*self.shared.rt, at));
+                    retry.reset(at);
+                    Either::Left(select(listener, retry).map(|_| ()))
+                }
+                None => Either::Right(listener),
+            };
+            match deadline {
+                None => {
+                    woken.await;
+                }
+                Some(deadline) => {
+                    let timer =
+                        sleep.get_or_insert_with(|| Sleep::until(&*self.shared.rt, deadline));
+                    if let Either::Right(_) = select(woken, timer).await {
+                        return self.timeout_outcome(hash, &request.cache_info());
+                    }
+                }
+            }
+            // The reference revalidates once: after a fetch, the entry counts as current.
+            must_revalidate = false;
+        }
+    }
+
+    /// The answer to a get whose one fetch attempt failed, honouring `stale_if_error`.
+    fn error_outcome(
+        &self,
+        st: &EntryState<T>,
+        info: &RequestInfo<'_>,
+        error: GetError<T::Error>,
+        now: Instant,
+    ) -> GetOutcome<T::Value, T::Error> {
+        let meta = self.meta(st, false, now);
+        if let (Some(limit), Some(fetched_at), Some(value)) =
+            (info.stale_if_error, st.fetched_at, &st.value)
+        {
+            if now.saturating_duration_since(fetched_at) <= limit {
+                return GetOutcome {
+                    value: Some(value.clone()),
+                    meta: ResultMeta {
+                        age: now.saturating_duration_since(fetched_at),
+                        ..meta
+                    },
+                    error: None,
+                };
+            }
+        }
+        GetOutcome {
+            value: st.value.clone(),
+            meta,
+            error: Some(error),
+        }
+    }
+
+    fn timeout_outcome(&self, hash: u64, info: &RequestInfo<'_>) -> GetOutcome<T::Value, T::Error> {
+        let now = self.shared.rt.now();
+        let table = self.read(hash);
+        let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
+        match table.find(hash, |s| s.entry.key.matches(key, dc, token)) {
+            Some(slot) => GetOutcome {
+                value: slot.st.value.clone(),
+                meta: self.meta(&slot.st, false, now),
+                error: None,
+            },
+            None => GetOutcome {
+                value: None,
+                meta: ResultMeta::default(),
+                error: None,
+            },
+        }
+    }
+}
+
+/// The future of a get: ready at once on a hit, boxed while waiting on a miss.
+pub(crate) enum GetFuture<'a, T: CacheType> {
+    Ready(Option<GetOutcome<T::Value, T::Error>>),
+    Slow(BoxFuture<'a, GetOutcome<T::Value, T::Error>>),
+}
+
+// Nothing in a `GetFuture` is pinned structurally: the outcome is moved out, the boxed future
+// is pinned by its box.
+impl<T: CacheType> Unpin for GetFuture<'_, T> {}
+
+impl<T: CacheType> Future for GetFuture<'_, T> {
+    type Output = GetOutcome<T::Value, T::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            GetFuture::Ready(outcome) => {
+                Poll::Ready(outcome.take().expect("polled after completion"))
+            }
+            GetFuture::Slow(future) => future.as_mut().poll(cx),
+        }
+    }
+}
