@@ -24,7 +24,9 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, KvCacheMode, UpstreamKind};
 use crate::http;
 use crate::types::{BlockingOptions, KvType, ListType, StatsType};
-use crate::upstream::{FaultSettings, Faults, MemoryUpstream, Upstream};
+use crate::upstream::{
+    EtcdSettings, EtcdUpstream, FaultSettings, Faults, MemoryUpstream, Upstream, UpstreamStats,
+};
 
 /// How long shutdown waits for in-flight responses before it gives up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -43,6 +45,8 @@ pub(crate) struct StateInner {
     pub(crate) upstream: Arc<dyn Upstream>,
     /// The embedded store, for its live counters on the metrics page.
     pub(crate) memory: Option<Arc<MemoryUpstream>>,
+    /// The etcd upstream, for its live counters on the metrics page.
+    pub(crate) etcd: Option<Arc<EtcdUpstream>>,
     pub(crate) faults: Arc<Faults>,
     pub(crate) kv_mode: KvCacheMode,
     /// Flips to `true` once shutdown starts.
@@ -61,10 +65,17 @@ impl AgentState {
             fail_rate: config.upstream_fail_rate,
             fail: false,
         });
-        let (upstream, memory): (Arc<dyn Upstream>, _) = match config.upstream {
+        let (upstream, memory, etcd): (Arc<dyn Upstream>, _, _) = match config.upstream {
             UpstreamKind::Embedded => {
                 let memory = MemoryUpstream::new(faults.clone());
-                (memory.clone(), Some(memory))
+                (memory.clone(), Some(memory), None)
+            }
+            UpstreamKind::Etcd => {
+                let mut settings = EtcdSettings::new(config.etcd_endpoints.clone());
+                settings.request_timeout = config.etcd_timeout;
+                let etcd =
+                    EtcdUpstream::new(settings, faults.clone()).map_err(StartError::Config)?;
+                (etcd.clone(), None, Some(etcd))
             }
         };
         let runtime: SharedRuntime = Arc::new(TokioRuntime::current());
@@ -93,6 +104,7 @@ impl AgentState {
                 stats,
                 upstream,
                 memory,
+                etcd,
                 faults,
                 kv_mode: config.kv_cache,
                 shutdown,
@@ -114,6 +126,21 @@ impl AgentState {
             // The guard `wait_for` returns is not `Send`; drop it here.
             let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
         }
+    }
+
+    /// The upstream's counters right now, without contacting it (for the metrics page).
+    pub fn upstream_counters(&self) -> Option<UpstreamStats> {
+        let inner = &self.inner;
+        inner
+            .memory
+            .as_ref()
+            .map(|memory| memory.counters())
+            .or_else(|| inner.etcd.as_ref().map(|etcd| etcd.counters()))
+    }
+
+    /// The etcd upstream, when the agent runs on one (for its endpoints and traffic).
+    pub fn etcd(&self) -> Option<&Arc<EtcdUpstream>> {
+        self.inner.etcd.as_ref()
     }
 
     /// The live fault settings of the upstream.
@@ -179,6 +206,25 @@ impl Agent {
                 .await
         });
         tracing::info!(%addr, upstream = ?config.upstream, kv_cache = ?config.kv_cache, "agent listening");
+        if let Some(etcd) = state.etcd() {
+            // Not fatal: the agent serves (errors, then data) while etcd comes and goes.
+            let etcd = etcd.clone();
+            tokio::spawn(async move {
+                match etcd.stats().await {
+                    Ok(stats) => tracing::info!(
+                        endpoint = %etcd.current_endpoint(),
+                        revision = stats.index,
+                        keys = stats.keys,
+                        "etcd reachable"
+                    ),
+                    Err(error) => tracing::warn!(
+                        endpoints = ?etcd.endpoints(),
+                        %error,
+                        "etcd is not reachable yet; reads fail until it is"
+                    ),
+                }
+            });
+        }
         Ok(RunningAgent {
             addr,
             state,

@@ -9,7 +9,8 @@ use clap::{Parser, ValueEnum};
 use crate::duration::parse_duration;
 use crate::upstream::MAX_WAIT;
 
-/// A Consul-style caching agent over HTTP, in front of an embedded upstream store.
+/// A Consul-style caching agent over HTTP, in front of an embedded upstream store or an etcd
+/// cluster.
 ///
 /// Reads with `?cached` are served by the agent's cache (blocking queries, single-flight,
 /// background refresh); everything else goes straight to the upstream.
@@ -25,6 +26,21 @@ pub struct Config {
     /// Which upstream store the agent caches.
     #[arg(long, env = "DEMO_AGENT_UPSTREAM", value_enum, default_value_t = UpstreamKind::Embedded)]
     pub upstream: UpstreamKind,
+
+    /// Client URLs of the etcd cluster's members, comma-separated (with `--upstream etcd`).
+    /// The agent uses the first until it fails, then fails over to the next.
+    #[arg(
+        long,
+        env = "DEMO_AGENT_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Timeout of one etcd request on one member before the next member is tried (watches
+    /// are not bounded by it, only their opening).
+    #[arg(long, env = "DEMO_AGENT_ETCD_TIMEOUT", value_parser = parse_etcd_timeout, default_value = "5s")]
+    pub etcd_timeout: Duration,
 
     /// Simulated latency added to every upstream operation (Go-style duration: 5ms, 1s).
     #[arg(long, env = "DEMO_AGENT_UPSTREAM_LATENCY", value_parser = parse_duration, default_value = "0s")]
@@ -76,6 +92,9 @@ pub struct Config {
 pub enum UpstreamKind {
     /// An in-process store with blocking queries and fault injection.
     Embedded,
+    /// An etcd cluster (v3 API through its JSON gateway) at `--etcd-endpoints`; blocking
+    /// reads are etcd watches, the index is etcd's revision.
+    Etcd,
 }
 
 /// How cached KV reads are kept fresh.
@@ -116,6 +135,14 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
         return Err(format!("{rate} is not in [0, 1]"));
     }
     Ok(rate)
+}
+
+fn parse_etcd_timeout(s: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(s).map_err(|e| e.to_string())?;
+    if timeout.is_zero() || timeout > Duration::from_secs(60) {
+        return Err("must be above 0 and at most 1m".to_owned());
+    }
+    Ok(timeout)
 }
 
 fn parse_query_timeout(s: &str) -> Result<Duration, String> {
@@ -159,5 +186,37 @@ mod tests {
         assert!(Config::try_parse_from(["demo-agent", "--upstream-fail-rate", "2"]).is_err());
         assert!(Config::try_parse_from(["demo-agent", "--query-timeout", "11m"]).is_err());
         assert!(Config::try_parse_from(["demo-agent", "--upstream-latency", "5"]).is_err());
+    }
+
+    #[test]
+    fn parses_etcd_flags() {
+        let c = Config::default();
+        assert_eq!(c.upstream, UpstreamKind::Embedded);
+        assert_eq!(c.etcd_endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(c.etcd_timeout, Duration::from_secs(5));
+        let c = Config::try_parse_from([
+            "demo-agent",
+            "--upstream",
+            "etcd",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379,http://127.0.0.1:22379",
+            "--etcd-endpoints",
+            "http://127.0.0.1:32379",
+            "--etcd-timeout",
+            "2s",
+        ])
+        .unwrap();
+        assert_eq!(c.upstream, UpstreamKind::Etcd);
+        assert_eq!(
+            c.etcd_endpoints,
+            [
+                "http://127.0.0.1:2379",
+                "http://127.0.0.1:22379",
+                "http://127.0.0.1:32379"
+            ]
+        );
+        assert_eq!(c.etcd_timeout, Duration::from_secs(2));
+        assert!(Config::try_parse_from(["demo-agent", "--etcd-timeout", "0s"]).is_err());
+        assert!(Config::try_parse_from(["demo-agent", "--upstream", "consul"]).is_err());
     }
 }

@@ -175,8 +175,7 @@ impl Collector for AgentCollector {
             &[(vec![], signed(streams))],
         )?;
 
-        if let Some(memory) = &self.state.inner.memory {
-            let s = memory.counters();
+        if let Some(s) = self.state.upstream_counters() {
             counter(
                 e,
                 "demo_agent_upstream_reads",

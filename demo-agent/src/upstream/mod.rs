@@ -1,11 +1,12 @@
-//! The authoritative store the agent caches: the [`Upstream`] trait and its embedded
-//! implementation, [`MemoryUpstream`].
+//! The authoritative store the agent caches: the [`Upstream`] trait, the embedded
+//! implementation [`MemoryUpstream`], and [`EtcdUpstream`] for a real etcd cluster.
 //!
 //! The agent reads the upstream only through its cache types (see [`crate::types`]), the
-//! path a real server would take; writes go straight through. A later etcd upstream plugs in
-//! by implementing [`Upstream`].
+//! path a real server would take; writes go straight through.
 //!
-//! Index rules every implementation follows:
+//! Index rules every implementation follows (the embedded store's; [`EtcdUpstream`] uses etcd
+//! revisions and differs where its docs say: an absent key's index is the revision it was
+//! seen absent at, and a prefix's index is the revision of the read):
 //! - An index is never 0: an upstream that has seen no write answers 1.
 //! - A key's index is the index of its last write (put or delete). A key that was never
 //!   written answers the upstream's first index, 1. So a client that read "absent at N" can
@@ -14,6 +15,7 @@
 //! - Blocking reads (`min_index > 0`) answer once the index is above `min_index`, or when
 //!   `wait` has passed (with the unchanged data), whichever comes first.
 
+mod etcd;
 mod faults;
 mod memory;
 
@@ -22,6 +24,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::Serialize;
 
+pub use etcd::{EtcdSettings, EtcdUpstream};
 pub use faults::{FaultSettings, Faults};
 pub use memory::MemoryUpstream;
 
