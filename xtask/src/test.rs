@@ -1,7 +1,12 @@
 //! `cargo xtask test`: the whole matrix. Every step runs even if an earlier one failed, so one
 //! run reports everything that is wrong; the exit code is non-zero if any step failed.
+//!
+//! The demo agent's etcd tests need an `etcd` binary. Without one they print `SKIP` and pass,
+//! so this command says so loudly, before and after the run, naming every skipped test and how
+//! to install etcd (`.ci/run` installs it and sets `DEMO_AGENT_REQUIRE_ETCD=1`, which turns a
+//! missing binary into a failure).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
@@ -24,6 +29,14 @@ struct Step {
 
 pub(crate) fn run(root: &Path) -> ExitCode {
     let mut steps = Vec::new();
+    let etcd_skipped = if etcd_binary().is_some() {
+        Vec::new()
+    } else {
+        etcd_tests(root)
+    };
+    if !etcd_skipped.is_empty() {
+        eprint!("{}", etcd_notice(&etcd_skipped));
+    }
 
     steps.push(run_cargo(
         root,
@@ -63,7 +76,17 @@ pub(crate) fn run(root: &Path) -> ExitCode {
         &[("RUSTDOCFLAGS", "-Dwarnings")],
     ));
 
+    if !etcd_skipped.is_empty() {
+        steps.push(Step {
+            name: format!("etcd tests ({})", etcd_skipped.len()),
+            outcome: Outcome::Skipped("no etcd on PATH"),
+            took: Duration::ZERO,
+        });
+    }
     print!("{}", report(&steps));
+    if !etcd_skipped.is_empty() {
+        print!("{}", etcd_notice(&etcd_skipped));
+    }
     if steps.iter().any(|step| step.outcome == Outcome::Failed) {
         ExitCode::FAILURE
     } else {
@@ -97,6 +120,74 @@ fn run_cargo(root: &Path, name: &str, args: &[&str], envs: &[(&str, &str)]) -> S
         outcome,
         took: start.elapsed(),
     }
+}
+
+/// The etcd binary the demo agent's tests would use: `$ETCD_BIN`, else `etcd` on `PATH`
+/// (the same lookup as `demo-agent/tests/common/etcd.rs`).
+fn etcd_binary() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("ETCD_BIN").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(bin));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("etcd"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The tests that skip without etcd: every `etcd::available("NAME")` in
+/// `demo-agent/tests/*.rs`, as `file: NAME`.
+fn etcd_tests(root: &Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(root.join("demo-agent/tests")) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = dir
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "rs"))
+        .collect();
+    files.sort();
+    let mut tests = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let stem = file.file_stem().unwrap_or_default().to_string_lossy();
+        tests.extend(
+            etcd_test_names(&text)
+                .into_iter()
+                .map(|name| format!("{stem}: {name}")),
+        );
+    }
+    tests
+}
+
+/// The names passed to `etcd::available("...")` in a test file.
+fn etcd_test_names(text: &str) -> Vec<String> {
+    const CALL: &str = "etcd::available(\"";
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(CALL) {
+        rest = &rest[at + CALL.len()..];
+        if let Some(end) = rest.find('"') {
+            names.push(rest[..end].to_owned());
+            rest = &rest[end..];
+        }
+    }
+    names
+}
+
+/// The loud notice printed when the etcd tests are skipped.
+fn etcd_notice(skipped: &[String]) -> String {
+    let rule = "!".repeat(78);
+    let mut out = format!(
+        "\n{rule}\n!! SKIPPED: {} demo-agent tests need an `etcd` binary and found none on PATH\n",
+        skipped.len()
+    );
+    for test in skipped {
+        out += &format!("!!   {test}\n");
+    }
+    out += "!! They printed SKIP and passed without testing anything. To run them:\n";
+    out += "!!   sudo apt-get install -y etcd-server    (Debian/Ubuntu; etcd 3.4+)\n";
+    out += "!!   or ETCD_BIN=/path/to/etcd cargo xtask test\n";
+    out += &format!("{rule}\n");
+    out
 }
 
 /// The per-step table, ending with exactly one `N passed, N failed` line.
@@ -153,5 +244,30 @@ mod tests {
                 .any(|line| line.starts_with("clippy ") && line.contains("FAIL"))
         );
         assert!(lines.iter().any(|line| line.contains("skip (not present)")));
+    }
+
+    #[test]
+    fn finds_the_etcd_tests_and_names_them_in_the_notice() {
+        let file = r#"
+#[tokio::test]
+async fn parity_etcd() {
+    if !etcd::available("parity_etcd") {
+        return;
+    }
+}
+async fn other() { if !etcd::available("member_loss") { return; } }
+"#;
+        assert_eq!(etcd_test_names(file), ["parity_etcd", "member_loss"]);
+        let notice = etcd_notice(&["etcd_parity: parity_etcd".to_owned()]);
+        assert!(notice.contains("SKIPPED: 1 demo-agent tests"));
+        assert!(notice.contains("etcd_parity: parity_etcd"));
+        assert!(notice.contains("apt-get install -y etcd-server"));
+        // The real tests are found (this crate's tests run from the workspace).
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let found = etcd_tests(root);
+        assert!(
+            found.iter().any(|t| t.starts_with("etcd_parity: ")),
+            "{found:?}"
+        );
     }
 }
