@@ -15,7 +15,8 @@ cargo xtask <command>
 
 Commands:
   test     the whole test matrix: fmt, clippy, `cargo test -p` per package, docs
-  bench    the benchmark report (not yet implemented)
+  bench    the benchmark report: cache-core against its baselines, side by side
+           [--quick] [--debug] [--only SCENARIO,…] [--save (into BENCHMARKS.md)]
   help     print this message
 ";
 
@@ -28,7 +29,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         ["test"] => test::run(&project_root()),
-        ["bench"] => bench::run(),
+        ["bench", rest @ ..] => bench::run(&project_root(), rest),
         _ => {
             eprintln!("error: unknown arguments {args:?}\n");
             eprint!("{HELP}");

@@ -18,6 +18,7 @@ pub(crate) const PACKAGES: &[Row] = &[
     Row::always("cache-async-std"),
     Row::always("cache-smol"),
     Row::if_present("demo-agent"),
+    Row::always("cache-bench"),
     Row::always("xtask"),
 ];
 

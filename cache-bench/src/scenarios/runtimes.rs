@@ -1,0 +1,50 @@
+//! Runtimes side by side: the hit path and the one-key watch fan-out on tokio (multi-thread and
+//! current-thread), async-std and smol. Each baseline runs on the same runtime as ours: the
+//! bare map read inside the same kind of task, and `tokio::sync::watch` receiver tasks (tokio's
+//! watch channel is runtime-agnostic) spawned on that runtime.
+
+use crate::Mode;
+use crate::report::{Figure, Goal};
+use crate::rt::{BenchRt, Flavor};
+use crate::stats::{interleave, median};
+
+use super::fanout;
+use super::hit::Warm;
+
+/// Runs the scenario.
+pub fn run(mode: Mode) -> Vec<Figure> {
+    let entries = mode.pick(10_000, 10_000, 1_000);
+    let ops = mode.pick(200_000, 50_000, 500);
+    let hit_rounds = mode.pick(11, 5, 1);
+    let watches = mode.pick(100_000, 20_000, 300);
+    let fan_rounds = mode.pick(11, 5, 1);
+    let mut figures = Vec::new();
+    for flavor in Flavor::ALL {
+        let rt = BenchRt::new(flavor);
+        let name = flavor.name();
+        let warm = Warm::new(&rt, entries, ops);
+        let mut ours = || warm.time_tasks(&rt, 1, 0);
+        let mut map = || warm.time_tasks(&rt, 1, 1);
+        let s = interleave(hit_rounds, &mut [&mut ours, &mut map]);
+        figures.push(
+            Figure::new(
+                format!("runtimes/{name}/hit, 1 task"),
+                median(&s[0]),
+                "ns/op",
+            )
+            .baseline("RwLock<HashMap> in the same task", median(&s[1]))
+            .goal(Goal::RatioAtMost(1.2))
+            .note("`get(..).await` in a loop in one spawned task, 10 k warm entries"),
+        );
+        drop(warm);
+        let f = fanout::measure(&rt, watches, 1, fan_rounds);
+        figures.push(fanout::latency_figure(
+            format!(
+                "runtimes/{name}/fanout {} watches",
+                crate::report::num(watches as f64)
+            ),
+            &f,
+        ));
+    }
+    figures
+}
