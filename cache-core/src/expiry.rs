@@ -24,7 +24,6 @@ pub(crate) trait Expirable: Send + Sync {
 
 struct Item {
     deadline: Instant,
-    seq: u64,
     target: Arc<dyn Expirable>,
 }
 
@@ -42,14 +41,13 @@ impl PartialOrd for Item {
 impl Ord for Item {
     // Reversed: the earliest deadline is the heap's maximum.
     fn cmp(&self, other: &Self) -> Ordering {
-        (other.deadline, other.seq).cmp(&(self.deadline, self.seq))
+        other.deadline.cmp(&self.deadline)
     }
 }
 
 #[derive(Default)]
 struct Heap {
     items: BinaryHeap<Item>,
-    seq: u64,
 }
 
 /// Deadlines of every entry whose first fetch has completed.
@@ -63,13 +61,7 @@ impl ExpiryQueue {
     pub(crate) fn schedule(&self, deadline: Instant, target: Arc<dyn Expirable>) {
         let mut heap = self.heap.lock().unwrap_or_else(|p| p.into_inner());
         let earlier = heap.items.peek().is_none_or(|top| deadline < top.deadline);
-        heap.seq += 1;
-        let seq = heap.seq;
-        heap.items.push(Item {
-            deadline,
-            seq,
-            target,
-        });
+        heap.items.push(Item { deadline, target });
         drop(heap);
         if earlier {
             self.earlier.notify(1);

@@ -85,9 +85,7 @@ impl<T: CacheType> Store<T> {
             .filter_map(|w| w.max_age())
             .min()
             .unwrap_or_default();
-        let age = st
-            .fetched_at
-            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        let age = st.fetched_at.map_or(Duration::ZERO, |t| self.since(t, now));
         max_age.saturating_sub(age) + max_age.mul_f64(self.shared.rt.jitter() / 10.0)
     }
 
@@ -140,7 +138,14 @@ impl<T: CacheType> Store<T> {
                 let limit = self.shared.rate_limit();
                 let now = rt.now();
                 let wait = self.with_slot(&entry, |slot| {
-                    (slot.st.generation == generation).then(|| slot.st.bucket.acquire(now, &limit))
+                    (slot.st.generation == generation).then(|| match limit.per_second {
+                        None => Duration::ZERO,
+                        Some(_) => slot
+                            .st
+                            .bucket
+                            .get_or_insert_with(Box::default)
+                            .acquire(now, &limit),
+                    })
                 });
                 let Some(Some(wait)) = wait else {
                     return;
@@ -258,7 +263,7 @@ impl<T: CacheType> Store<T> {
                     }
                     st.index = index;
                     st.fetch_state = result.state;
-                    st.fetched_at = Some(now);
+                    st.fetched_at = Some(self.stamp(now));
                 } else if result.state.is_some() {
                     st.fetch_state = result.state;
                 }
@@ -287,9 +292,10 @@ impl<T: CacheType> Store<T> {
         if success {
             st.failing_since = None;
         } else {
-            st.failing_since.get_or_insert(now);
+            let stamp = self.stamp(now);
+            st.failing_since.get_or_insert(stamp);
             if self.opts.refresh && st.error.is_some() {
-                st.lost_contact_at.get_or_insert(now);
+                st.lost_contact_at.get_or_insert(stamp);
             }
         }
         if !st.expiry_scheduled {
@@ -303,7 +309,7 @@ impl<T: CacheType> Store<T> {
             st.refresh_stopped = true;
         }
         if let (Some(give_up), Some(since)) = (self.opts.refresh_give_up, st.failing_since) {
-            if now.saturating_duration_since(since) >= give_up {
+            if self.since(since, now) >= give_up {
                 st.refresh_stopped = true;
             }
         }

@@ -98,7 +98,7 @@ impl<T: CacheType> Store<T> {
         }
         if !self.opts.refresh {
             if let (Some(max_age), Some(fetched_at)) = (info.max_age, st.fetched_at) {
-                if now.saturating_duration_since(fetched_at) > max_age {
+                if self.since(fetched_at, now) > max_age {
                     return false;
                 }
             }
@@ -305,11 +305,11 @@ impl<T: CacheType> Store<T> {
         if let (Some(limit), Some(fetched_at), Some(value)) =
             (info.stale_if_error, st.fetched_at, &st.value)
         {
-            if now.saturating_duration_since(fetched_at) <= limit {
+            if self.since(fetched_at, now) <= limit {
                 return GetOutcome {
                     value: Some(value.clone()),
                     meta: ResultMeta {
-                        age: now.saturating_duration_since(fetched_at),
+                        age: self.since(fetched_at, now),
                         ..meta
                     },
                     error: None,

@@ -10,6 +10,7 @@
 
 use std::any::Any;
 use std::hash::{BuildHasher, Hasher};
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
@@ -38,8 +39,8 @@ const SAMPLED_SHARDS: usize = 4;
 /// The key of an entry within its type: the request key and its partition, in one allocation.
 pub(crate) struct EntryKey {
     pub(crate) buf: Box<str>,
-    pub(crate) key_len: usize,
-    pub(crate) dc_len: usize,
+    pub(crate) key_len: u32,
+    pub(crate) dc_len: u32,
 }
 
 impl EntryKey {
@@ -50,21 +51,27 @@ impl EntryKey {
         buf.push_str(token);
         Self {
             buf: buf.into_boxed_str(),
-            key_len: key.len(),
-            dc_len: datacenter.len(),
+            // Keys and partitions are far below 4 GiB; a longer one would only mis-hash.
+            key_len: key.len() as u32,
+            dc_len: datacenter.len() as u32,
         }
     }
 
     pub(crate) fn matches(&self, key: &str, datacenter: &str, token: &str) -> bool {
-        self.key_len == key.len()
-            && self.dc_len == datacenter.len()
+        let (k, d) = (self.key_len as usize, self.dc_len as usize);
+        k == key.len()
+            && d == datacenter.len()
             && self.buf.len() == key.len() + datacenter.len() + token.len()
-            && self.buf.as_bytes()[..self.key_len] == *key.as_bytes()
-            && self.buf.as_bytes()[self.key_len..self.key_len + self.dc_len]
-                == *datacenter.as_bytes()
-            && self.buf.as_bytes()[self.key_len + self.dc_len..] == *token.as_bytes()
+            && self.buf.as_bytes()[..k] == *key.as_bytes()
+            && self.buf.as_bytes()[k..k + d] == *datacenter.as_bytes()
+            && self.buf.as_bytes()[k + d..] == *token.as_bytes()
     }
 }
+
+/// A moment as nanoseconds since the cache's epoch, plus one: `Option<Stamp>` takes 8 bytes
+/// where `Option<Instant>` takes 16, and an entry keeps three of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Stamp(NonZeroU64);
 
 /// The parts of an entry that outlive a table lock.
 pub(crate) struct EntryShared<T: CacheType> {
@@ -75,6 +82,8 @@ pub(crate) struct EntryShared<T: CacheType> {
     pub(crate) changed: Event,
     /// Nanoseconds since the cache's epoch of the last read.
     pub(crate) last_read: AtomicU64,
+    /// The entry's store, for the expiry queue.
+    pub(crate) store: Weak<Store<T>>,
     /// Active watches; an entry with watchers does not expire.
     pub(crate) watchers: AtomicUsize,
     /// The watch records, offered every completed fetch.
@@ -96,8 +105,8 @@ pub(crate) struct EntryState<T: CacheType> {
     pub(crate) index: u64,
     pub(crate) fetch_state: Option<FetchState>,
     pub(crate) error: Option<GetError<T::Error>>,
-    pub(crate) fetched_at: Option<Instant>,
-    pub(crate) lost_contact_at: Option<Instant>,
+    pub(crate) fetched_at: Option<Stamp>,
+    pub(crate) lost_contact_at: Option<Stamp>,
     pub(crate) fetching: bool,
     /// Bumped whenever a new fetch chain takes over the entry; an older chain stops.
     pub(crate) generation: u64,
@@ -110,8 +119,9 @@ pub(crate) struct EntryState<T: CacheType> {
     /// Background refresh stopped (fatal error or give-up) until a get fetches again.
     pub(crate) refresh_stopped: bool,
     pub(crate) backoff: Backoff,
-    pub(crate) failing_since: Option<Instant>,
-    pub(crate) bucket: TokenBucket,
+    pub(crate) failing_since: Option<Stamp>,
+    /// Allocated only once a rate limit is set (the default is unlimited).
+    pub(crate) bucket: Option<Box<TokenBucket>>,
 }
 
 impl<T: CacheType> EntryState<T> {
@@ -132,7 +142,7 @@ impl<T: CacheType> EntryState<T> {
             refresh_stopped: false,
             backoff: Backoff::new(),
             failing_since: None,
-            bucket: TokenBucket::default(),
+            bucket: None,
         }
     }
 }
@@ -229,6 +239,19 @@ impl<T: CacheType> Store<T> {
         self.shared.epoch + Duration::from_nanos(nanos)
     }
 
+    pub(crate) fn stamp(&self, now: Instant) -> Stamp {
+        Stamp(NonZeroU64::new(self.nanos(now).saturating_add(1)).unwrap_or(NonZeroU64::MAX))
+    }
+
+    pub(crate) fn at(&self, stamp: Stamp) -> Instant {
+        self.instant(stamp.0.get() - 1)
+    }
+
+    /// Time from `stamp` to `now` (zero if `stamp` is later).
+    pub(crate) fn since(&self, stamp: Stamp, now: Instant) -> Duration {
+        now.saturating_duration_since(self.at(stamp))
+    }
+
     /// Runs `f` on the state of `entry` if it is still in its table (not evicted).
     pub(crate) fn with_slot<R>(
         &self,
@@ -264,6 +287,7 @@ impl<T: CacheType> Store<T> {
                     key: EntryKey::new(key, dc, token),
                     changed: Event::new(),
                     last_read: AtomicU64::new(0),
+                    store: self.this.clone(),
                     watchers: AtomicUsize::new(0),
                     watch: Mutex::new(Vec::new()),
                 }),
@@ -288,23 +312,19 @@ impl<T: CacheType> Store<T> {
         ResultMeta {
             hit,
             index: st.index,
-            age: since.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+            age: since.map_or(Duration::ZERO, |t| self.since(t, now)),
         }
     }
 
     pub(crate) fn schedule_expiry(&self, entry: &Arc<EntryShared<T>>, deadline: Instant) {
-        let target = Arc::new(ExpiryRef {
-            store: self.this.clone(),
-            entry: entry.clone(),
-        });
-        self.shared.expiry.schedule(deadline, target);
+        self.shared.expiry.schedule(deadline, entry.clone());
     }
 
     /// Removes `entry` from its table (if it is still there) and wakes everything waiting on it.
-    pub(crate) fn evict(&self, entry: &Arc<EntryShared<T>>) -> bool {
+    pub(crate) fn evict(&self, entry: &EntryShared<T>) -> bool {
         let removed = {
             let mut table = self.write(entry.hash);
-            match table.find_entry(entry.hash, |s| Arc::ptr_eq(&s.entry, entry)) {
+            match table.find_entry(entry.hash, |s| std::ptr::eq(Arc::as_ptr(&s.entry), entry)) {
                 Ok(occupied) => Some(occupied.remove().0),
                 Err(_) => None,
             }
@@ -334,7 +354,7 @@ impl<T: CacheType> Store<T> {
             st.value = Some(value);
             st.index = index;
             st.error = None;
-            st.fetched_at = Some(now);
+            st.fetched_at = Some(self.stamp(now));
             st.lost_contact_at = None;
             slot.entry.touch(self.nanos(now));
             let first = !std::mem::replace(&mut st.expiry_scheduled, true);
@@ -422,24 +442,19 @@ impl<T: CacheType> ErasedStore for Store<T> {
     }
 }
 
-struct ExpiryRef<T: CacheType> {
-    store: Weak<Store<T>>,
-    entry: Arc<EntryShared<T>>,
-}
-
-impl<T: CacheType> Expirable for ExpiryRef<T> {
+impl<T: CacheType> Expirable for EntryShared<T> {
     fn check_expiry(&self, now: Instant) -> Option<Instant> {
         let store = self.store.upgrade()?;
         let ttl = store.opts.last_get_ttl;
-        if self.entry.watchers.load(Ordering::Relaxed) > 0 {
+        if self.watchers.load(Ordering::Relaxed) > 0 {
             // Watched entries stay alive while watched.
             return Some(now + ttl);
         }
-        let deadline = store.instant(self.entry.last_read.load(Ordering::Relaxed)) + ttl;
+        let deadline = store.instant(self.last_read.load(Ordering::Relaxed)) + ttl;
         if deadline > now {
             return Some(deadline);
         }
-        if store.evict(&self.entry) {
+        if store.evict(self) {
             bump(&store.counters.expirations);
         }
         None
@@ -453,5 +468,25 @@ pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> Arc<str> {
         Arc::from(s.as_str())
     } else {
         Arc::from("non-string panic payload")
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::testing::MockType;
+
+    /// Bytes per entry are a benchmark goal (at most moka's); these budgets catch a field that
+    /// quietly grows the two per-entry allocations.
+    #[test]
+    fn entry_allocations_stay_within_budget() {
+        type T = MockType<Arc<u64>>;
+        assert!(
+            std::mem::size_of::<Slot<T>>() <= 128,
+            "{}",
+            std::mem::size_of::<Slot<T>>()
+        );
+        assert!(std::mem::size_of::<EntryShared<T>>() <= 96);
+        assert_eq!(std::mem::size_of::<Option<Stamp>>(), 8);
     }
 }

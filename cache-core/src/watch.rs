@@ -702,7 +702,7 @@ impl<T: CacheType> Store<T> {
                 .push(watcher.clone());
             slot.entry.watchers.fetch_add(1, Ordering::AcqRel);
             let st = &slot.st;
-            let age = st.fetched_at.map(|t| now.saturating_duration_since(t));
+            let age = st.fetched_at.map(|t| self.since(t, now));
             let fresh = st.value.is_some() && max_age.is_none_or(|m| age.is_some_and(|a| a <= m));
             // The first delivery may be a cache hit.
             let initial = fresh.then(|| self.snapshot_of(st, true, now));
@@ -710,7 +710,7 @@ impl<T: CacheType> Store<T> {
                 // Nothing keeps this entry fetching: start the watch loop. A fresh polled
                 // value is next fetched when it reaches max age.
                 let first_at = match (fresh, max_age, st.fetched_at) {
-                    (true, Some(max_age), Some(at)) => Some(at + max_age),
+                    (true, Some(max_age), Some(at)) => Some(self.at(at) + max_age),
                     _ => None,
                 };
                 self.start_chain(slot, request.clone(), first_at);
