@@ -18,9 +18,10 @@ use serde_json::{Value, json};
 use watchers::{Watcher, wait_all};
 
 /// After etcd is back, the longest until every watcher has the latest values: the refresh
-/// loop's backoff wait in force when etcd returns (at most 2^(n-3) s plus as much jitter, for
-/// the n-th failure; the outage below lasts about 4 s, so n <= 6 and the wait is below 16 s)
-/// plus etcd's start.
+/// loop's backoff wait in force when etcd returns. The n-th failure in a row waits
+/// 2^(n-3) s plus up to as much jitter; the outage below lasts 2-4 s, so a watched entry has
+/// failed at most 5 times (4 at once, one after 2-4 s) and waits at most 8 s. Plus slack for
+/// a loaded machine.
 const RECOVERY_BOUND: Duration = Duration::from_secs(20);
 
 /// cache-core's default backoff: failures 1-3 retry at once, failure n > 3 waits at least
@@ -57,9 +58,14 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
     bounded(async {
         let mut cluster = EtcdCluster::start(1).await;
         let t = etcd::start_agent(&cluster, KvCacheMode::Refresh).await;
-        let k1 = t.put("o/k1", "v1").await;
+        t.put("o/k1", "v1").await;
         t.put("o/k2", "v1").await;
-        for path in ["/v1/kv/o/k1?cached", "/v1/kv/o/k2?cached"] {
+        let stale_at = t.put("o/stale", "v1").await;
+        for path in [
+            "/v1/kv/o/k1?cached",
+            "/v1/kv/o/k2?cached",
+            "/v1/kv/o/stale?cached",
+        ] {
             assert_eq!(t.get(path).await.status(), StatusCode::OK);
         }
         assert_eq!(
@@ -74,8 +80,8 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
             s.last.len() == 3
         })
         .await;
-        // Three KV entries and one listing, each with its watch open in etcd.
-        t.wait_metric("demo_agent_upstream_blocking_queries", 4.0)
+        // Four KV entries and one listing, each with its watch open in etcd.
+        t.wait_metric("demo_agent_upstream_blocking_queries", 5.0)
             .await;
         let kv_errors = "demo_agent_cache_fetch_errors_total{type=\"kv\",fatal=\"false\"}";
         assert_eq!(t.metric(kv_errors).await, 0.0);
@@ -109,7 +115,12 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
             .send()
             .await
             .unwrap();
-        expect_error(write, StatusCode::SERVICE_UNAVAILABLE, "upstream unavailable").await;
+        expect_error(
+            write,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream unavailable",
+        )
+        .await;
 
         // Cached reads keep answering, with Age growing from the first failed refresh.
         t.wait_metric(kv_errors, 3.0).await;
@@ -127,7 +138,8 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
         assert_eq!(value, "v1");
 
         // A blocking read makes a fetch attempt: its error, or with stale-if-error the value.
-        let blocking = format!("/v1/kv/o/k1?cached&index={k1}&wait=10s");
+        // (On a key nobody watches: each such attempt also lengthens its entry's backoff.)
+        let blocking = format!("/v1/kv/o/stale?cached&index={stale_at}&wait=10s");
         expect_error(
             t.get(&blocking).await,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -142,17 +154,17 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
             .await
             .unwrap();
         assert_eq!(stale.status(), StatusCode::OK);
-        assert_eq!(x_index(&stale), k1);
+        assert_eq!(x_index(&stale), stale_at);
         let body: Value = stale.json().await.unwrap();
         assert_eq!(body["value"], "v1");
 
         // Background refresh backs off: a bound on upstream attempts (each failed attempt is
-        // one fetch error; the two blocking reads above made at most one each). Four KV
-        // entries refresh: o/k1, o/k2, o/absent and o/never-cached (an entry whose first
-        // fetch failed keeps trying too).
+        // one fetch error; the two blocking reads above made at most one each). Five KV
+        // entries refresh: o/k1, o/k2, o/stale, o/absent and o/never-cached (an entry whose
+        // first fetch failed keeps trying too).
         let elapsed = outage_started.elapsed();
         let failed = t.metric(kv_errors).await as u64;
-        let entries = 4;
+        let entries = 5;
         let bound = entries * max_failures_per_entry(elapsed) + 2 + entries;
         eprintln!("outage: {failed} failed kv fetches in {elapsed:?} (bound {bound})");
         assert!(
@@ -171,15 +183,24 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
         let restarted = Instant::now();
         let n1 = cluster.put("o/k1", "v2").await;
         let n2 = cluster.put("o/k2", "v2").await;
-        wait_all(&watchers, "latest values after the restart", RECOVERY_BOUND, |s| {
-            s.last.get("key:o/k1") == Some(&(n1, json!("v2")))
-                && s.last.get("key:o/k2") == Some(&(n2, json!("v2")))
-                && s.last.get("prefix:o/").is_some_and(|(index, value)| {
-                    *index == n2
-                        && *value
-                            == json!([{"key": "o/k1", "value": "v2"}, {"key": "o/k2", "value": "v2"}])
-                })
-        })
+        wait_all(
+            &watchers,
+            "latest values after the restart",
+            RECOVERY_BOUND,
+            |s| {
+                s.last.get("key:o/k1") == Some(&(n1, json!("v2")))
+                    && s.last.get("key:o/k2") == Some(&(n2, json!("v2")))
+                    && s.last.get("prefix:o/").is_some_and(|(index, value)| {
+                        *index == n2
+                            && *value
+                                == json!([
+                                    {"key": "o/k1", "value": "v2"},
+                                    {"key": "o/k2", "value": "v2"},
+                                    {"key": "o/stale", "value": "v1"},
+                                ])
+                    })
+            },
+        )
         .await;
         eprintln!(
             "recovery: watchers current {:?} after etcd was back (outage {:?})",

@@ -31,6 +31,14 @@
 //! Watching from `R` rather than from `min_index + 1` sees the same changes, but does not
 //! depend on etcd replaying history (a watch that starts in the past is served by a loop
 //! that runs every 100 ms) and does not scan the history of a key that has been idle for long.
+//! (Starting exactly at a compaction revision would even lose a delete made at it: etcd
+//! accepts such a watch but has already dropped that tombstone.)
+//!
+//! A watch is cancelled by closing its connection, so a read that answered does not cancel
+//! it: it *parks* the stream for two seconds, noting up to which revision it has read it. The
+//! next blocking read of the same key (a refresh loop asks again at once) takes it over and
+//! skips the events up to its own range's revision; the rest are exactly the changes after
+//! that range. A busy key thus keeps one watch and one connection instead of one per change.
 //!
 //! Index resets (SPEC §5):
 //! - **Compaction.** When the history needed to prove "unchanged since `min_index`" is
@@ -53,8 +61,9 @@ mod client;
 mod decode;
 mod proto;
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -62,7 +71,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use self::client::{Call, Client, EtcdError};
+use self::client::{Call, Client, EtcdError, WatchStream};
 use self::proto::{
     Compare, DeleteRangeRequest, EventKind, KeyValue, PutRequest, PutResponse, RangeRequest,
     RangeResponse, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest, b64, prefix_range_end,
@@ -71,6 +80,14 @@ use super::{
     Faults, KeyRead, KeyValue as ListedKey, ListRead, MAX_WAIT, Query, Upstream, UpstreamError,
     UpstreamStats,
 };
+
+/// How long a watch stream is kept for the next blocking read of its key after a read
+/// answered (see `EtcdUpstream::park`).
+const PARK_FOR: Duration = Duration::from_secs(2);
+
+/// How often a blocking read starts over because its watch's start revision was compacted
+/// before it answers with the unchanged data.
+const MAX_COMPACTED: u32 = 3;
 
 /// The default per-request timeout of unary etcd calls.
 pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -155,6 +172,50 @@ impl Target<'_> {
     fn is_key(&self) -> bool {
         matches!(self, Self::Key(_))
     }
+
+    fn watch_key(&self) -> WatchKey {
+        match self {
+            Self::Key(key) => WatchKey::Key((*key).to_owned()),
+            Self::Prefix(prefix) => WatchKey::Prefix((*prefix).to_owned()),
+        }
+    }
+}
+
+/// What woke a blocking read's watch loop.
+enum Step {
+    Batch(proto::WatchResponse),
+    Broken(EtcdError),
+    Deadline,
+    Closed,
+    FaultsChanged,
+}
+
+/// The key of a parked stream: what it watches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum WatchKey {
+    Key(String),
+    Prefix(String),
+}
+
+/// A watch stream kept between two blocking reads of one key or prefix.
+#[derive(Debug)]
+struct Parked {
+    id: u64,
+    stream: WatchStream,
+    /// Every event up to this revision has been read from the stream.
+    position: u64,
+}
+
+#[derive(Debug, Default)]
+struct Parking {
+    streams: Mutex<HashMap<WatchKey, Parked>>,
+    next_id: AtomicU64,
+}
+
+impl Parking {
+    fn lock(&self) -> MutexGuard<'_, HashMap<WatchKey, Parked>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// What a read answers: the keys found (at most one for a key) and the index.
@@ -238,6 +299,8 @@ pub struct EtcdUpstream {
     closed: watch::Sender<bool>,
     is_closed: AtomicBool,
     counters: Counters,
+    /// Watch streams kept between blocking reads (shared with their expiry tasks).
+    parking: Arc<Parking>,
 }
 
 impl EtcdUpstream {
@@ -255,6 +318,7 @@ impl EtcdUpstream {
             closed: watch::Sender::new(false),
             is_closed: AtomicBool::new(false),
             counters: Counters::default(),
+            parking: Arc::default(),
         }))
     }
 
@@ -390,6 +454,9 @@ impl EtcdUpstream {
         // twice the read fails (the cache's backoff takes over).
         let mut broken = 0;
         let max_broken = 2 * self.client.endpoints().len();
+        // Watches whose start was compacted before etcd created them (a compaction right
+        // after the read): each time the read starts over.
+        let mut compacted = 0;
         loop {
             let now = self.range(target, None).await.map_err(unavailable)?;
             let revision = now.header.revision;
@@ -421,52 +488,83 @@ impl EtcdUpstream {
                 kvs: now.kvs,
             };
 
-            let create = WatchCreateRequest {
-                key: b64(&target.key_bytes()),
-                range_end: target.range_end().map(|end| b64(&end)),
-                start_revision: revision.to_string(),
-            };
-            let opened = tokio::select! {
-                opened = self.client.watch(create) => opened,
-                () = tokio::time::sleep_until(deadline) => return Ok(unchanged),
-                () = until_closed(&mut closed) => return Ok(unchanged),
-            };
-            let mut stream = match opened {
-                Ok(stream) => stream,
-                // Compacted between the range and the watch: look again.
-                Err(EtcdError::WatchCompacted { .. }) => continue,
-                Err(error) => return Err(unavailable(error)),
+            let mut stream = match self.unpark(target, revision) {
+                Some(stream) => stream,
+                None => {
+                    let create = WatchCreateRequest {
+                        key: b64(&target.key_bytes()),
+                        range_end: target.range_end().map(|end| b64(&end)),
+                        start_revision: revision.to_string(),
+                    };
+                    let opened = tokio::select! {
+                        opened = self.client.watch(create) => opened,
+                        () = tokio::time::sleep_until(deadline) => return Ok(unchanged),
+                        () = until_closed(&mut closed) => return Ok(unchanged),
+                    };
+                    match opened {
+                        Ok(stream) => stream,
+                        // Compacted between the range and the watch: look again (a few times).
+                        Err(EtcdError::WatchCompacted { .. }) if compacted < MAX_COMPACTED => {
+                            compacted += 1;
+                            continue;
+                        }
+                        Err(EtcdError::WatchCompacted { .. }) => return Ok(unchanged),
+                        Err(error) => return Err(unavailable(error)),
+                    }
+                }
             };
             let error = loop {
-                tokio::select! {
+                let step = tokio::select! {
                     result = stream.next() => match result {
-                        Ok(result) if result.canceled => break stream.canceled(result),
-                        Ok(result) => {
-                            self.saw_revision(result.header.revision);
-                            let last = result
-                                .events
-                                .iter()
-                                .rfind(|event| event.kv.mod_revision > revision);
-                            let Some(event) = last else { continue };
-                            return match target {
-                                Target::Key(_) => Ok(Answer {
-                                    index: event.kv.mod_revision.max(1),
-                                    kvs: match event.kind {
-                                        EventKind::Put => vec![event.kv.clone()],
-                                        EventKind::Delete => Vec::new(),
-                                    },
-                                }),
-                                Target::Prefix(_) => {
-                                    let range = self.range(target, None).await.map_err(unavailable)?;
-                                    Ok(Answer::of(target, range))
-                                }
-                            };
-                        }
-                        Err(error) => break error,
+                        Ok(result) => Step::Batch(result),
+                        Err(error) => Step::Broken(error),
                     },
-                    () = tokio::time::sleep_until(deadline) => return Ok(unchanged),
-                    () = until_closed(&mut closed) => return Ok(unchanged),
-                    Ok(()) = faults.changed() => {
+                    () = tokio::time::sleep_until(deadline) => Step::Deadline,
+                    () = until_closed(&mut closed) => Step::Closed,
+                    Ok(()) = faults.changed() => Step::FaultsChanged,
+                };
+                match step {
+                    Step::Batch(result) if result.canceled => break stream.canceled(result),
+                    Step::Batch(result) => {
+                        self.saw_revision(result.header.revision);
+                        let Some(event) = result
+                            .events
+                            .iter()
+                            .rfind(|event| event.kv.mod_revision > revision)
+                        else {
+                            // Progress, or events up to the read's revision (a reused stream).
+                            continue;
+                        };
+                        // Every event of this batch is consumed; later ones wait in the stream.
+                        let consumed = result
+                            .events
+                            .iter()
+                            .map(|event| event.kv.mod_revision)
+                            .fold(revision, u64::max);
+                        let answer = match target {
+                            Target::Key(_) => Ok(Answer {
+                                index: event.kv.mod_revision.max(1),
+                                kvs: match event.kind {
+                                    EventKind::Put => vec![event.kv.clone()],
+                                    EventKind::Delete => Vec::new(),
+                                },
+                            }),
+                            Target::Prefix(_) => self
+                                .range(target, None)
+                                .await
+                                .map(|range| Answer::of(target, range))
+                                .map_err(unavailable),
+                        };
+                        self.park(target, stream, consumed);
+                        return answer;
+                    }
+                    Step::Broken(error) => break error,
+                    Step::Deadline => {
+                        self.park(target, stream, revision);
+                        return Ok(unchanged);
+                    }
+                    Step::Closed => return Ok(unchanged),
+                    Step::FaultsChanged => {
                         if self.faults.get().fail {
                             bump(&self.counters.injected_failures);
                             return Err(UpstreamError::Unavailable(
@@ -477,7 +575,11 @@ impl EtcdUpstream {
                 }
             };
             if let EtcdError::WatchCompacted { .. } = error {
-                continue;
+                if compacted < MAX_COMPACTED {
+                    compacted += 1;
+                    continue;
+                }
+                return Ok(unchanged);
             }
             broken += 1;
             tracing::warn!(%error, "etcd watch broke; re-establishing it");
@@ -486,6 +588,52 @@ impl EtcdUpstream {
                 return Err(unavailable(error));
             }
         }
+    }
+
+    /// Takes the parked stream of `target`, if it can serve a read made at `revision`: it has
+    /// delivered nothing beyond that revision, so every later event is still in it.
+    fn unpark(&self, target: Target<'_>, revision: u64) -> Option<WatchStream> {
+        let parked = self.parking.lock().remove(&target.watch_key())?;
+        (parked.position <= revision).then_some(parked.stream)
+    }
+
+    /// Keeps `stream` (which has delivered every event up to `position`) for the next
+    /// blocking read of `target`, for [`PARK_FOR`] at most.
+    ///
+    /// A refresh loop reads again right after its read answered; without parking, each answer
+    /// would close its watch (the only way to cancel one over the gateway) and the next read
+    /// open another: a new connection and etcd watcher per change of a busy key.
+    fn park(&self, target: Target<'_>, stream: WatchStream, position: u64) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.is_closed.load(Ordering::Acquire) {
+            return;
+        }
+        let id = self.parking.next_id.fetch_add(1, Ordering::Relaxed);
+        let key = target.watch_key();
+        let replaced = self.parking.lock().insert(
+            key.clone(),
+            Parked {
+                id,
+                stream,
+                position,
+            },
+        );
+        drop(replaced);
+        let parking = Arc::downgrade(&self.parking);
+        runtime.spawn(async move {
+            tokio::time::sleep(PARK_FOR).await;
+            let Some(parking) = parking.upgrade() else {
+                return;
+            };
+            let mut streams = parking.lock();
+            if streams.get(&key).is_some_and(|parked| parked.id == id) {
+                let expired = streams.remove(&key);
+                drop(streams);
+                drop(expired);
+            }
+        });
     }
 
     /// The index of `key` for compare-and-set: its `mod_revision`, 0 when absent.
@@ -643,5 +791,7 @@ impl Upstream for EtcdUpstream {
     fn close(&self) {
         self.is_closed.store(true, Ordering::Release);
         self.closed.send_replace(true);
+        let parked = std::mem::take(&mut *self.parking.lock());
+        drop(parked);
     }
 }
