@@ -301,7 +301,7 @@ impl<T: CacheType> Store<T> {
         if !st.expiry_scheduled {
             // The TTL clock starts when the first fetch completes.
             st.expiry_scheduled = true;
-            slot.entry.touch(self.nanos(now));
+            slot.touch(self.nanos(now));
             self.schedule_expiry(&slot.entry, now + self.opts.last_get_ttl);
         }
         let st = &mut slot.st;

@@ -90,6 +90,17 @@ impl<T: CacheType> Store<T> {
         must_revalidate: bool,
         now: Instant,
     ) -> bool {
+        self.is_valid_at(st, info, must_revalidate, self.nanos(now))
+    }
+
+    /// [`Store::is_valid`] with the time as nanoseconds since the epoch.
+    fn is_valid_at(
+        &self,
+        st: &EntryState<T>,
+        info: &RequestInfo<'_>,
+        must_revalidate: bool,
+        now_ns: u64,
+    ) -> bool {
         if st.value.is_none() {
             return false;
         }
@@ -98,7 +109,7 @@ impl<T: CacheType> Store<T> {
         }
         if !self.opts.refresh {
             if let (Some(max_age), Some(fetched_at)) = (info.max_age, st.fetched_at) {
-                if self.since(fetched_at, now) > max_age {
+                if fetched_at.until(now_ns) > max_age {
                     return false;
                 }
             }
@@ -119,14 +130,15 @@ impl<T: CacheType> Store<T> {
     ) -> Option<GetOutcome<T::Value, T::Error>> {
         let table = self.read(hash);
         let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
-        let slot = table.find(hash, |s| s.entry.key.matches(key, dc, token))?;
-        if !self.is_valid(&slot.st, info, info.must_revalidate, now) {
+        let slot = table.find(hash, |s| s.key.matches(key, dc, token))?;
+        let now_ns = self.nanos(now);
+        if !self.is_valid_at(&slot.st, info, info.must_revalidate, now_ns) {
             return None;
         }
-        slot.entry.touch(self.nanos(now));
+        slot.touch(now_ns);
         let outcome = GetOutcome {
             value: slot.st.value.clone(),
-            meta: self.meta(&slot.st, true, now),
+            meta: self.meta_at(&slot.st, true, now_ns),
             error: None,
         };
         drop(table);
@@ -207,7 +219,7 @@ impl<T: CacheType> Store<T> {
             let now = self.shared.rt.now();
             let info = request.cache_info();
             let step = self.with_entry(hash, &info, |slot| {
-                slot.entry.touch(self.nanos(now));
+                slot.touch(self.nanos(now));
                 let st = &slot.st;
                 let resets = *seen_resets.get_or_insert(st.resets);
                 // An index that went backwards wakes a blocked get with the new value,
@@ -327,7 +339,7 @@ impl<T: CacheType> Store<T> {
         let now = self.shared.rt.now();
         let table = self.read(hash);
         let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
-        match table.find(hash, |s| s.entry.key.matches(key, dc, token)) {
+        match table.find(hash, |s| s.key.matches(key, dc, token)) {
             Some(slot) => GetOutcome {
                 value: slot.st.value.clone(),
                 meta: self.meta(&slot.st, false, now),

@@ -73,13 +73,27 @@ pub struct TypeMetrics {
     pub watches: u64,
 }
 
-const STRIPES: usize = 8;
+/// Threads that each own a stripe; later threads share the fallback stripes.
+const OWNED: usize = 32;
+const SHARED: usize = 8;
 
-/// A counter split over cache-line-padded stripes, so that threads counting hits on one hot
-/// entry do not bounce a single cache line.
-#[derive(Debug, Default)]
+/// A hit counter that costs no locked instruction on the hit path: each of the first
+/// [`OWNED`] threads to count owns a cache-line-padded stripe and bumps it with a plain
+/// load and store (no other thread writes it); later threads share [`SHARED`] stripes with
+/// `fetch_add`. Readers sum the stripes.
+#[derive(Debug)]
 pub(crate) struct StripedCounter {
-    stripes: [Padded; STRIPES],
+    owned: Box<[Padded; OWNED]>,
+    shared: [Padded; SHARED],
+}
+
+impl Default for StripedCounter {
+    fn default() -> Self {
+        Self {
+            owned: Box::new(std::array::from_fn(|_| Padded::default())),
+            shared: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -87,16 +101,17 @@ pub(crate) struct StripedCounter {
 struct Padded(AtomicU64);
 
 thread_local! {
-    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    /// This thread's index, assigned once and never reused.
+    static THREAD_INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 
-static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+static NEXT_THREAD_INDEX: AtomicUsize = AtomicUsize::new(0);
 
-fn stripe() -> usize {
-    STRIPE.with(|s| {
+fn thread_index() -> usize {
+    THREAD_INDEX.with(|s| {
         let mut v = s.get();
         if v == usize::MAX {
-            v = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
+            v = NEXT_THREAD_INDEX.fetch_add(1, Ordering::Relaxed);
             s.set(v);
         }
         v
@@ -105,12 +120,25 @@ fn stripe() -> usize {
 
 impl StripedCounter {
     pub(crate) fn incr(&self) {
-        self.stripes[stripe()].0.fetch_add(1, Ordering::Relaxed);
+        let index = thread_index();
+        match self.owned.get(index) {
+            Some(stripe) => {
+                // Only this thread writes its stripe: no read-modify-write needed.
+                let n = stripe.0.load(Ordering::Relaxed);
+                stripe.0.store(n + 1, Ordering::Relaxed);
+            }
+            None => {
+                self.shared[index % SHARED]
+                    .0
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     pub(crate) fn get(&self) -> u64 {
-        self.stripes
+        self.owned
             .iter()
+            .chain(&self.shared)
             .map(|s| s.0.load(Ordering::Relaxed))
             .sum()
     }

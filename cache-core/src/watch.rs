@@ -694,7 +694,7 @@ impl<T: CacheType> Store<T> {
         let hash = self.hash(&info);
         let max_age = watcher.max_age();
         let (entry, initial) = self.with_entry(hash, &info, |slot| {
-            slot.entry.touch(self.nanos(now));
+            slot.touch(self.nanos(now));
             slot.entry
                 .watch
                 .lock()
@@ -744,7 +744,8 @@ impl<T: CacheType> Store<T> {
         let left = entry.watchers.fetch_sub(n, Ordering::AcqRel) - n;
         self.counters.watches.fetch_sub(n as u64, Ordering::Relaxed);
         // The TTL counts again from the last watch.
-        entry.touch(self.nanos(self.shared.rt.now()));
+        let now = self.nanos(self.shared.rt.now());
+        self.read_slot(entry, |slot| slot.touch(now));
         if left == 0 {
             // Wake a chain that only ran for the watches, so that it stops now.
             entry.changed.notify(usize::MAX);
