@@ -113,6 +113,20 @@ impl EtcdSettings {
     }
 }
 
+/// Counters of the etcd client's traffic (see [`EtcdUpstream::traffic`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EtcdTraffic {
+    /// Requests sent (every attempt on every endpoint, watches included).
+    pub requests: u64,
+    /// Requests that failed.
+    pub request_errors: u64,
+    /// Times the client moved to another endpoint.
+    pub failovers: u64,
+    /// Watches opened (each on its own HTTP connection).
+    pub watches_opened: u64,
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     key_reads: AtomicU64,
@@ -332,15 +346,16 @@ impl EtcdUpstream {
         self.client.current_endpoint()
     }
 
-    /// Requests sent to etcd (every attempt on every endpoint, watches included), the failed
-    /// ones among them, and the times the client moved to another endpoint.
-    pub fn traffic(&self) -> (u64, u64, u64) {
+    /// The client's traffic so far.
+    pub fn traffic(&self) -> EtcdTraffic {
         let c = &self.client.counters;
-        (
-            c.requests.load(Ordering::Relaxed),
-            c.request_errors.load(Ordering::Relaxed),
-            c.failovers.load(Ordering::Relaxed),
-        )
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        EtcdTraffic {
+            requests: load(&c.requests),
+            request_errors: load(&c.request_errors),
+            failovers: load(&c.failovers),
+            watches_opened: load(&c.watches),
+        }
     }
 
     /// The counters right now, without contacting etcd (`index` is the highest revision seen,

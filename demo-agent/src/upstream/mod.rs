@@ -24,7 +24,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::Serialize;
 
-pub use etcd::{EtcdSettings, EtcdUpstream};
+pub use etcd::{EtcdSettings, EtcdTraffic, EtcdUpstream};
 pub use faults::{FaultSettings, Faults};
 pub use memory::MemoryUpstream;
 

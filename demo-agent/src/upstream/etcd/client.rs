@@ -116,6 +116,8 @@ pub(crate) struct ClientCounters {
     pub(crate) request_errors: AtomicU64,
     /// Times the client moved to another endpoint.
     pub(crate) failovers: AtomicU64,
+    /// Watches opened (confirmed by etcd).
+    pub(crate) watches: AtomicU64,
 }
 
 /// An etcd gateway client for a list of endpoints of one cluster.
@@ -303,7 +305,10 @@ impl Client {
             tried = Some(index);
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             match self.watch_at(index, &body).await {
-                Ok(stream) => return Ok(stream),
+                Ok(stream) => {
+                    self.counters.watches.fetch_add(1, Ordering::Relaxed);
+                    return Ok(stream);
+                }
                 Err(error) => {
                     self.counters.request_errors.fetch_add(1, Ordering::Relaxed);
                     if !error.retry_read() {

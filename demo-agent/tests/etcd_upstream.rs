@@ -1,0 +1,232 @@
+//! `EtcdUpstream` on its own, against a real etcd: the index rules, what wakes a blocking read
+//! and what does not, close, and that a busy key keeps one watch.
+
+mod common;
+#[path = "common/etcd.rs"]
+mod etcd;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::bounded;
+use demo_agent::upstream::{
+    EtcdSettings, EtcdUpstream, FaultSettings, Faults, KeyValue, Query, Upstream,
+};
+use etcd::EtcdCluster;
+
+/// How long a read that must not wake is given.
+const QUIET: Duration = Duration::from_millis(300);
+
+fn upstream(cluster: &EtcdCluster) -> Arc<EtcdUpstream> {
+    EtcdUpstream::new(
+        EtcdSettings::new(cluster.endpoints()),
+        Faults::new(FaultSettings::default()),
+    )
+    .unwrap()
+}
+
+fn blocking(min_index: u64, wait: Duration) -> Query {
+    Query::blocking(min_index, wait)
+}
+
+fn kv(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: value.to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn etcd_upstream_index_rules_and_blocking() {
+    if !etcd::available("etcd_upstream_index_rules_and_blocking") {
+        return;
+    }
+    bounded(async {
+        let cluster = EtcdCluster::start(1).await;
+        let up = upstream(&cluster);
+
+        // An absent key's index is the revision it was read at; never 0.
+        let absent = up.get("k", Query::now()).await.unwrap();
+        assert_eq!((absent.value, absent.index), (None, 1));
+        let put = up.put("k", "v1".to_owned(), None).await.unwrap();
+        assert_eq!(put, 2);
+        let other = up.put("other", "x".to_owned(), None).await.unwrap();
+        // A present key's index is its mod_revision, whatever else was written since.
+        let read = up.get("k", Query::now()).await.unwrap();
+        assert_eq!((read.value.as_deref(), read.index), (Some("v1"), put));
+        // A delete of an absent key changes nothing and answers the current revision.
+        assert_eq!(up.delete("nothing", None).await.unwrap(), other);
+
+        // A blocking read of an unchanged key answers at its wait with the key's index.
+        let started = Instant::now();
+        let read = up.get("k", blocking(put, QUIET)).await.unwrap();
+        assert!(started.elapsed() >= QUIET);
+        assert_eq!(read.index, put);
+        // Its index asked for is behind the key's: at once.
+        let read = up.get("k", blocking(put - 1, QUIET * 10)).await.unwrap();
+        assert_eq!(read.index, put);
+
+        // An absent key: writes elsewhere and a create-then-delete in between (same data) do
+        // not wake it; it answers at its wait with the index it was asked for.
+        let absent_at = up.get("later", Query::now()).await.unwrap().index;
+        up.put("later", "brief".to_owned(), None).await.unwrap();
+        up.delete("later", None).await.unwrap();
+        let reader = {
+            let up = up.clone();
+            tokio::spawn(async move { up.get("later", blocking(absent_at, QUIET * 2)).await })
+        };
+        tokio::time::sleep(QUIET / 3).await;
+        up.put("elsewhere", "x".to_owned(), None).await.unwrap();
+        let read = reader.await.unwrap().unwrap();
+        assert_eq!((read.value, read.index), (None, absent_at));
+        // ...and wakes when it appears, with the write's index.
+        let reader = {
+            let up = up.clone();
+            tokio::spawn(async move {
+                up.get("later", blocking(absent_at, Duration::from_secs(20)))
+                    .await
+            })
+        };
+        tokio::time::sleep(QUIET).await;
+        assert!(!reader.is_finished());
+        let appeared = up.put("later", "here".to_owned(), None).await.unwrap();
+        let read = reader.await.unwrap().unwrap();
+        assert_eq!(
+            (read.value.as_deref(), read.index),
+            (Some("here"), appeared)
+        );
+
+        // A key deleted after the index asked for: at once, absent, at the delete's revision.
+        let gone = up.delete("later", None).await.unwrap();
+        let read = up
+            .get("later", blocking(appeared, Duration::from_secs(20)))
+            .await
+            .unwrap();
+        assert_eq!((read.value, read.index), (None, gone));
+        // A delete while blocked: woken with the delete's revision.
+        let k_now = up.get("k", Query::now()).await.unwrap().index;
+        let reader = {
+            let up = up.clone();
+            tokio::spawn(async move { up.get("k", blocking(k_now, Duration::from_secs(20))).await })
+        };
+        tokio::time::sleep(QUIET).await;
+        let deleted = up.delete("k", None).await.unwrap();
+        let read = reader.await.unwrap().unwrap();
+        assert_eq!((read.value, read.index), (None, deleted));
+
+        // A prefix: its index is the read's revision; a delete under it (seen in history)
+        // answers at once; writes elsewhere do not wake it.
+        up.put("p/a", "1".to_owned(), None).await.unwrap();
+        let b = up.put("p/b", "2".to_owned(), None).await.unwrap();
+        let list = up.list("p/", Query::now()).await.unwrap();
+        assert_eq!(
+            (list.keys.clone(), list.index),
+            (vec![kv("p/a", "1"), kv("p/b", "2")], b)
+        );
+        let removed = up.delete("p/a", None).await.unwrap();
+        let list = up
+            .list("p/", blocking(b, Duration::from_secs(20)))
+            .await
+            .unwrap();
+        assert_eq!(
+            (list.keys.clone(), list.index),
+            (vec![kv("p/b", "2")], removed)
+        );
+        up.put("q", "outside".to_owned(), None).await.unwrap();
+        let started = Instant::now();
+        let list = up.list("p/", blocking(removed, QUIET)).await.unwrap();
+        assert!(started.elapsed() >= QUIET);
+        assert_eq!(list.index, removed);
+        // The empty prefix lists every key.
+        let all = up.list("", Query::now()).await.unwrap();
+        assert_eq!(all.keys.len(), 4, "{:?}", all.keys);
+
+        // The counters the metrics page shows.
+        let stats = up.stats().await.unwrap();
+        assert_eq!((stats.kind, stats.keys), ("etcd", 4));
+        assert!(stats.index >= removed);
+        assert_eq!(stats.blocking_open, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn etcd_upstream_close_answers_open_blocking_reads() {
+    if !etcd::available("etcd_upstream_close_answers_open_blocking_reads") {
+        return;
+    }
+    bounded(async {
+        let cluster = EtcdCluster::start(1).await;
+        let up = upstream(&cluster);
+        let index = up.put("k", "v".to_owned(), None).await.unwrap();
+        let reader = {
+            let up = up.clone();
+            tokio::spawn(async move { up.get("k", blocking(index, Duration::from_secs(60))).await })
+        };
+        common::eventually("the read to block", || async {
+            (up.counters().blocking_open == 1).then_some(())
+        })
+        .await;
+        let started = Instant::now();
+        up.close();
+        let read = reader.await.unwrap().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!((read.value.as_deref(), read.index), (Some("v"), index));
+        // After close reads answer at once; writes still work.
+        let read = up
+            .get("k", blocking(index, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert_eq!(read.index, index);
+        assert!(up.put("k", "w".to_owned(), None).await.unwrap() > index);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn etcd_upstream_busy_key_keeps_one_watch() {
+    if !etcd::available("etcd_upstream_busy_key_keeps_one_watch") {
+        return;
+    }
+    bounded(async {
+        let cluster = EtcdCluster::start(1).await;
+        let up = upstream(&cluster);
+        let mut index = up.put("busy", "0".to_owned(), None).await.unwrap();
+        // A refresh loop: block on the last index, again and again, while the key changes.
+        let follower = {
+            let up = up.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                loop {
+                    let read = up
+                        .get("busy", blocking(index, Duration::from_secs(20)))
+                        .await
+                        .unwrap();
+                    index = read.index;
+                    let value = read.value.unwrap();
+                    let done = value == "50";
+                    seen.push(value);
+                    if done {
+                        return seen;
+                    }
+                }
+            })
+        };
+        for i in 1..=50 {
+            cluster.put("busy", &i.to_string()).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let seen = follower.await.unwrap();
+        assert_eq!(seen.last().map(String::as_str), Some("50"));
+        let traffic = up.traffic();
+        eprintln!("busy key: {} reads, {traffic:?}", seen.len());
+        // Without parking every answered read would cost a new watch.
+        assert!(
+            traffic.watches_opened <= 3,
+            "{} watches for {} reads",
+            traffic.watches_opened,
+            seen.len()
+        );
+    })
+    .await;
+}
