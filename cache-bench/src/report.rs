@@ -194,6 +194,8 @@ pub struct Machine {
     pub mode: String,
     /// The date, UTC.
     pub date: String,
+    /// `git describe`-like: the commit measured, `+dirty` when the tree had changes.
+    pub commit: String,
 }
 
 impl Machine {
@@ -222,7 +224,28 @@ impl Machine {
             command,
             mode,
             date: today(),
+            commit: commit(),
         }
+    }
+}
+
+/// The checked-out commit, `+dirty` if tracked files differ from it; `unknown` outside git.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(hash) => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.trim().is_empty());
+            format!("{}{}", hash.trim(), if dirty { "+dirty" } else { "" })
+        }
+        None => "unknown".to_owned(),
     }
 }
 
@@ -249,8 +272,8 @@ pub fn markdown(machine: &Machine, figures: &[Figure]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Machine: {} CPUs, {}; {}; {} ({}).\n",
-        machine.cpus, machine.cpu_model, machine.rustc, machine.date, machine.mode
+        "Machine: {} CPUs ({}); {}; commit {}; {} ({}).\n",
+        machine.cpus, machine.cpu_model, machine.rustc, machine.commit, machine.date, machine.mode
     );
     let _ = writeln!(out, "Command: `{}`\n", machine.command);
     out += "| figure | ours | unit | baseline | baseline value | ratio | goal | met |\n";
@@ -291,6 +314,7 @@ pub fn json(machine: &Machine, figures: &[Figure]) -> Value {
             "command": machine.command,
             "mode": machine.mode,
             "date": machine.date,
+            "commit": machine.commit,
         },
         "figures": figures.iter().map(Figure::to_json).collect::<Vec<_>>(),
     })

@@ -37,12 +37,22 @@ pub fn run(mode: Mode) -> Vec<Figure> {
 
     // Ours first.
     let before = Snapshot::take();
+    crate::alloc::track_sizes(true);
     let cache = Cache::new(rt.shared());
     let ours = cache.register(BenchType::new(rt.shared(), Duration::ZERO));
     for (k, v) in keys.iter().zip(&values) {
         ours.prepopulate(&RequestInfo::new(k.0.as_str()), Arc::new(*v), 1)
             .expect("non-empty key");
     }
+    crate::alloc::track_sizes(false);
+    let profile = crate::alloc::sizes()
+        .into_iter()
+        .map(|(size, n)| (size, n as f64 / big as f64))
+        .filter(|&(_, per)| per >= 0.05)
+        .take(8)
+        .map(|(size, per)| format!("{size} B × {per:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let after = Snapshot::take();
     let (ours_bytes, ours_rss) = (before.live_per(&after, big), before.rss_per(&after, big));
 
@@ -113,7 +123,8 @@ pub fn run(mode: Mode) -> Vec<Figure> {
         .goal(Goal::RatioAtMost(1.0))
         .note(format!(
             "counting allocator, live bytes after insert ÷ N (16 B keys, Arc<u64> values); \
-                 bare HashMap<String, Arc<u64>>: {} B/entry",
+                 bare HashMap<String, Arc<u64>>: {} B/entry. Our allocations per entry (size × \
+                 count, table growth included): {profile}",
             num(map_bytes)
         )),
         Figure::new(format!("many/{big_l} RSS per entry"), ours_rss, "B/entry")
