@@ -14,7 +14,7 @@ use crate::cache_type::{CacheType, FetchOptions, FetchResult, LastResult};
 use crate::error::GetError;
 use crate::metrics::bump;
 use crate::runtime::Sleep;
-use crate::store::{EntryShared, EntryState, Slot, Store, panic_message};
+use crate::store::{EntryShared, EntryState, Slot, Store, panic_message, wake_all};
 
 /// How long a refresh type's blocking fetch must stay open to count as connected again (the
 /// reference's 31 s: yamux keepalives are every 30 s, so a blackholed connection has failed by
@@ -43,7 +43,7 @@ impl<T: CacheType> Store<T> {
         st.refresh_stopped = false;
         if std::mem::take(&mut st.chain_sleeping) {
             // Wake the replaced chain so that it stops now, not at its next timer.
-            slot.entry.changed.notify(usize::MAX);
+            wake_all(&slot.entry.changed);
         }
         match first_at {
             None => st.fetching = true,
@@ -196,7 +196,7 @@ impl<T: CacheType> Store<T> {
                 slot.st.chain_sleeping = wait.is_some();
                 (wait, snapshot)
             });
-            entry.changed.notify(usize::MAX);
+            wake_all(&entry.changed);
             let Some((wait, snapshot)) = next else {
                 // Evicted during the fetch: never re-inserted.
                 return;

@@ -274,10 +274,18 @@ impl<T: CacheType> Store<T> {
 
     pub(crate) fn hash(&self, info: &RequestInfo<'_>) -> u64 {
         let mut h = self.hasher.build_hasher();
-        for part in [&*info.key, &*info.datacenter, &*info.token] {
-            h.write(part.as_bytes());
-            h.write_usize(part.len());
+        let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
+        h.write(key.as_bytes());
+        if !dc.is_empty() || !token.is_empty() {
+            h.write(dc.as_bytes());
+            h.write(token.as_bytes());
         }
+        // The lengths separate ("ab", "c") from ("a", "bc"); one write for all three.
+        h.write_u64(
+            key.len() as u64
+                ^ (dc.len() as u64).rotate_left(21)
+                ^ (token.len() as u64).rotate_left(42),
+        );
         h.finish()
     }
 
@@ -419,7 +427,7 @@ impl<T: CacheType> Store<T> {
         self.shared.on_remove();
         // Dropping the slot drops the value and the fetch state (its cleanup), outside the lock.
         drop(slot);
-        entry.changed.notify(usize::MAX);
+        wake_all(&entry.changed);
         true
     }
 
@@ -448,7 +456,7 @@ impl<T: CacheType> Store<T> {
         if first {
             self.schedule_expiry(&entry, now + self.opts.last_get_ttl);
         }
-        entry.changed.notify(usize::MAX);
+        wake_all(&entry.changed);
         if let Some(snapshot) = snapshot {
             self.deliver(&entry, &snapshot);
         }
@@ -542,6 +550,15 @@ impl<T: CacheType> Expirable for EntryShared<T> {
             bump(&store.counters.expirations);
         }
         None
+    }
+}
+
+/// Wakes every listener of `event`. Checks first: notifying an event nobody ever listened to
+/// would allocate its listener list, 72 bytes per entry for nothing. Listeners register under
+/// the table lock (or before taking it) and re-check the state, so none is missed.
+pub(crate) fn wake_all(event: &Event) {
+    if event.total_listeners() > 0 {
+        event.notify(usize::MAX);
     }
 }
 

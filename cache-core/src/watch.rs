@@ -67,7 +67,7 @@ use crate::error::GetError;
 use crate::get::ResultMeta;
 use crate::metrics::bump;
 use crate::runtime::BoxFuture;
-use crate::store::{EntryShared, EntryState, Store};
+use crate::store::{EntryShared, EntryState, Store, wake_all};
 
 /// One change of a watched entry (Consul's `UpdateEvent`).
 #[derive(Debug, Clone)]
@@ -748,7 +748,7 @@ impl<T: CacheType> Store<T> {
         self.read_slot(entry, |slot| slot.touch(now));
         if left == 0 {
             // Wake a chain that only ran for the watches, so that it stops now.
-            entry.changed.notify(usize::MAX);
+            wake_all(&entry.changed);
         }
     }
 }
