@@ -503,3 +503,35 @@ fn prepopulate_is_delivered_to_watches_and_cache_notify_checks_registration() {
         Err(WatchError::NotRegistered(_))
     ));
 }
+
+#[test]
+fn watch_stream_slow_reader_gets_latest_and_ends_on_close() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::new(sim.handle());
+    let server = MockServer::new(sim.handle(), 0u64, 1);
+    let typed = cache.register(server.blocking_type(RegisterOptions::new()));
+    let mut stream = typed.watch(MockRequest::new("k")).unwrap();
+    sim.block_on(async {
+        // Nobody reads while ten changes happen.
+        for i in 2..=11 {
+            sim.sleep(secs(1)).await;
+            server.set(i * 10, i);
+        }
+        sim.sleep(secs(1)).await;
+        let mut got = Vec::new();
+        loop {
+            let next = futures::future::select(stream.next(), sim.sleep(secs(5))).await;
+            match next {
+                futures::future::Either::Left((Some(ev), _)) => got.push(ev.meta.index),
+                _ => break,
+            }
+        }
+        assert!(got.len() <= 3, "one buffered plus at most two: {got:?}");
+        assert_eq!(got.last(), Some(&11));
+        cache.close();
+        assert!(
+            stream.next().await.is_none(),
+            "the stream ends when the cache closes"
+        );
+    });
+}
