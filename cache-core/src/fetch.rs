@@ -67,12 +67,12 @@ impl<T: CacheType> Store<T> {
     fn next_wait(&self, slot: &Slot<T>, now: Instant) -> Duration {
         let st = &slot.st;
         let backoff = st
-            .backoff
+            .backoff()
             .wait(&self.shared.backoff, self.shared.rt.jitter());
         if self.opts.refresh && !st.refresh_stopped {
             return backoff + self.opts.refresh_timer;
         }
-        if self.opts.supports_blocking || st.backoff.failures() > 0 {
+        if self.opts.supports_blocking || st.backoff().failures() > 0 {
             return backoff;
         }
         // Polling watches: wait `max_age - age`, plus up to a tenth of max_age of jitter.
@@ -140,11 +140,7 @@ impl<T: CacheType> Store<T> {
                 let wait = self.with_slot(&entry, |slot| {
                     (slot.st.generation == generation).then(|| match limit.per_second {
                         None => Duration::ZERO,
-                        Some(_) => slot
-                            .st
-                            .bucket
-                            .get_or_insert_with(Box::default)
-                            .acquire(now, &limit),
+                        Some(_) => slot.st.bucket().acquire(now, &limit),
                     })
                 });
                 let Some(Some(wait)) = wait else {
@@ -173,7 +169,7 @@ impl<T: CacheType> Store<T> {
                     Either::Left((result, _)) => result,
                     Either::Right(((), _)) => {
                         // A blocking fetch open this long means the server is reachable.
-                        self.with_slot(&entry, |slot| slot.st.lost_contact_at = None);
+                        self.with_slot(&entry, |slot| slot.st.clear_lost_contact());
                         fetch.await
                     }
                 }
@@ -221,13 +217,13 @@ impl<T: CacheType> Store<T> {
         opts.last_result = st.value.clone().map(|value| LastResult {
             value,
             index: st.index,
-            state: st.fetch_state.clone(),
+            state: st.fetch_state().cloned(),
         });
         let connected_timer = self.opts.refresh
             && st.index > 0
             && self.opts.supports_blocking
             && self.opts.query_timeout > CONNECTED_THRESHOLD
-            && st.lost_contact_at.is_some();
+            && st.lost_contact_at().is_some();
         (opts, connected_timer)
     }
 
@@ -248,7 +244,7 @@ impl<T: CacheType> Store<T> {
                 if result.not_modified {
                     bump(&self.counters.fetch_not_modified);
                 }
-                st.error = None;
+                st.set_error(None);
                 let has_value =
                     result.value.is_some() || (result.not_modified && st.value.is_some());
                 if has_value {
@@ -262,13 +258,13 @@ impl<T: CacheType> Store<T> {
                         st.resets += 1;
                     }
                     st.index = index;
-                    st.fetch_state = result.state;
+                    st.set_fetch_state(result.state);
                     st.fetched_at = Some(self.stamp(now));
                 } else if result.state.is_some() {
-                    st.fetch_state = result.state;
+                    st.set_fetch_state(result.state);
                 }
                 if self.opts.refresh {
-                    st.lost_contact_at = None;
+                    st.clear_lost_contact();
                 }
                 // A zero index never blocks: count it as a failure so backoff guards the loop.
                 result.index > 0
@@ -279,25 +275,18 @@ impl<T: CacheType> Store<T> {
                 if fatal {
                     bump(&self.counters.fetch_errors_fatal);
                 }
-                st.error = Some(GetError::Fetch(Arc::new(error)));
+                st.set_error(Some(GetError::Fetch(Arc::new(error))));
                 false
             }
             Err(panic) => {
                 bump(&self.counters.fetch_errors);
-                st.error = Some(GetError::Panicked(panic_message(&*panic)));
+                st.set_error(Some(GetError::Panicked(panic_message(&*panic))));
                 false
             }
         };
-        st.backoff.on_outcome(success);
-        if success {
-            st.failing_since = None;
-        } else {
-            let stamp = self.stamp(now);
-            st.failing_since.get_or_insert(stamp);
-            if self.opts.refresh && st.error.is_some() {
-                st.lost_contact_at.get_or_insert(stamp);
-            }
-        }
+        let lose_contact = self.opts.refresh && st.error().is_some();
+        st.record_outcome(success, self.stamp(now), lose_contact);
+        st.trim();
         if !st.expiry_scheduled {
             // The TTL clock starts when the first fetch completes.
             st.expiry_scheduled = true;
@@ -308,7 +297,7 @@ impl<T: CacheType> Store<T> {
         if self.opts.refresh && fatal {
             st.refresh_stopped = true;
         }
-        if let (Some(give_up), Some(since)) = (self.opts.refresh_give_up, st.failing_since) {
+        if let (Some(give_up), Some(since)) = (self.opts.refresh_give_up, st.failing_since()) {
             if self.since(since, now) >= give_up {
                 st.refresh_stopped = true;
             }

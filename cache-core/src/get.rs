@@ -229,7 +229,7 @@ impl<T: CacheType> Store<T> {
                 // old value would now count as valid (a failed revalidation is a failure).
                 if let Some(seen) = seen_attempts {
                     if st.attempts > seen {
-                        if let Some(error) = &st.error {
+                        if let Some(error) = st.error() {
                             return Err(self.error_outcome(st, &info, error.clone(), now));
                         }
                         attempted = true;
@@ -255,7 +255,7 @@ impl<T: CacheType> Store<T> {
                 if !slot.st.fetching {
                     let backoff = if attempted {
                         slot.st
-                            .backoff
+                            .backoff()
                             .wait(&self.shared.backoff, self.shared.rt.jitter())
                     } else {
                         Duration::ZERO

@@ -159,25 +159,55 @@ pub(crate) struct EntryShared<T: CacheType> {
 pub(crate) struct EntryState<T: CacheType> {
     pub(crate) value: Option<T::Value>,
     pub(crate) index: u64,
-    pub(crate) fetch_state: Option<FetchState>,
-    pub(crate) error: Option<GetError<T::Error>>,
     pub(crate) fetched_at: Option<Stamp>,
-    pub(crate) lost_contact_at: Option<Stamp>,
-    pub(crate) fetching: bool,
     /// Bumped whenever a new fetch chain takes over the entry; an older chain stops.
     pub(crate) generation: u64,
     /// Completed fetch attempts.
     pub(crate) attempts: u64,
     /// Times the index went backwards (server restore, compaction).
     pub(crate) resets: u64,
+    pub(crate) fetching: bool,
     pub(crate) expiry_scheduled: bool,
     pub(crate) chain_sleeping: bool,
     /// Background refresh stopped (fatal error or give-up) until a get fetches again.
     pub(crate) refresh_stopped: bool,
-    pub(crate) backoff: Backoff,
-    pub(crate) failing_since: Option<Stamp>,
-    /// Allocated only once a rate limit is set (the default is unlimited).
-    pub(crate) bucket: Option<Box<TokenBucket>>,
+    /// What a healthy entry does not need: allocated on the first error, fetch state or rate
+    /// limit, and dropped again once everything in it is back to its default.
+    cold: Option<Box<Cold<T>>>,
+}
+
+/// The rarely used part of an entry's state.
+struct Cold<T: CacheType> {
+    fetch_state: Option<FetchState>,
+    error: Option<GetError<T::Error>>,
+    lost_contact_at: Option<Stamp>,
+    failing_since: Option<Stamp>,
+    backoff: Backoff,
+    bucket: Option<TokenBucket>,
+}
+
+impl<T: CacheType> Default for Cold<T> {
+    fn default() -> Self {
+        Self {
+            fetch_state: None,
+            error: None,
+            lost_contact_at: None,
+            failing_since: None,
+            backoff: Backoff::new(),
+            bucket: None,
+        }
+    }
+}
+
+impl<T: CacheType> Cold<T> {
+    fn is_default(&self) -> bool {
+        self.fetch_state.is_none()
+            && self.error.is_none()
+            && self.lost_contact_at.is_none()
+            && self.failing_since.is_none()
+            && self.backoff.failures() == 0
+            && self.bucket.is_none()
+    }
 }
 
 impl<T: CacheType> EntryState<T> {
@@ -185,21 +215,92 @@ impl<T: CacheType> EntryState<T> {
         Self {
             value: None,
             index: 0,
-            fetch_state: None,
-            error: None,
             fetched_at: None,
-            lost_contact_at: None,
-            fetching: false,
             generation: 0,
             attempts: 0,
             resets: 0,
+            fetching: false,
             expiry_scheduled: false,
             chain_sleeping: false,
             refresh_stopped: false,
-            backoff: Backoff::new(),
-            failing_since: None,
-            bucket: None,
+            cold: None,
         }
+    }
+
+    fn cold_mut(&mut self) -> &mut Cold<T> {
+        self.cold.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the cold part once nothing in it matters any more.
+    pub(crate) fn trim(&mut self) {
+        if self.cold.as_ref().is_some_and(|c| c.is_default()) {
+            self.cold = None;
+        }
+    }
+
+    pub(crate) fn error(&self) -> Option<&GetError<T::Error>> {
+        self.cold.as_ref()?.error.as_ref()
+    }
+
+    pub(crate) fn set_error(&mut self, error: Option<GetError<T::Error>>) {
+        match (error, self.cold.as_mut()) {
+            (None, None) => {}
+            (None, Some(cold)) => cold.error = None,
+            (error, _) => self.cold_mut().error = error,
+        }
+    }
+
+    pub(crate) fn fetch_state(&self) -> Option<&FetchState> {
+        self.cold.as_ref()?.fetch_state.as_ref()
+    }
+
+    pub(crate) fn set_fetch_state(&mut self, state: Option<FetchState>) {
+        match (state, self.cold.as_mut()) {
+            (None, None) => {}
+            (None, Some(cold)) => cold.fetch_state = None,
+            (state, _) => self.cold_mut().fetch_state = state,
+        }
+    }
+
+    pub(crate) fn lost_contact_at(&self) -> Option<Stamp> {
+        self.cold.as_ref()?.lost_contact_at
+    }
+
+    pub(crate) fn clear_lost_contact(&mut self) {
+        if let Some(cold) = self.cold.as_mut() {
+            cold.lost_contact_at = None;
+        }
+    }
+
+    pub(crate) fn failing_since(&self) -> Option<Stamp> {
+        self.cold.as_ref()?.failing_since
+    }
+
+    pub(crate) fn backoff(&self) -> Backoff {
+        self.cold.as_ref().map_or_else(Backoff::new, |c| c.backoff)
+    }
+
+    /// Records a fetch outcome for backoff, failure time and (refresh types) lost contact.
+    pub(crate) fn record_outcome(&mut self, success: bool, now: Stamp, lose_contact: bool) {
+        if success {
+            if let Some(cold) = self.cold.as_mut() {
+                cold.backoff.on_success();
+                cold.failing_since = None;
+            }
+        } else {
+            let cold = self.cold_mut();
+            cold.backoff.on_failure();
+            cold.failing_since.get_or_insert(now);
+            if lose_contact {
+                cold.lost_contact_at.get_or_insert(now);
+            }
+        }
+    }
+
+    pub(crate) fn bucket(&mut self) -> &mut TokenBucket {
+        self.cold_mut()
+            .bucket
+            .get_or_insert_with(TokenBucket::default)
     }
 }
 
@@ -396,7 +497,7 @@ impl<T: CacheType> Store<T> {
     /// [`Store::meta`] with the time as nanoseconds since the epoch.
     pub(crate) fn meta_at(&self, st: &EntryState<T>, hit: bool, now_ns: u64) -> ResultMeta {
         let since = if self.opts.refresh {
-            st.lost_contact_at
+            st.lost_contact_at()
         } else {
             st.fetched_at
         };
@@ -444,9 +545,10 @@ impl<T: CacheType> Store<T> {
             }
             st.value = Some(value);
             st.index = index;
-            st.error = None;
+            st.set_error(None);
             st.fetched_at = Some(self.stamp(now));
-            st.lost_contact_at = None;
+            st.clear_lost_contact();
+            st.trim();
             let first = !std::mem::replace(&mut st.expiry_scheduled, true);
             slot.touch(self.nanos(now));
             let snapshot = (slot.entry.watchers.load(Ordering::Acquire) > 0)
@@ -583,7 +685,7 @@ mod size_tests {
     fn entry_allocations_stay_within_budget() {
         type T = MockType<Arc<u64>>;
         assert!(
-            std::mem::size_of::<Slot<T>>() <= 192,
+            std::mem::size_of::<Slot<T>>() <= 128,
             "{}",
             std::mem::size_of::<Slot<T>>()
         );

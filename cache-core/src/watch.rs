@@ -760,7 +760,7 @@ impl<T: CacheType> Store<T> {
     pub(crate) fn snapshot_of(&self, st: &EntryState<T>, hit: bool, now: Instant) -> Snapshot<T> {
         Snapshot {
             value: st.value.clone(),
-            error: st.error.clone(),
+            error: st.error().cloned(),
             meta: self.meta(st, hit, now),
             resets: st.resets,
         }
