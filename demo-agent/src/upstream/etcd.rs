@@ -89,6 +89,10 @@ const PARK_FOR: Duration = Duration::from_secs(2);
 /// before it answers with the unchanged data.
 const MAX_COMPACTED: u32 = 3;
 
+/// A watch stream open this long before it broke counts as having worked (see
+/// `blocking_read`).
+const STREAM_PROVED: Duration = Duration::from_secs(5);
+
 /// The default per-request timeout of unary etcd calls.
 pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -465,8 +469,10 @@ impl EtcdUpstream {
     ) -> Result<Answer, UpstreamError> {
         let mut closed = self.closed.subscribe();
         let mut faults = self.faults.subscribe();
-        // Streams that broke in a row: each moves to the next endpoint; after every endpoint
-        // twice the read fails (the cache's backoff takes over).
+        // Streams that broke soon after they were opened, in a row: each moves to the next
+        // endpoint; after every endpoint twice the read fails (the cache's backoff takes
+        // over). A stream that worked for a while and then ended (a member restarting, a
+        // proxy closing idle connections) starts the count again.
         let mut broken = 0;
         let max_broken = 2 * self.client.endpoints().len();
         // Watches whose start was compacted before etcd created them (a compaction right
@@ -528,6 +534,7 @@ impl EtcdUpstream {
                     }
                 }
             };
+            let watching_since = Instant::now();
             let error = loop {
                 let step = tokio::select! {
                     result = stream.next() => match result {
@@ -595,6 +602,13 @@ impl EtcdUpstream {
                     continue;
                 }
                 return Ok(unchanged);
+            }
+            if watching_since.elapsed() >= STREAM_PROVED {
+                // It worked: re-establish it where the client is now (a dead member fails the
+                // next range, which moves on by itself).
+                broken = 0;
+                tracing::info!(%error, "etcd watch ended; re-establishing it");
+                continue;
             }
             broken += 1;
             tracing::warn!(%error, "etcd watch broke; re-establishing it");
