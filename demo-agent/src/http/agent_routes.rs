@@ -57,9 +57,14 @@ pub(super) async fn stats(State(state): State<AgentState>) -> Response {
     response
 }
 
-fn faults_json(settings: FaultSettings) -> JsonLine<serde_json::Value> {
+fn faults_json(state: &AgentState, settings: FaultSettings) -> JsonLine<serde_json::Value> {
+    let kind = if state.inner.etcd.is_some() {
+        "etcd"
+    } else {
+        "embedded"
+    };
     JsonLine(json!({
-        "kind": "embedded",
+        "kind": kind,
         "latency": GoDuration(settings.latency).to_string(),
         "fail_rate": settings.fail_rate,
         "fail": settings.fail,
@@ -68,7 +73,7 @@ fn faults_json(settings: FaultSettings) -> JsonLine<serde_json::Value> {
 
 /// `GET /v1/agent/upstream`: the fault settings in force.
 pub(super) async fn get_faults(State(state): State<AgentState>) -> JsonLine<serde_json::Value> {
-    faults_json(state.faults().get())
+    faults_json(&state, state.faults().get())
 }
 
 /// `PUT /v1/agent/upstream?fail=true|false&fail_rate=0.2&latency=5ms`: changes the fault
@@ -104,7 +109,7 @@ pub(super) async fn put_faults(
     }
     state.faults().set(settings);
     tracing::info!(?settings, "upstream fault settings changed");
-    Ok(faults_json(settings))
+    Ok(faults_json(&state, settings))
 }
 
 /// `GET /v1/agent/debug/panic` (with `--debug-routes`): panics, to show that the agent
