@@ -82,6 +82,16 @@ pub struct BlockingOptions {
     pub query_timeout: Duration,
 }
 
+impl BlockingOptions {
+    /// The registration of a blocking type with these options.
+    fn register_options(&self) -> RegisterOptions {
+        RegisterOptions::new()
+            .supports_blocking(true)
+            .refresh(self.refresh)
+            .query_timeout(self.query_timeout)
+    }
+}
+
 // ===== KV =====
 
 /// One key of the upstream, cached; a blocking type.
@@ -119,10 +129,7 @@ impl CacheType for KvType {
     type Error = UpstreamError;
 
     fn register_options(&self) -> RegisterOptions {
-        RegisterOptions::new()
-            .supports_blocking(true)
-            .refresh(self.options.refresh)
-            .query_timeout(self.options.query_timeout)
+        self.options.register_options()
     }
 
     async fn fetch(
@@ -198,10 +205,7 @@ impl CacheType for ListType {
     type Error = UpstreamError;
 
     fn register_options(&self) -> RegisterOptions {
-        RegisterOptions::new()
-            .supports_blocking(true)
-            .refresh(self.options.refresh)
-            .query_timeout(self.options.query_timeout)
+        self.options.register_options()
     }
 
     async fn fetch(
