@@ -253,7 +253,7 @@ impl Cache {
             .unwrap_or_else(|p| p.into_inner());
         stores.retain(|s| {
             s.upgrade()
-                .is_some_and(|s| s.type_id_of() != TypeId::of::<Store<T>>())
+                .is_some_and(|s| s.cache_type_id() != TypeId::of::<T>())
         });
         stores.push(Arc::downgrade(&erased));
         drop(stores);
@@ -490,15 +490,5 @@ impl<T: CacheType> TypedCache<T> {
     /// The options the type registered with.
     pub fn options(&self) -> &crate::cache_type::RegisterOptions {
         &self.store.opts
-    }
-}
-
-trait TypeIdOf {
-    fn type_id_of(&self) -> TypeId;
-}
-
-impl TypeIdOf for Arc<dyn ErasedStore> {
-    fn type_id_of(&self) -> TypeId {
-        self.clone().as_any().as_ref().type_id()
     }
 }

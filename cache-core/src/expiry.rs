@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_listener::Event;
-use futures::future::{Either, select};
+use futures::future::select;
 
 use crate::cache::Shared;
 use crate::runtime::Sleep;
@@ -121,10 +121,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     }
                     None => sleep.insert(Sleep::until(&*shared.rt, deadline)),
                 };
-                if let Either::Right(((), _)) = select(wake, timer).await {
-                    // The timer fired; re-arm a fresh one next time.
-                    sleep = None;
-                }
+                // A fired timer is re-armed by `reset` next time round.
+                select(wake, timer).await;
             }
             None => {
                 wake.await;

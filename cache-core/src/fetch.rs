@@ -133,32 +133,33 @@ impl<T: CacheType> Store<T> {
                 }
             }
 
-            // The per-entry rate limit, re-read each time so reloaded options apply.
-            loop {
+            // One table lock per fetch: the ownership check, the per-entry rate limit (re-read
+            // each time so reloaded options apply) and the fetch options together.
+            let (opts, connected_timer) = loop {
                 let limit = self.shared.rate_limit();
                 let now = rt.now();
-                let wait = self.with_slot(&entry, |slot| {
-                    (slot.st.generation == generation).then(|| match limit.per_second {
-                        None => Duration::ZERO,
-                        Some(_) => slot.st.bucket().acquire(now, &limit),
-                    })
+                let step = self.with_slot(&entry, |slot| {
+                    if slot.st.generation != generation {
+                        return None;
+                    }
+                    if limit.per_second.is_some() {
+                        let wait = slot.st.bucket().acquire(now, &limit);
+                        if !wait.is_zero() {
+                            return Some(Err(wait));
+                        }
+                    }
+                    Some(Ok(self.fetch_options(&slot.st)))
                 });
-                let Some(Some(wait)) = wait else {
-                    return;
-                };
-                if wait.is_zero() {
-                    break;
+                match step {
+                    Some(Some(Ok(ready))) => break ready,
+                    Some(Some(Err(wait))) => {
+                        let timer = sleep.get_or_insert_with(|| Sleep::until(&*rt, now));
+                        timer.reset(now + wait);
+                        timer.await;
+                    }
+                    // Evicted or replaced while waiting.
+                    _ => return,
                 }
-                let timer = sleep.get_or_insert_with(|| Sleep::until(&*rt, now));
-                timer.reset(now + wait);
-                timer.await;
-            }
-
-            let Some(Some((opts, connected_timer))) = self.with_slot(&entry, |slot| {
-                let st = &slot.st;
-                (st.generation == generation).then(|| self.fetch_options(st))
-            }) else {
-                return;
             };
 
             let fetch = AssertUnwindSafe(self.ty.fetch(opts, &request)).catch_unwind();

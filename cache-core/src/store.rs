@@ -8,7 +8,7 @@
 //! [`EntryShared`] behind an `Arc`; a task finds the entry's state again by pointer, so an entry
 //! evicted meanwhile is simply not found and never resurrected.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -346,6 +346,8 @@ pub(crate) struct Store<T: CacheType> {
 pub(crate) trait ErasedStore: Send + Sync {
     fn metrics(&self) -> TypeMetrics;
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+    /// The `TypeId` of the cache type the store holds.
+    fn cache_type_id(&self) -> TypeId;
     /// The least recently read entry, as (last read, its eviction), for the capacity bound.
     /// Exact below [`EXACT_LRU_LIMIT`] entries; above it, the oldest of a few random shards
     /// (sampled LRU, as Redis does), so an insert never scans a million entries.
@@ -572,6 +574,10 @@ impl<T: CacheType> ErasedStore for Store<T> {
 
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
         self
+    }
+
+    fn cache_type_id(&self) -> TypeId {
+        TypeId::of::<T>()
     }
 
     fn oldest(&self) -> Option<(u64, Arc<dyn Fn() -> bool + Send + Sync>)> {

@@ -229,7 +229,11 @@ pub(crate) trait Watcher<T: CacheType>: Send + Sync {
     fn cancel(&self);
 }
 
-struct Progress<V> {
+/// A watch's mutable state: its sink and what it has delivered, under one lock, so that
+/// offering a fetch to a watch takes a single lock.
+struct Progress<V, S> {
+    /// `None` once the watch is cancelled: dropping the sink is how its receiver learns.
+    sink: Option<S>,
     last_index: u64,
     last_resets: u64,
     last_value: Option<V>,
@@ -241,10 +245,9 @@ struct Record<T: CacheType, C, S> {
     this: Weak<Self>,
     id: u64,
     correlation_id: C,
-    sink: Mutex<Option<S>>,
     max_age: Option<Duration>,
     polling: bool,
-    progress: Mutex<Progress<T::Value>>,
+    progress: Mutex<Progress<T::Value, S>>,
     cancelled: AtomicBool,
     cancel_event: Event,
 }
@@ -258,7 +261,7 @@ where
     S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
 {
     /// Whether the snapshot is news to this watch (SPEC §9), updating its progress if so.
-    fn accept(&self, store: &Store<T>, p: &mut Progress<T::Value>, snap: &Snapshot<T>) -> bool {
+    fn accept(&self, store: &Store<T>, p: &mut Progress<T::Value, S>, snap: &Snapshot<T>) -> bool {
         let reset = snap.resets > p.last_resets && snap.value.is_some();
         let news = if p.last_index == 0 {
             // Before the first value everything is news, errors included.
@@ -299,12 +302,8 @@ where
         }
     }
 
-    fn sink_closed(&self) -> bool {
-        self.sink
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_none_or(|s| s.is_closed())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress<T::Value, S>> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits for room in the sink, sends, and catches up with the entry until the watch has
@@ -316,12 +315,9 @@ where
         mut snap: Snapshot<T>,
     ) {
         loop {
-            let send = {
-                let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-                match sink.as_ref() {
-                    Some(sink) => sink.send(self.event(&snap)),
-                    None => return,
-                }
+            let send = match self.lock().sink.as_ref() {
+                Some(sink) => sink.send(self.event(&snap)),
+                None => return,
             };
             let cancelled = self.cancel_event.listen();
             if self.cancelled.load(Ordering::Acquire) {
@@ -336,7 +332,7 @@ where
                 Either::Right(_) => return,
             }
             let latest = store.snapshot(&entry);
-            let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+            let mut p = self.lock();
             let caught_up = p.last_index == snap.meta.index && p.last_resets == snap.resets;
             match latest {
                 Some(latest) if !caught_up => {
@@ -373,25 +369,22 @@ where
         if self.cancelled.load(Ordering::Acquire) {
             return false;
         }
-        let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let mut p = self.lock();
         if !self.accept(store, &mut p, snap) {
-            drop(p);
-            return !self.sink_closed();
+            return p.sink.as_ref().is_some_and(|s| !s.is_closed());
         }
         if p.pending {
             // A flush task is waiting for room; it sends the latest when it gets some.
             return true;
         }
-        let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(sink_ref) = sink.as_ref() else {
+        let Some(sink) = p.sink.as_ref() else {
             return false;
         };
-        match sink_ref.try_send(self.event(snap)) {
+        match sink.try_send(self.event(snap)) {
             Ok(()) => true,
             Err(TrySendError::Closed) => false,
             Err(TrySendError::Full) => {
                 p.pending = true;
-                drop(sink);
                 drop(p);
                 if let (Some(store), Some(this)) = (store.this(), self.this.upgrade()) {
                     let rt = store.shared.rt.clone();
@@ -404,8 +397,9 @@ where
 
     fn cancel(&self) {
         self.cancelled.store(true, Ordering::Release);
+        // Not `wake_all`: listeners of this event check the flag without a shared lock.
         self.cancel_event.notify(usize::MAX);
-        let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let sink = self.lock().sink.take();
         drop(sink);
     }
 }
@@ -668,7 +662,6 @@ impl<T: CacheType> TypedCache<T> {
             this: this.clone(),
             id: NEXT_WATCH_ID.fetch_add(1, Ordering::Relaxed),
             correlation_id,
-            sink: Mutex::new(Some(sink)),
             max_age: if store.opts.supports_blocking {
                 None
             } else {
@@ -676,6 +669,7 @@ impl<T: CacheType> TypedCache<T> {
             },
             polling: !store.opts.supports_blocking,
             progress: Mutex::new(Progress {
+                sink: Some(sink),
                 last_index: 0,
                 last_resets: 0,
                 last_value: None,
