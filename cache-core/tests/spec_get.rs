@@ -117,16 +117,11 @@ fn blocking_get_waits_for_newer_index() {
     let cache = Cache::new(sim.handle());
     let server = MockServer::new(sim.handle(), "v1", 5);
     let typed = cache.register(server.blocking_type(RegisterOptions::new()));
-    let s2 = server.clone();
-    let rt = sim.clone();
     sim.block_on(async {
         let r = typed.get(&MockRequest::new("k")).await.unwrap();
         assert_eq!((r.value, r.meta.index), (Some("v1"), 5));
         // A write arrives 30 s later.
-        sim.spawn_detached(async move {
-            rt.sleep(secs(30)).await;
-            s2.set("v2", 9);
-        });
+        server.set_after(secs(30), "v2", 9);
         let r = typed
             .get(&MockRequest::new("k").min_index(5))
             .await
@@ -191,14 +186,9 @@ fn blocking_query_timeout_upstream_keeps_waiting_until_change() {
     let server = MockServer::new(sim.handle(), 1u64, 5);
     let typed =
         cache.register(server.blocking_type(RegisterOptions::new().query_timeout(secs(10))));
-    let s2 = server.clone();
-    let rt = sim.clone();
     sim.block_on(async {
         typed.get(&MockRequest::new("k")).await.unwrap();
-        sim.spawn_detached(async move {
-            rt.sleep(secs(35)).await;
-            s2.set(2, 6);
-        });
+        server.set_after(secs(35), 2, 6);
         let r = typed
             .get(&MockRequest::new("k").min_index(5))
             .await
@@ -312,26 +302,16 @@ fn index_going_backwards_wakes_blocked_get() {
     let cache = Cache::new(sim.handle());
     let server = MockServer::new(sim.handle(), "old", 100);
     let typed = cache.register(server.blocking_type(RegisterOptions::new()));
-    let s2 = server.clone();
-    let rt = sim.clone();
     sim.block_on(async {
         typed.get(&MockRequest::new("k")).await.unwrap();
-        sim.spawn_detached(async move {
-            rt.sleep(secs(5)).await;
-            s2.set("restored", 7);
-        });
+        server.set_after(secs(5), "restored", 7);
         let r = typed
             .get(&MockRequest::new("k").min_index(100))
             .await
             .unwrap();
         assert_eq!((r.value, r.meta.index), (Some("restored"), 7));
         // The next blocking get sends the new, lower index and blocks on it.
-        let s3 = server.clone();
-        let rt = sim.clone();
-        rt.clone().spawn_detached(async move {
-            rt.sleep(secs(5)).await;
-            s3.set("next", 8);
-        });
+        server.set_after(secs(5), "next", 8);
         let r = typed
             .get(&MockRequest::new("k").min_index(7))
             .await
@@ -346,16 +326,10 @@ fn index_above_entry_but_not_above_min_index_keeps_waiting() {
     let cache = Cache::new(sim.handle());
     let server = MockServer::new(sim.handle(), "a", 5);
     let typed = cache.register(server.blocking_type(RegisterOptions::new()));
-    let s2 = server.clone();
-    let rt = sim.clone();
     sim.block_on(async {
         typed.get(&MockRequest::new("k")).await.unwrap();
-        sim.spawn_detached(async move {
-            rt.sleep(secs(1)).await;
-            s2.set("b", 8);
-            rt.sleep(secs(1)).await;
-            s2.set("c", 12);
-        });
+        server.set_after(secs(1), "b", 8);
+        server.set_after(secs(2), "c", 12);
         let r = typed
             .get(&MockRequest::new("k").min_index(10))
             .await

@@ -109,12 +109,7 @@ pub async fn blocking_get_wakes_on_change(rt: SharedRuntime) {
     let server = MockServer::new(rt.clone(), 1u64, 3);
     let typed = cache.register(server.blocking_type(RegisterOptions::new()));
     typed.get(&MockRequest::new("k")).await.unwrap();
-    let writer = server.clone();
-    let rt2 = rt.clone();
-    rt.spawn(Box::pin(async move {
-        Sleep::after(&*rt2, Duration::from_millis(20)).await;
-        writer.set(2, 4);
-    }));
+    server.set_after(Duration::from_millis(20), 2, 4);
     let r = typed
         .get(
             &MockRequest::new("k")

@@ -51,6 +51,15 @@ impl<V: Clone + Send + Sync + 'static> MockServer<V> {
         self.changed.notify(usize::MAX);
     }
 
+    /// Writes `value` at `index` after `delay`, from a task on the server's runtime.
+    pub fn set_after(self: &Arc<Self>, delay: Duration, value: V, index: u64) {
+        let server = self.clone();
+        self.rt.spawn(Box::pin(async move {
+            Sleep::after(&*server.rt, delay).await;
+            server.set(value, index);
+        }));
+    }
+
     /// Makes every read fail with `error` (or succeed again with `None`), waking blocked reads.
     pub fn set_error(&self, error: Option<MockError>) {
         self.state.lock().unwrap().error = error;
