@@ -77,8 +77,8 @@ use self::proto::{
     RangeResponse, RequestOp, TxnRequest, TxnResponse, WatchCreateRequest, b64, prefix_range_end,
 };
 use super::{
-    Faults, KeyRead, KeyValue as ListedKey, ListRead, MAX_WAIT, Query, Upstream, UpstreamError,
-    UpstreamStats,
+    Faults, KeyRead, KeyValue as ListedKey, ListRead, MAX_WAIT, OpCounters, Query, Upstream,
+    UpstreamError, UpstreamStats, bump,
 };
 
 /// How long a watch stream is kept for the next blocking read of its key after a read
@@ -129,35 +129,6 @@ pub struct EtcdTraffic {
     pub failovers: u64,
     /// Watches opened (each on its own HTTP connection).
     pub watches_opened: u64,
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    key_reads: AtomicU64,
-    key_reads_blocking: AtomicU64,
-    list_reads: AtomicU64,
-    list_reads_blocking: AtomicU64,
-    stats_reads: AtomicU64,
-    writes: AtomicU64,
-    injected_failures: AtomicU64,
-    blocking_open: AtomicU64,
-    /// The highest revision seen in any answer.
-    revision: AtomicU64,
-    /// The key count of the last stats read.
-    keys: AtomicU64,
-}
-
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Counts an open blocking read while it lives.
-struct OpenGuard<'a>(&'a AtomicU64);
-
-impl Drop for OpenGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// What is read: one key, or every key under a prefix.
@@ -316,7 +287,11 @@ pub struct EtcdUpstream {
     faults: Arc<Faults>,
     closed: watch::Sender<bool>,
     is_closed: AtomicBool,
-    counters: Counters,
+    counters: OpCounters,
+    /// The highest revision seen in any answer.
+    revision: AtomicU64,
+    /// The key count of the last stats read.
+    keys: AtomicU64,
     /// Watch streams kept between blocking reads (shared with their expiry tasks).
     parking: Arc<Parking>,
 }
@@ -335,7 +310,9 @@ impl EtcdUpstream {
             faults,
             closed: watch::Sender::new(false),
             is_closed: AtomicBool::new(false),
-            counters: Counters::default(),
+            counters: OpCounters::default(),
+            revision: AtomicU64::new(0),
+            keys: AtomicU64::new(0),
             parking: Arc::default(),
         }))
     }
@@ -365,34 +342,19 @@ impl EtcdUpstream {
     /// The counters right now, without contacting etcd (`index` is the highest revision seen,
     /// `keys` the count of the last stats read).
     pub fn counters(&self) -> UpstreamStats {
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let c = &self.counters;
-        UpstreamStats {
-            kind: "etcd",
-            index: load(&c.revision).max(1),
-            keys: load(&c.keys),
-            key_reads: load(&c.key_reads),
-            key_reads_blocking: load(&c.key_reads_blocking),
-            list_reads: load(&c.list_reads),
-            list_reads_blocking: load(&c.list_reads_blocking),
-            stats_reads: load(&c.stats_reads),
-            writes: load(&c.writes),
-            injected_failures: load(&c.injected_failures),
-            blocking_open: load(&c.blocking_open),
-        }
+        self.counters.stats(
+            "etcd",
+            self.revision.load(Ordering::Relaxed).max(1),
+            self.keys.load(Ordering::Relaxed),
+        )
     }
 
     fn saw_revision(&self, revision: u64) {
-        self.counters
-            .revision
-            .fetch_max(revision, Ordering::Relaxed);
+        self.revision.fetch_max(revision, Ordering::Relaxed);
     }
 
     async fn before_operation(&self) -> Result<(), UpstreamError> {
-        self.faults.before_operation().await.map_err(|reason| {
-            bump(&self.counters.injected_failures);
-            UpstreamError::Unavailable(reason)
-        })
+        self.counters.before_operation(&self.faults).await
     }
 
     /// Ranges `target` now (`revision` none) or as it was at `revision`.
@@ -455,8 +417,7 @@ impl EtcdUpstream {
             let range = self.range(target, None).await.map_err(unavailable)?;
             return Ok(Answer::of(target, range));
         }
-        c.blocking_open.fetch_add(1, Ordering::Relaxed);
-        let _open = OpenGuard(&c.blocking_open);
+        let _open = c.open_blocking();
         let deadline = Instant::now() + wait;
         self.blocking_read(target, query.min_index, deadline).await
     }
@@ -811,7 +772,7 @@ impl Upstream for EtcdUpstream {
                 .await
                 .map_err(unavailable)?;
             self.saw_revision(answer.header.revision);
-            self.counters.keys.store(answer.count, Ordering::Relaxed);
+            self.keys.store(answer.count, Ordering::Relaxed);
             Ok(self.counters())
         }
         .boxed()

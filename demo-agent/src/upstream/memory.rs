@@ -11,7 +11,8 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use super::{
-    Faults, KeyRead, KeyValue, ListRead, MAX_WAIT, Query, Upstream, UpstreamError, UpstreamStats,
+    Faults, KeyRead, KeyValue, ListRead, MAX_WAIT, OpCounters, Query, Upstream, UpstreamError,
+    UpstreamStats, bump,
 };
 
 /// The index of an upstream that has seen no write: indexes are never 0.
@@ -81,31 +82,6 @@ fn under_prefix<'a, V>(
         .take_while(move |(key, _)| key.starts_with(prefix))
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    key_reads: AtomicU64,
-    key_reads_blocking: AtomicU64,
-    list_reads: AtomicU64,
-    list_reads_blocking: AtomicU64,
-    stats_reads: AtomicU64,
-    writes: AtomicU64,
-    injected_failures: AtomicU64,
-    blocking_open: AtomicU64,
-}
-
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Counts an open blocking read for as long as it lives (also when its future is dropped).
-struct OpenGuard<'a>(&'a AtomicU64);
-
-impl Drop for OpenGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// An in-process authoritative key-value store that answers blocking queries.
 ///
 /// Every write (put, or delete of an existing key) takes the next index, starting at 2 (1 is
@@ -132,7 +108,7 @@ pub struct MemoryUpstream {
     changed: watch::Sender<u64>,
     faults: Arc<Faults>,
     closed: AtomicBool,
-    counters: Counters,
+    counters: OpCounters,
 }
 
 impl MemoryUpstream {
@@ -147,7 +123,7 @@ impl MemoryUpstream {
             changed: watch::Sender::new(0),
             faults,
             closed: AtomicBool::new(false),
-            counters: Counters::default(),
+            counters: OpCounters::default(),
         })
     }
 
@@ -161,10 +137,7 @@ impl MemoryUpstream {
     }
 
     async fn before_operation(&self) -> Result<(), UpstreamError> {
-        self.faults.before_operation().await.map_err(|reason| {
-            bump(&self.counters.injected_failures);
-            UpstreamError::Unavailable(reason)
-        })
+        self.counters.before_operation(&self.faults).await
     }
 
     /// A read that blocks until `read`'s index is above `query.min_index`, `query.wait` has
@@ -191,8 +164,7 @@ impl MemoryUpstream {
         if !block {
             return Ok(read(&self.lock()).0);
         }
-        self.counters.blocking_open.fetch_add(1, Ordering::Relaxed);
-        let _open = OpenGuard(&self.counters.blocking_open);
+        let _open = self.counters.open_blocking();
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
         loop {
@@ -338,21 +310,7 @@ impl MemoryUpstream {
             let state = self.lock();
             (state.index, state.data.len() as u64)
         };
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let c = &self.counters;
-        UpstreamStats {
-            kind: "embedded",
-            index,
-            keys,
-            key_reads: load(&c.key_reads),
-            key_reads_blocking: load(&c.key_reads_blocking),
-            list_reads: load(&c.list_reads),
-            list_reads_blocking: load(&c.list_reads_blocking),
-            stats_reads: load(&c.stats_reads),
-            writes: load(&c.writes),
-            injected_failures: load(&c.injected_failures),
-            blocking_open: load(&c.blocking_open),
-        }
+        self.counters.stats("embedded", index, keys)
     }
 }
 

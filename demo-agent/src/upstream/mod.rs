@@ -19,6 +19,7 @@ mod etcd;
 mod faults;
 mod memory;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -107,6 +108,67 @@ pub struct UpstreamStats {
     pub injected_failures: u64,
     /// Blocking reads currently open.
     pub blocking_open: u64,
+}
+
+/// The operation counters every upstream keeps, read out as an [`UpstreamStats`].
+#[derive(Debug, Default)]
+struct OpCounters {
+    key_reads: AtomicU64,
+    key_reads_blocking: AtomicU64,
+    list_reads: AtomicU64,
+    list_reads_blocking: AtomicU64,
+    stats_reads: AtomicU64,
+    writes: AtomicU64,
+    injected_failures: AtomicU64,
+    blocking_open: AtomicU64,
+}
+
+impl OpCounters {
+    /// Lets `faults` delay or fail an operation; an injected failure is counted.
+    async fn before_operation(&self, faults: &Faults) -> Result<(), UpstreamError> {
+        faults.before_operation().await.map_err(|reason| {
+            bump(&self.injected_failures);
+            UpstreamError::Unavailable(reason)
+        })
+    }
+
+    /// Counts an open blocking read for as long as the guard lives (also when the read's
+    /// future is dropped).
+    fn open_blocking(&self) -> OpenGuard<'_> {
+        self.blocking_open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(&self.blocking_open)
+    }
+
+    /// The counters right now, with the upstream's `kind`, `index` and key count.
+    fn stats(&self, kind: &'static str, index: u64, keys: u64) -> UpstreamStats {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        UpstreamStats {
+            kind,
+            index,
+            keys,
+            key_reads: load(&self.key_reads),
+            key_reads_blocking: load(&self.key_reads_blocking),
+            list_reads: load(&self.list_reads),
+            list_reads_blocking: load(&self.list_reads_blocking),
+            stats_reads: load(&self.stats_reads),
+            writes: load(&self.writes),
+            injected_failures: load(&self.injected_failures),
+            blocking_open: load(&self.blocking_open),
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Keeps [`OpCounters::blocking_open`] counted up while it lives.
+struct OpenGuard<'a>(&'a AtomicU64);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why an upstream operation failed.
