@@ -32,20 +32,9 @@ async fn bad_query_parameters() {
         ] {
             expect_error(t.get(path).await, StatusCode::BAD_REQUEST, needle).await;
         }
-        let bad_cas = t
-            .client
-            .put(t.url("/v1/kv/k?cas=first"))
-            .body("v")
-            .send()
-            .await
-            .unwrap();
+        let bad_cas = t.put_body("/v1/kv/k?cas=first", "v").await;
         expect_error(bad_cas, StatusCode::BAD_REQUEST, "invalid cas").await;
-        let bad_cas = t
-            .client
-            .delete(t.url("/v1/kv/k?cas=99999999999999999999"))
-            .send()
-            .await
-            .unwrap();
+        let bad_cas = t.delete("/v1/kv/k?cas=99999999999999999999").await;
         expect_error(bad_cas, StatusCode::BAD_REQUEST, "overflows").await;
         t.shutdown().await;
     })
@@ -63,23 +52,13 @@ async fn bad_cache_control() {
             "stale-if-error=1.5",
             "must-revalidate=yes",
         ] {
-            let response = t
-                .client
-                .get(t.url("/v1/kv/k?cached"))
-                .header("Cache-Control", value)
-                .send()
-                .await
-                .unwrap();
+            let response = t.get_cache_control("/v1/kv/k?cached", value).await;
             expect_error(response, StatusCode::BAD_REQUEST, "invalid Cache-Control").await;
         }
         // Unknown directives are ignored.
         let response = t
-            .client
-            .get(t.url("/v1/kv/k?cached"))
-            .header("Cache-Control", "private, max-age=5")
-            .send()
-            .await
-            .unwrap();
+            .get_cache_control("/v1/kv/k?cached", "private, max-age=5")
+            .await;
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
         t.shutdown().await;
     })
@@ -97,13 +76,7 @@ async fn oversized_keys_and_values_and_non_utf8_values() {
             "key is 513 bytes; the limit is 512",
         )
         .await;
-        let response = t
-            .client
-            .put(t.url(&format!("/v1/kv/{long_key}")))
-            .body("v")
-            .send()
-            .await
-            .unwrap();
+        let response = t.put_body(&format!("/v1/kv/{long_key}"), "v").await;
         expect_error(response, StatusCode::BAD_REQUEST, "the limit is 512").await;
         expect_error(
             t.get(&format!("/v1/kv/?prefix={long_key}")).await,
@@ -115,31 +88,13 @@ async fn oversized_keys_and_values_and_non_utf8_values() {
         t.put(&"k".repeat(512), "v").await;
 
         let big = vec![b'x'; 512 * 1024 + 1];
-        let response = t
-            .client
-            .put(t.url("/v1/kv/big"))
-            .body(big)
-            .send()
-            .await
-            .unwrap();
+        let response = t.put_body("/v1/kv/big", big).await;
         expect_error(response, StatusCode::PAYLOAD_TOO_LARGE, "512 KiB").await;
         // Exactly the limit is accepted.
-        let response = t
-            .client
-            .put(t.url("/v1/kv/big"))
-            .body(vec![b'x'; 512 * 1024])
-            .send()
-            .await
-            .unwrap();
+        let response = t.put_body("/v1/kv/big", vec![b'x'; 512 * 1024]).await;
         assert_eq!(response.status(), StatusCode::OK);
 
-        let response = t
-            .client
-            .put(t.url("/v1/kv/binary"))
-            .body(vec![0xff, 0xfe, 0x00])
-            .send()
-            .await
-            .unwrap();
+        let response = t.put_body("/v1/kv/binary", vec![0xff, 0xfe, 0x00]).await;
         expect_error(response, StatusCode::BAD_REQUEST, "not valid UTF-8").await;
         // A path that is not UTF-8 once decoded.
         expect_error(
@@ -171,12 +126,7 @@ async fn unknown_routes_and_methods() {
             "method POST is not allowed",
         )
         .await;
-        let response = t
-            .client
-            .delete(t.url("/v1/agent/health"))
-            .send()
-            .await
-            .unwrap();
+        let response = t.delete("/v1/agent/health").await;
         expect_error(response, StatusCode::METHOD_NOT_ALLOWED, "not allowed").await;
         t.shutdown().await;
     })

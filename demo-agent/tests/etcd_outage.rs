@@ -108,13 +108,7 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
             "upstream unavailable",
         )
         .await;
-        let write = t
-            .client
-            .put(t.url("/v1/kv/o/k1"))
-            .body("lost")
-            .send()
-            .await
-            .unwrap();
+        let write = t.put_body("/v1/kv/o/k1", "lost").await;
         expect_error(
             write,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -146,13 +140,7 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
             "upstream unavailable",
         )
         .await;
-        let stale = t
-            .client
-            .get(t.url(&blocking))
-            .header("Cache-Control", "stale-if-error=600")
-            .send()
-            .await
-            .unwrap();
+        let stale = t.get_cache_control(&blocking, "stale-if-error=600").await;
         assert_eq!(stale.status(), StatusCode::OK);
         assert_eq!(x_index(&stale), stale_at);
         let body: Value = stale.json().await.unwrap();
@@ -233,13 +221,7 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
 async fn put_retrying(t: &TestAgent, key: &str, value: &str) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let response = t
-            .client
-            .put(t.url(&format!("/v1/kv/{key}")))
-            .body(value.to_owned())
-            .send()
-            .await
-            .unwrap();
+        let response = t.put_body(&format!("/v1/kv/{key}"), value.to_owned()).await;
         if response.status() == StatusCode::OK {
             return x_index(&response);
         }

@@ -64,12 +64,7 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     assert_eq!(x_index(&hit), written);
     assert_eq!(value_of(hit).await, "hello");
 
-    let deleted = t
-        .client
-        .delete(t.url("/v1/kv/app/greeting"))
-        .send()
-        .await
-        .unwrap();
+    let deleted = t.delete("/v1/kv/app/greeting").await;
     assert_eq!(deleted.status(), StatusCode::OK);
     let deleted_at = x_index(&deleted);
     assert!(deleted_at > written);
@@ -119,11 +114,7 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     t.wait_metric(misses, before + 2.0).await;
     t.put("unrelated/1", "x").await;
     t.put("unrelated/2", "y").await;
-    t.client
-        .delete(t.url("/v1/kv/unrelated/1"))
-        .send()
-        .await
-        .unwrap();
+    t.delete("/v1/kv/unrelated/1").await;
     tokio::time::sleep(NOT_WOKEN).await;
     assert!(!uncached.is_finished(), "woken by writes to other keys");
     assert!(!cached.is_finished(), "woken by writes to other keys");
@@ -206,36 +197,25 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     assert_eq!(body["keys"].as_array().unwrap().len(), 3);
 
     // ----- compare-and-set -----
-    let put = |path: &str, body: &str| t.client.put(t.url(path)).body(body.to_owned()).send();
-    let created = put("/v1/kv/lock?cas=0", "me").await.unwrap();
+    let created = t.put_body("/v1/kv/lock?cas=0", "me").await;
     assert_eq!(created.status(), StatusCode::OK);
     let lock_at = x_index(&created);
-    let again = put("/v1/kv/lock?cas=0", "you").await.unwrap();
+    let again = t.put_body("/v1/kv/lock?cas=0", "you").await;
     let body = expect_error(again, StatusCode::CONFLICT, "cas mismatch").await;
     assert_eq!(body["index"], lock_at);
-    let stale = put(&format!("/v1/kv/lock?cas={}", lock_at + 100), "you")
-        .await
-        .unwrap();
+    let stale = t
+        .put_body(&format!("/v1/kv/lock?cas={}", lock_at + 100), "you")
+        .await;
     expect_error(stale, StatusCode::CONFLICT, "cas mismatch").await;
-    let updated = put(&format!("/v1/kv/lock?cas={lock_at}"), "still me")
-        .await
-        .unwrap();
+    let updated = t
+        .put_body(&format!("/v1/kv/lock?cas={lock_at}"), "still me")
+        .await;
     assert_eq!(updated.status(), StatusCode::OK);
     let updated_at = x_index(&updated);
     assert!(updated_at > lock_at);
-    let wrong = t
-        .client
-        .delete(t.url(&format!("/v1/kv/lock?cas={lock_at}")))
-        .send()
-        .await
-        .unwrap();
+    let wrong = t.delete(&format!("/v1/kv/lock?cas={lock_at}")).await;
     expect_error(wrong, StatusCode::CONFLICT, "cas mismatch").await;
-    let deleted = t
-        .client
-        .delete(t.url(&format!("/v1/kv/lock?cas={updated_at}")))
-        .send()
-        .await
-        .unwrap();
+    let deleted = t.delete(&format!("/v1/kv/lock?cas={updated_at}")).await;
     assert_eq!(deleted.status(), StatusCode::OK);
     assert_eq!(t.get("/v1/kv/lock").await.status(), StatusCode::NOT_FOUND);
 
@@ -276,7 +256,7 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
 
     // Writes nobody watches send nothing: the next event is the next watched write.
     t.put("elsewhere", "x").await;
-    let gone = t.client.delete(t.url("/v1/kv/w/a")).send().await.unwrap();
+    let gone = t.delete("/v1/kv/w/a").await;
     let gone_at = x_index(&gone);
     let event = events.next().await.unwrap();
     assert_eq!(event.data["correlation_id"], "key:w/a");
@@ -299,13 +279,7 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
         assert_eq!(value_of(t.get("/v1/kv/s?cached").await).await, "v1");
         t.put("s", "v2").await;
         assert_eq!(value_of(t.get("/v1/kv/s?cached").await).await, "v1");
-        let fresh = t
-            .client
-            .get(t.url("/v1/kv/s?cached"))
-            .header("Cache-Control", "max-age=0")
-            .send()
-            .await
-            .unwrap();
+        let fresh = t.get_cache_control("/v1/kv/s?cached", "max-age=0").await;
         assert_eq!(header(&fresh, "x-cache"), "MISS");
         assert_eq!(value_of(fresh).await, "v2");
     }

@@ -28,12 +28,7 @@ async fn put_get_delete_round_trip() {
         assert_eq!(body["value"], "hello");
         assert_eq!(body["index"], written);
 
-        let deleted = t
-            .client
-            .delete(t.url("/v1/kv/app/greeting"))
-            .send()
-            .await
-            .unwrap();
+        let deleted = t.delete("/v1/kv/app/greeting").await;
         assert_eq!(deleted.status(), StatusCode::OK);
         let deleted_at = x_index(&deleted);
         assert!(deleted_at > written);
@@ -82,24 +77,12 @@ async fn cached_reads_report_miss_hit_and_age() {
         let stale: Value = t.get("/v1/kv/k?cached").await.json().await.unwrap();
         assert_eq!(stale["value"], "v1");
         // ...until max-age says the value is too old.
-        let fresh = t
-            .client
-            .get(t.url("/v1/kv/k?cached"))
-            .header("Cache-Control", "max-age=0")
-            .send()
-            .await
-            .unwrap();
+        let fresh = t.get_cache_control("/v1/kv/k?cached", "max-age=0").await;
         assert_eq!(header(&fresh, "x-cache"), "MISS");
         let fresh: Value = fresh.json().await.unwrap();
         assert_eq!(fresh["value"], "v2");
         // A generous max-age is served from the cache.
-        let hit = t
-            .client
-            .get(t.url("/v1/kv/k?cached"))
-            .header("Cache-Control", "max-age=3600")
-            .send()
-            .await
-            .unwrap();
+        let hit = t.get_cache_control("/v1/kv/k?cached", "max-age=3600").await;
         assert_eq!(header(&hit, "x-cache"), "HIT");
         t.shutdown().await;
     })
@@ -329,37 +312,26 @@ async fn prefix_listing_and_blocking_listing() {
 async fn compare_and_set_writes() {
     bounded(async {
         let t = start_default().await;
-        let put = |path: &str, body: &str| t.client.put(t.url(path)).body(body.to_owned()).send();
         // cas=0: create only.
-        let created = put("/v1/kv/lock?cas=0", "me").await.unwrap();
+        let created = t.put_body("/v1/kv/lock?cas=0", "me").await;
         assert_eq!(created.status(), StatusCode::OK);
         let index = x_index(&created);
-        let again = put("/v1/kv/lock?cas=0", "you").await.unwrap();
+        let again = t.put_body("/v1/kv/lock?cas=0", "you").await;
         let body = expect_error(again, StatusCode::CONFLICT, "cas mismatch").await;
         assert_eq!(body["index"], index);
-        let stale = put(&format!("/v1/kv/lock?cas={}", index + 100), "you")
-            .await
-            .unwrap();
+        let stale = t
+            .put_body(&format!("/v1/kv/lock?cas={}", index + 100), "you")
+            .await;
         expect_error(stale, StatusCode::CONFLICT, "cas mismatch").await;
-        let updated = put(&format!("/v1/kv/lock?cas={index}"), "still me")
-            .await
-            .unwrap();
+        let updated = t
+            .put_body(&format!("/v1/kv/lock?cas={index}"), "still me")
+            .await;
         assert_eq!(updated.status(), StatusCode::OK);
         let updated_at = x_index(&updated);
 
-        let wrong = t
-            .client
-            .delete(t.url(&format!("/v1/kv/lock?cas={index}")))
-            .send()
-            .await
-            .unwrap();
+        let wrong = t.delete(&format!("/v1/kv/lock?cas={index}")).await;
         expect_error(wrong, StatusCode::CONFLICT, "cas mismatch").await;
-        let deleted = t
-            .client
-            .delete(t.url(&format!("/v1/kv/lock?cas={updated_at}")))
-            .send()
-            .await
-            .unwrap();
+        let deleted = t.delete(&format!("/v1/kv/lock?cas={updated_at}")).await;
         assert_eq!(deleted.status(), StatusCode::OK);
         t.shutdown().await;
     })

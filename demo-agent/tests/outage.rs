@@ -25,23 +25,11 @@ async fn stale_if_error_serves_the_last_value_during_an_outage() {
         )
         .await;
         // Writes fail too.
-        let write = t
-            .client
-            .put(t.url("/v1/kv/k"))
-            .body("x")
-            .send()
-            .await
-            .unwrap();
+        let write = t.put_body("/v1/kv/k", "x").await;
         expect_error(write, StatusCode::SERVICE_UNAVAILABLE, "injected outage").await;
 
         // Revalidation without stale-if-error reports the failure.
-        let strict = t
-            .client
-            .get(t.url("/v1/kv/k?cached"))
-            .header("Cache-Control", "max-age=0")
-            .send()
-            .await
-            .unwrap();
+        let strict = t.get_cache_control("/v1/kv/k?cached", "max-age=0").await;
         assert_eq!(header(&strict, "x-cache"), "MISS");
         expect_error(
             strict,
@@ -52,12 +40,8 @@ async fn stale_if_error_serves_the_last_value_during_an_outage() {
 
         // With stale-if-error the last value is served instead.
         let stale = t
-            .client
-            .get(t.url("/v1/kv/k?cached"))
-            .header("Cache-Control", "max-age=0, stale-if-error=60")
-            .send()
-            .await
-            .unwrap();
+            .get_cache_control("/v1/kv/k?cached", "max-age=0, stale-if-error=60")
+            .await;
         assert_eq!(stale.status(), StatusCode::OK);
         assert_eq!(x_index(&stale), index);
         let body: Value = stale.json().await.unwrap();
@@ -68,13 +52,7 @@ async fn stale_if_error_serves_the_last_value_during_an_outage() {
             ("must-revalidate", StatusCode::SERVICE_UNAVAILABLE),
             ("must-revalidate, stale-if-error=60", StatusCode::OK),
         ] {
-            let response = t
-                .client
-                .get(t.url("/v1/kv/k?cached"))
-                .header("Cache-Control", cache_control)
-                .send()
-                .await
-                .unwrap();
+            let response = t.get_cache_control("/v1/kv/k?cached", cache_control).await;
             assert_eq!(response.status(), status, "{cache_control}");
         }
 
@@ -84,13 +62,7 @@ async fn stale_if_error_serves_the_last_value_during_an_outage() {
 
         t.set_fail(false).await;
         let written = t.put("k", "after").await;
-        let fresh = t
-            .client
-            .get(t.url("/v1/kv/k?cached"))
-            .header("Cache-Control", "max-age=0")
-            .send()
-            .await
-            .unwrap();
+        let fresh = t.get_cache_control("/v1/kv/k?cached", "max-age=0").await;
         assert_eq!(x_index(&fresh), written);
         assert!(
             t.metric("demo_agent_upstream_injected_failures_total")
@@ -137,13 +109,7 @@ async fn refresh_mode_serves_cached_values_during_an_outage() {
             "upstream unavailable",
         )
         .await;
-        let stale = t
-            .client
-            .get(t.url(&blocking))
-            .header("Cache-Control", "stale-if-error=600")
-            .send()
-            .await
-            .unwrap();
+        let stale = t.get_cache_control(&blocking, "stale-if-error=600").await;
         assert_eq!(stale.status(), StatusCode::OK);
         let body: Value = stale.json().await.unwrap();
         assert_eq!(body["value"], "before");
@@ -176,11 +142,8 @@ async fn fail_rate_flag_and_runtime_switches() {
         assert_eq!(settings["fail"], false);
 
         let changed = t
-            .client
-            .put(t.url("/v1/agent/upstream?fail_rate=0&latency=1ms"))
-            .send()
-            .await
-            .unwrap();
+            .put_no_body("/v1/agent/upstream?fail_rate=0&latency=1ms")
+            .await;
         assert_eq!(changed.status(), StatusCode::OK);
         let settings: Value = changed.json().await.unwrap();
         assert_eq!(settings["fail_rate"], 0.0);
@@ -194,12 +157,7 @@ async fn fail_rate_flag_and_runtime_switches() {
             ("latency=5", "invalid latency"),
             ("latency=2h", "at most 1m"),
         ] {
-            let response = t
-                .client
-                .put(t.url(&format!("/v1/agent/upstream?{query}")))
-                .send()
-                .await
-                .unwrap();
+            let response = t.put_no_body(&format!("/v1/agent/upstream?{query}")).await;
             expect_error(response, StatusCode::BAD_REQUEST, needle).await;
         }
         t.shutdown().await;

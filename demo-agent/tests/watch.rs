@@ -60,7 +60,7 @@ async fn watch_several_keys_and_a_prefix(t: TestAgent) {
 
     // A write nobody watches sends nothing: the next event is the next watched write.
     t.put("elsewhere", "x").await;
-    t.client.delete(t.url("/v1/kv/a")).send().await.unwrap();
+    t.delete("/v1/kv/a").await;
     let event = events.next().await.unwrap();
     assert_eq!(event.data["correlation_id"], "key:a");
     assert_eq!(event.data["value"], Value::Null);

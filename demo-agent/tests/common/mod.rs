@@ -10,7 +10,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use demo_agent::{Agent, Config, KvCacheMode, RunningAgent};
-use reqwest::{Client, Response, StatusCode};
+use reqwest::{Body, Client, Response, StatusCode};
 use serde_json::Value;
 
 /// The bound on every test's body.
@@ -62,14 +62,41 @@ impl TestAgent {
         self.client.get(self.url(path)).send().await.unwrap()
     }
 
-    pub async fn put(&self, key: &str, value: &str) -> u64 {
-        let response = self
-            .client
-            .put(self.url(&format!("/v1/kv/{key}")))
-            .body(value.to_owned())
+    /// A GET with a `Cache-Control` request header.
+    pub async fn get_cache_control(&self, path: &str, cache_control: &str) -> Response {
+        self.client
+            .get(self.url(path))
+            .header("Cache-Control", cache_control)
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A PUT of `body` to `path`, answered as it comes (see [`TestAgent::put`] for a checked
+    /// KV write).
+    pub async fn put_body(&self, path: &str, body: impl Into<Body>) -> Response {
+        self.client
+            .put(self.url(path))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A PUT without a body (the settings endpoint takes its input from the query).
+    pub async fn put_no_body(&self, path: &str) -> Response {
+        self.client.put(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn delete(&self, path: &str) -> Response {
+        self.client.delete(self.url(path)).send().await.unwrap()
+    }
+
+    /// Writes `value` to `key` through the agent, expects 200, and returns the write's index.
+    pub async fn put(&self, key: &str, value: &str) -> u64 {
+        let response = self
+            .put_body(&format!("/v1/kv/{key}"), value.to_owned())
+            .await;
         assert_eq!(response.status(), StatusCode::OK, "PUT {key}");
         let body: Value = response.json().await.unwrap();
         body["index"].as_u64().expect("write index")
@@ -77,11 +104,8 @@ impl TestAgent {
 
     pub async fn set_fail(&self, fail: bool) {
         let response = self
-            .client
-            .put(self.url(&format!("/v1/agent/upstream?fail={fail}")))
-            .send()
-            .await
-            .unwrap();
+            .put_no_body(&format!("/v1/agent/upstream?fail={fail}"))
+            .await;
         assert_eq!(response.status(), StatusCode::OK);
     }
 
