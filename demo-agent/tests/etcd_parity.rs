@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::sse::SseReader;
 use common::{TestAgent, bounded, expect_error, header, x_index};
-use demo_agent::{Config, KvCacheMode};
+use demo_agent::KvCacheMode;
 use etcd::EtcdCluster;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -286,16 +286,10 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     t.shutdown().await;
 }
 
-fn config(mode: KvCacheMode) -> Config {
-    let mut config = Config::for_tests();
-    config.kv_cache = mode;
-    config
-}
-
 #[tokio::test]
 async fn parity_embedded_refresh_mode() {
     bounded(async {
-        let t = common::start(config(KvCacheMode::Refresh)).await;
+        let t = common::start_with_mode(KvCacheMode::Refresh).await;
         parity(t, KvCacheMode::Refresh).await;
     })
     .await;
@@ -304,7 +298,7 @@ async fn parity_embedded_refresh_mode() {
 #[tokio::test]
 async fn parity_embedded_simple_mode() {
     bounded(async {
-        let t = common::start(config(KvCacheMode::Simple)).await;
+        let t = common::start_with_mode(KvCacheMode::Simple).await;
         parity(t, KvCacheMode::Simple).await;
     })
     .await;

@@ -144,9 +144,7 @@ async fn uncached_blocking_read_wakes_on_write() {
 }
 
 async fn cached_blocking_read_wakes_on_write(mode: KvCacheMode) {
-    let mut config = Config::for_tests();
-    config.kv_cache = mode;
-    let t = common::start(config).await;
+    let t = common::start_with_mode(mode).await;
     let index = t.put("k", "v1").await;
     // Warm the entry.
     assert_eq!(t.get("/v1/kv/k?cached").await.status(), StatusCode::OK);

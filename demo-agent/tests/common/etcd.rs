@@ -419,11 +419,10 @@ fn int64(v: &Value) -> u64 {
 
 /// An agent on `endpoints` with `mode` and a short etcd request timeout.
 pub fn etcd_config(endpoints: Vec<String>, mode: KvCacheMode) -> Config {
-    let mut config = Config::for_tests();
+    let mut config = common::config_with_mode(mode);
     config.upstream = UpstreamKind::Etcd;
     config.etcd_endpoints = endpoints;
     config.etcd_timeout = Duration::from_secs(2);
-    config.kv_cache = mode;
     config
 }
 

@@ -46,11 +46,21 @@ pub async fn start_default() -> TestAgent {
     start(Config::for_tests()).await
 }
 
+/// The test defaults with the KV cache in `mode`.
+pub fn config_with_mode(mode: KvCacheMode) -> Config {
+    let mut config = Config::for_tests();
+    config.kv_cache = mode;
+    config
+}
+
+/// An agent whose KV cache is in `mode`.
+pub async fn start_with_mode(mode: KvCacheMode) -> TestAgent {
+    start(config_with_mode(mode)).await
+}
+
 /// An agent whose KV cache is in simple mode (Cache-Control decides freshness).
 pub async fn start_simple() -> TestAgent {
-    let mut config = Config::for_tests();
-    config.kv_cache = KvCacheMode::Simple;
-    start(config).await
+    start_with_mode(KvCacheMode::Simple).await
 }
 
 impl TestAgent {
