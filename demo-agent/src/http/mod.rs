@@ -12,15 +12,19 @@
 //! | `GET /v1/agent/health` | `{"status":"ok"}` |
 //! | `GET /v1/agent/upstream/stats` | upstream counters, via a polling cache type |
 //! | `GET`/`PUT /v1/agent/upstream` | fault injection: `?fail=`, `?fail_rate=`, `?latency=` |
+//! | `GET /v1/agent/cache` | the web view's JSON: upstream, types, history, one page of entries |
+//! | `GET /ui/` | the web view (`GET /` redirects a browser there) |
 //!
 //! There is no compression layer (a compressing layer buffers server-sent events, tower-http
 //! #420; if one is added, exclude `/v1/watch`), and the request timeout (11 min) exceeds the
 //! longest wait (10 min).
 
 mod agent_routes;
+pub mod cache_view;
 pub mod error;
 mod kv;
 pub mod params;
+mod ui;
 mod watch;
 
 use std::any::Any;
@@ -59,7 +63,13 @@ pub fn app(state: AgentState) -> Router {
             "/v1/agent/upstream",
             get(agent_routes::get_faults).put(agent_routes::put_faults),
         )
-        .route("/v1/agent/upstream/stats", get(agent_routes::stats));
+        .route("/v1/agent/upstream/stats", get(agent_routes::stats))
+        .route("/v1/agent/cache", get(cache_view::cache_view))
+        .route("/", get(ui::root))
+        .route("/ui", get(ui::ui_slash))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::app_js))
+        .route("/ui/style.css", get(ui::style_css));
     if state.inner.debug_routes {
         router = router.route("/v1/agent/debug/panic", get(agent_routes::panic));
     }
