@@ -54,6 +54,8 @@ pub(crate) struct StateInner {
     /// `/v1/watch` streams open now.
     pub(crate) sse_streams: AtomicU64,
     pub(crate) debug_routes: bool,
+    /// Writes made through this agent that cached reads must see (read your writes).
+    pub(crate) writes: crate::types::RecentWrites,
     /// The last minutes of the cache's counters, for the web view (`/v1/agent/cache`).
     pub(crate) history: http::cache_view::History,
 }
@@ -112,6 +114,7 @@ impl AgentState {
                 shutdown,
                 sse_streams: AtomicU64::new(0),
                 debug_routes: config.debug_routes,
+                writes: crate::types::RecentWrites::default(),
                 history: http::cache_view::History::new(),
             }),
         };

@@ -1,14 +1,44 @@
-//! `/v1/kv`: reads (cached or straight to the upstream, blocking or not), listings, and
-//! writes passed through to the upstream.
+//! `/v1/kv`: Consul's KV HTTP API (reads cached or straight to the upstream, blocking or
+//! not; listings; writes passed through to the upstream), and `/v1/agent/kv`, the agent's
+//! older `{"key","value","index"}` shape for curl users.
+//!
+//! # Consul's KV API
+//!
+//! - `GET /v1/kv/<key>`: `[{"LockIndex","Key","Flags","Value" (base64, null when empty),
+//!   "CreateIndex","ModifyIndex"}]`; `?recurse` (every entry under the prefix), `?keys` with
+//!   `?separator=`, `?raw` (the bare value); 404 with an empty body when absent. Reads carry
+//!   `X-Consul-Index`, `X-Consul-KnownLeader`, `X-Consul-LastContact`,
+//!   `X-Consul-Effective-Consistency`.
+//! - `PUT /v1/kv/<key>`: the body is the value (any bytes, at most 512 KiB); `?flags=`,
+//!   `?cas=`; answers `true`, or `false` for a compare-and-set mismatch.
+//! - `DELETE /v1/kv/<key>`: `?recurse`, `?cas=`; answers `true` or `false`.
+//!
+//! # Blocking reads through an outage
+//!
+//! A blocking read (`?index=N`) whose upstream fetch fails does not answer early: it holds,
+//! trying again every [`HOLD`], until the upstream answers (then it answers as usual) or its
+//! wait ends. At the end of its wait it answers the last value if `Cache-Control:
+//! stale-if-error` allows its age (`200`, `X-Cache: HIT`, `Age`, `Warning: 110 - "Response is
+//! Stale"`), else `503` with `Retry-After`. A loop of blocking reads therefore makes about one
+//! request per wait during an outage.
+//!
+//! # Read your writes
+//!
+//! A write through the agent that succeeded is remembered (key or prefix, and its index) until
+//! a cached read has seen it: the next `?cached` read of that key (or of a prefix over it)
+//! asks the cache for an index at or above the write's, and the write wakes every fetch chain
+//! that was backing off (`retry_now`), so watches see it at once too.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::JsonLine;
-use axum::body::Bytes;
+use super::consul::{self, ConsulQuery, DirEntry};
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cache_core::{CacheType, GetError, GetOutcome, TypedCache};
 use serde_json::json;
@@ -19,14 +49,466 @@ use super::{set_cache_headers, set_index_headers};
 use crate::agent::AgentState;
 use crate::config::KvCacheMode;
 use crate::types::{KvRequest, ListRequest, ReadOptions};
-use crate::upstream::{KeyRead, ListRead, UpstreamError};
+use crate::upstream::{KeyRead, ListRead, RESERVED_PREFIX, ReadMode, UpstreamError};
 
 /// How long a long-poll cut short by shutdown may take to read the data as it is.
 const ANSWER_NOW_TIMEOUT: Duration = Duration::from_secs(5);
 
-// ===== handlers =====
+/// How long a blocking read whose fetch failed waits before it tries again.
+pub(crate) const HOLD: Duration = Duration::from_secs(1);
+
+/// The longest a cached read waits for the agent's own write to reach the cache.
+const READ_YOUR_WRITE_WAIT: Duration = Duration::from_secs(10);
+
+/// The parameters `GET /v1/kv` takes (besides `dc`, `ns`, `partition`, `token`, `pretty`).
+const GET_PARAMS: &[&str] = &[
+    "recurse",
+    "keys",
+    "separator",
+    "seperator",
+    "raw",
+    "cached",
+    "stale",
+    "consistent",
+    "index",
+    "wait",
+];
+/// The parameters `PUT /v1/kv` takes.
+const PUT_PARAMS: &[&str] = &["flags", "cas"];
+/// The parameters `DELETE /v1/kv` takes.
+const DELETE_PARAMS: &[&str] = &["recurse", "cas"];
+
+// ===== Consul handlers =====
 
 /// `GET /v1/kv/{key}`.
+pub(super) async fn consul_get(
+    State(state): State<AgentState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    consul_read(&state, path_key(path)?, query.as_deref(), &headers).await
+}
+
+/// `GET /v1/kv` and `GET /v1/kv/`: the root (with `?recurse` or `?keys`).
+pub(super) async fn consul_get_root(
+    State(state): State<AgentState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    consul_read(&state, String::new(), query.as_deref(), &headers).await
+}
+
+/// `PUT /v1/kv/{key}`.
+pub(super) async fn consul_put(
+    State(state): State<AgentState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = path_key(path)?;
+    let query = ConsulQuery::parse(query.as_deref(), PUT_PARAMS)?;
+    check_key(&key)?;
+    let flags = query.params().u64("flags")?.unwrap_or(0);
+    let cas = query.params().u64("cas")?;
+    let value = body_bytes(body)?;
+    let written = state
+        .inner
+        .upstream
+        .put(&key, value.to_vec(), flags, cas)
+        .await;
+    write_outcome(&state, &key, false, written, query.pretty())
+}
+
+/// `PUT /v1/kv` and `PUT /v1/kv/`: no key.
+pub(super) async fn consul_put_root() -> ApiError {
+    ApiError::bad_request("missing key name: use PUT /v1/kv/<key>")
+}
+
+/// `DELETE /v1/kv/{key}`.
+pub(super) async fn consul_delete(
+    State(state): State<AgentState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    consul_remove(&state, path_key(path)?, query.as_deref()).await
+}
+
+/// `DELETE /v1/kv` and `DELETE /v1/kv/`: only with `?recurse` (deletes every key).
+pub(super) async fn consul_delete_root(
+    State(state): State<AgentState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    consul_remove(&state, String::new(), query.as_deref()).await
+}
+
+async fn consul_remove(
+    state: &AgentState,
+    key: String,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
+    let query = ConsulQuery::parse(query, DELETE_PARAMS)?;
+    let cas = query.params().u64("cas")?;
+    let written = if query.flag("recurse") {
+        if cas.is_some() {
+            return Err(ApiError::bad_request(
+                "?cas cannot be combined with ?recurse: a compare-and-set deletes one key",
+            ));
+        }
+        params::validate_prefix(&key)?;
+        check_reserved(&key)?;
+        state.inner.upstream.delete_prefix(&key).await
+    } else {
+        check_key(&key)?;
+        state.inner.upstream.delete(&key, cas).await
+    };
+    write_outcome(state, &key, query.flag("recurse"), written, query.pretty())
+}
+
+/// A write's answer: `true`, or `false` for a compare-and-set mismatch (Consul's `200 false`).
+/// The write's index goes in `X-Consul-Index` (an extension: Consul sends none on writes).
+fn write_outcome(
+    state: &AgentState,
+    key: &str,
+    prefix: bool,
+    written: Result<u64, UpstreamError>,
+    pretty: bool,
+) -> Result<Response, ApiError> {
+    let (ok, index) = match written {
+        Ok(index) => {
+            state.inner.writes.record(key, prefix, index);
+            (true, index)
+        }
+        Err(UpstreamError::CasMismatch { current, .. }) => (false, current),
+        Err(UpstreamError::Unsupported(what)) => {
+            return Err(ApiError::bad_request(format!("not supported: {what}")));
+        }
+        Err(error) => return Ok(unavailable(error.into()).into_response()),
+    };
+    let mut response = json_response(&ok, pretty);
+    response
+        .headers_mut()
+        .insert("x-consul-index", HeaderValue::from(index.max(1)));
+    Ok(response)
+}
+
+/// The request body, or a 413 naming the limit.
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body too large: the value limit is {} bytes (512 KiB)",
+                    params::MAX_VALUE_BYTES
+                ),
+            )
+        } else {
+            ApiError::new(
+                rejection.status(),
+                format!("cannot read the request body: {}", rejection.body_text()),
+            )
+        }
+    })
+}
+
+/// Checks a key for a single-key operation: present, within the limit, not reserved.
+fn check_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing key name: use /v1/kv/<key> (or ?recurse / ?keys on a prefix)",
+        ));
+    }
+    params::validate_key(key)?;
+    check_reserved(key)
+}
+
+/// Refuses keys under the agent's reserved prefix (where the etcd upstream keeps flags).
+fn check_reserved(key: &str) -> Result<(), ApiError> {
+    if key.starts_with(RESERVED_PREFIX) {
+        return Err(ApiError::bad_request(format!(
+            "keys under {RESERVED_PREFIX:?} are reserved by the agent"
+        )));
+    }
+    Ok(())
+}
+
+/// What a Consul GET asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape<'a> {
+    /// One entry (`raw`: its bare value).
+    Key { raw: bool },
+    /// `?recurse`: every entry under the prefix.
+    Recurse,
+    /// `?keys`: the key names under the prefix, cut at `separator`.
+    Keys { separator: Option<&'a str> },
+}
+
+async fn consul_read(
+    state: &AgentState,
+    key: String,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let query = ConsulQuery::parse(query, GET_PARAMS)?;
+    let mode = query.read_mode()?;
+    let separator = query.get("separator").or_else(|| query.get("seperator"));
+    let shape = match (query.flag("recurse"), query.flag("keys"), query.flag("raw")) {
+        (true, true, _) => {
+            return Err(ApiError::bad_request(
+                "?recurse and ?keys cannot be combined: use one",
+            ));
+        }
+        (true, false, true) | (false, true, true) => {
+            return Err(ApiError::bad_request(
+                "?raw answers one value: it cannot be combined with ?recurse or ?keys",
+            ));
+        }
+        (true, false, false) => Shape::Recurse,
+        (false, true, false) => Shape::Keys { separator },
+        (false, false, raw) => Shape::Key { raw },
+    };
+    if separator.is_some() && !matches!(shape, Shape::Keys { .. }) {
+        return Err(ApiError::bad_request("?separator applies only with ?keys"));
+    }
+    match shape {
+        Shape::Key { .. } => check_key(&key)?,
+        Shape::Recurse | Shape::Keys { .. } => {
+            params::validate_prefix(&key)?;
+            check_reserved(&key)?;
+        }
+    }
+    let blocking = query.params().blocking()?;
+    let cache_control = CacheControl::from_headers(headers)?;
+    let mut read = ReadOptions {
+        cached: query.flag("cached"),
+        min_index: blocking.min_index,
+        wait: blocking
+            .is_blocking()
+            .then(|| consul::jittered_wait(blocking.wait)),
+        block: blocking.is_blocking(),
+        must_revalidate: cache_control.must_revalidate,
+        stale_if_error: cache_control.stale_if_error,
+        mode,
+    };
+    let is_prefix = !matches!(shape, Shape::Key { .. });
+    let written = read
+        .cached
+        .then(|| state.inner.writes.floor(&key, is_prefix))
+        .unwrap_or(0);
+    if written > 0 && read.min_index < written - 1 {
+        // Read your writes: the cache must hold this agent's last write (index >= it).
+        read.min_index = written - 1;
+        read.wait = Some(read.wait.unwrap_or(READ_YOUR_WRITE_WAIT));
+    }
+    let cached = read.cached;
+    let effective = if cached { ReadMode::Stale } else { mode };
+    let pretty = query.pretty();
+    let max_age = cache_control.max_age;
+    let response = if is_prefix {
+        let request = ListRequest::new(key.clone(), read);
+        let held = read_holding(state, &state.inner.list, request, max_age).await;
+        if held.outcome.error.is_none() && held.outcome.index >= written {
+            state.inner.writes.seen(&key, true, held.outcome.index);
+        }
+        held.respond(cached, |list, index| {
+            let mut response = match shape {
+                Shape::Keys { separator } => {
+                    let keys = consul::list_keys(&list.entries, &key, separator);
+                    if keys.is_empty() && !key.is_empty() {
+                        not_found()
+                    } else {
+                        json_response(&keys, pretty)
+                    }
+                }
+                _ if list.entries.is_empty() => not_found(),
+                _ => {
+                    let entries: Vec<DirEntry<'_>> =
+                        list.entries.iter().map(DirEntry::from).collect();
+                    json_response(&entries, pretty)
+                }
+            };
+            consul::set_read_headers(response.headers_mut(), index, effective);
+            response
+        })
+    } else {
+        let raw = matches!(shape, Shape::Key { raw: true });
+        let request = KvRequest { key, read };
+        let held = read_holding(state, &state.inner.kv, request.clone(), max_age).await;
+        if held.outcome.error.is_none() && held.outcome.index >= written {
+            state.inner.writes.seen(&request.key, false, held.outcome.index);
+        }
+        held.respond(cached, |read, index| {
+            let mut response = match &read.entry {
+                None => not_found(),
+                Some(entry) if raw => raw_response(&entry.value),
+                Some(entry) => json_response(&[DirEntry::from(entry)], pretty),
+            };
+            consul::set_read_headers(response.headers_mut(), index, effective);
+            response
+        })
+    };
+    Ok(response)
+}
+
+/// A read's outcome after [`read_holding`], and whether its value was served stale.
+struct Held<V> {
+    outcome: ReadOutcome<V>,
+    stale: bool,
+}
+
+impl<V> Held<V> {
+    /// The response: `ok(value, index)` for a value, else the error (a 503 with
+    /// `Retry-After`); cache headers on cached reads; the stale markers on a stale value.
+    fn respond(self, cached: bool, ok: impl FnOnce(&V, u64) -> Response) -> Response {
+        let Held { outcome, stale } = self;
+        let mut response = match (outcome.error, &outcome.value) {
+            (Some(error), _) => unavailable(error).into_response(),
+            (None, None) => no_answer().into_response(),
+            (None, Some(value)) => ok(value, outcome.index.max(1)),
+        };
+        if cached {
+            set_cache_headers(response.headers_mut(), outcome.hit || stale, outcome.age);
+        }
+        if stale {
+            response.headers_mut().insert(
+                "warning",
+                HeaderValue::from_static("110 - \"Response is Stale\""),
+            );
+        }
+        response
+    }
+}
+
+/// Reads through the cache like [`read_through`]; a blocking read whose fetch fails holds
+/// and tries again every [`HOLD`] until the upstream answers or its wait ends, and then
+/// applies `stale-if-error` itself (see the module docs).
+async fn read_holding<T>(
+    state: &AgentState,
+    cache: &TypedCache<T>,
+    mut request: T::Request,
+    max_age: Option<Duration>,
+) -> Held<T::Value>
+where
+    T: CacheType<Error = UpstreamError>,
+    T::Request: ReadRequest,
+{
+    let read = request.read_mut();
+    if !read.block {
+        let started = tokio::time::Instant::now();
+        let cached = read.cached;
+        let outcome = read_through(state, cache, request, max_age).await;
+        // A cached miss whose value predates this read: its fetch failed and stale-if-error
+        // served the last value.
+        let stale = cached
+            && outcome.error.is_none()
+            && !outcome.hit
+            && outcome.value.is_some()
+            && outcome.age > started.elapsed();
+        return Held { outcome, stale };
+    }
+    let stale_if_error = read.stale_if_error.take();
+    let deadline = tokio::time::Instant::now() + read.wait.unwrap_or(params::DEFAULT_WAIT);
+    loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        request.read_mut().wait = Some(remaining.max(Duration::from_millis(1)));
+        let outcome = read_through(state, cache, request.clone(), max_age).await;
+        if outcome.error.is_none() {
+            return Held {
+                outcome,
+                stale: false,
+            };
+        }
+        let now = tokio::time::Instant::now();
+        if now + HOLD >= deadline {
+            tokio::time::sleep_until(deadline).await;
+            return stale_or_error(outcome, stale_if_error);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(HOLD) => {}
+            () = state.shutdown_started() => return stale_or_error(outcome, stale_if_error),
+        }
+    }
+}
+
+/// A failed read at the end of its wait: its last value when `stale-if-error` allows its
+/// age, else the error.
+fn stale_or_error<V>(mut outcome: ReadOutcome<V>, stale_if_error: Option<Duration>) -> Held<V> {
+    let allowed = stale_if_error.is_some_and(|limit| outcome.age <= limit);
+    if allowed && outcome.value.is_some() {
+        outcome.error = None;
+        return Held {
+            outcome,
+            stale: true,
+        };
+    }
+    Held {
+        outcome,
+        stale: false,
+    }
+}
+
+/// An upstream failure as a response: 503s carry `Retry-After`.
+fn unavailable(error: ApiError) -> RetryAfter {
+    RetryAfter(error)
+}
+
+/// An error response that adds `Retry-After` to a 503.
+struct RetryAfter(ApiError);
+
+impl IntoResponse for RetryAfter {
+    fn into_response(self) -> Response {
+        let status = self.0.status;
+        let mut response = self.0.into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(HOLD.as_secs().max(1)));
+        }
+        response
+    }
+}
+
+/// Consul's answer for an absent key or an empty listing: 404 with an empty body.
+fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, Body::empty()).into_response()
+}
+
+/// `?raw`: the value's bytes.
+fn raw_response(value: &[u8]) -> Response {
+    let mut response = Response::new(Body::from(value.to_vec()));
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    response
+}
+
+/// A JSON body, indented for `?pretty`.
+fn json_response<T: serde::Serialize + ?Sized>(body: &T, pretty: bool) -> Response {
+    let encoded = if pretty {
+        serde_json::to_vec_pretty(body)
+    } else {
+        serde_json::to_vec(body)
+    };
+    match encoded {
+        Ok(mut bytes) => {
+            bytes.push(b'\n');
+            ([(CONTENT_TYPE, "application/json")], bytes).into_response()
+        }
+        Err(error) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the response: {error}"),
+        )
+        .into_response(),
+    }
+}
+
+// ===== agent-shape handlers (/v1/agent/kv) =====
+
+/// `GET /v1/agent/kv/{key}`.
 pub(super) async fn get_key(
     State(state): State<AgentState>,
     path: Result<Path<String>, PathRejection>,
@@ -87,7 +569,11 @@ pub(super) async fn put_key(
     })?;
     let value = String::from_utf8(body.to_vec())
         .map_err(|e| ApiError::bad_request(format!("value is not valid UTF-8: {e}")))?;
-    let index = state.inner.upstream.put(&key, value, cas).await?;
+    let index = state
+        .inner
+        .upstream
+        .put(&key, value.into_bytes(), 0, cas)
+        .await?;
     Ok(write_response(index))
 }
 
@@ -168,6 +654,7 @@ fn read_options(
         block: blocking.is_blocking(),
         must_revalidate: cache_control.must_revalidate,
         stale_if_error: cache_control.stale_if_error,
+        mode: crate::upstream::ReadMode::Default,
     };
     Ok((read, cache_control.max_age))
 }
@@ -307,7 +794,7 @@ fn key_response(key: &str, outcome: ReadOutcome<Arc<KeyRead>>, cached: bool) -> 
         (None, Some(read)) => {
             // A cached read reports the entry's index; a pass-through read its own.
             let index = if cached { outcome.index } else { read.index }.max(1);
-            match &read.value {
+            match read.entry.as_ref().map(|e| String::from_utf8_lossy(&e.value)) {
                 Some(value) => {
                     let mut response =
                         JsonLine(json!({ "key": key, "value": value, "index": index }))
@@ -332,7 +819,7 @@ fn list_response(prefix: &str, outcome: ReadOutcome<Arc<ListRead>>, cached: bool
         (None, Some(list)) => {
             let index = if cached { outcome.index } else { list.index }.max(1);
             let mut response =
-                JsonLine(json!({ "prefix": prefix, "keys": list.keys, "index": index }))
+                JsonLine(json!({ "prefix": prefix, "keys": list.entries.iter().map(|e| json!({"key": e.key, "value": String::from_utf8_lossy(&e.value)})).collect::<Vec<_>>(), "index": index }))
                     .into_response();
             set_index_headers(response.headers_mut(), index);
             response
