@@ -6,7 +6,9 @@
 //! scenario runs its variants in interleaved rounds (ours, baseline, baseline, ours, …), and a
 //! figure is the median of its rounds; the ratio is ours ÷ baseline.
 //!
-//! - [`scenarios`]: hit path, many entries, miss storm, watch fan-out, runtimes, agent HTTP.
+//! - [`scenarios`]: hit path, many entries, churn through a capacity bound, miss storm, watch
+//!   fan-out, runtimes, agent HTTP; [`REGISTRY`] lists them.
+//! - [`soak`]: the long-running leak check behind `cargo xtask soak`.
 //! - [`report`]: figures, the Markdown table and the JSON report.
 //! - [`alloc`]: the counting global allocator (bytes live) and the process RSS.
 //! - [`Mode`]: full, quick (`--quick`, under 2 minutes) and smoke (the `cargo test` run, tiny
@@ -20,6 +22,7 @@ pub mod kv;
 pub mod report;
 pub mod rt;
 pub mod scenarios;
+pub mod soak;
 pub mod stats;
 
 #[global_allocator]
@@ -47,28 +50,43 @@ impl Mode {
     }
 }
 
-/// Every scenario, in report order. Names are what `--only` matches.
-pub const SCENARIOS: &[&str] = &["hit", "many", "storm", "fanout", "runtimes", "agent"];
+/// A scenario: its name (what `--only` matches, and the prefix of its figures) and its entry
+/// point.
+pub type Scenario = (&'static str, fn(Mode) -> Vec<report::Figure>);
+
+/// Every scenario, in report order. To add one, add a line here.
+pub const REGISTRY: &[Scenario] = &[
+    ("hit", scenarios::hit::run),
+    ("many", scenarios::many::run),
+    ("churn", scenarios::churn::run),
+    ("storm", scenarios::storm::run),
+    ("fanout", scenarios::fanout::run),
+    ("runtimes", scenarios::runtimes::run),
+    ("agent", scenarios::agent::run),
+];
+
+/// The scenario names, in report order.
+pub const SCENARIOS: &[&str] = &{
+    let mut names = [""; REGISTRY.len()];
+    let mut i = 0;
+    while i < REGISTRY.len() {
+        names[i] = REGISTRY[i].0;
+        i += 1;
+    }
+    names
+};
 
 /// Runs the scenarios whose name is in `only` (all when `only` is empty) and returns their
 /// figures. Progress goes to stderr.
 pub fn run(mode: Mode, only: &[String]) -> Vec<report::Figure> {
     let mut figures = Vec::new();
-    for &name in SCENARIOS {
+    for &(name, scenario) in REGISTRY {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
         eprintln!("== {name}");
         let started = std::time::Instant::now();
-        let new = match name {
-            "hit" => scenarios::hit::run(mode),
-            "many" => scenarios::many::run(mode),
-            "storm" => scenarios::storm::run(mode),
-            "fanout" => scenarios::fanout::run(mode),
-            "runtimes" => scenarios::runtimes::run(mode),
-            "agent" => scenarios::agent::run(mode),
-            _ => unreachable!("unknown scenario {name}"),
-        };
+        let new = scenario(mode);
         for figure in &new {
             eprintln!("   {}", figure.one_line());
         }

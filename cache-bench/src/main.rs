@@ -11,10 +11,11 @@ cache-bench [--quick | --smoke] [--only SCENARIO[,SCENARIO…]] [--out DIR] [--c
 
   --quick      a reduced run (under 2 minutes in a release build)
   --smoke      tiny counts: proves every scenario runs; figures mean nothing
-  --only       run only these scenarios (hit, many, storm, fanout, runtimes, agent)
+  --only       run only these scenarios (hit, many, churn, storm, fanout, runtimes, agent…)
   --out        where report.md and report.json go (default: target/bench)
   --command    the command line to record in the report
-  --profile-hit SECS   run only our 1-thread hit loop for SECS seconds (for perf), no report
+  --profile-hit SECS   run only our hit loop for SECS seconds (for perf), no report
+  --threads N          with --profile-hit: on N threads at once (default 1)
 ";
 
 fn main() -> ExitCode {
@@ -22,6 +23,8 @@ fn main() -> ExitCode {
     let mut only = Vec::new();
     let mut out = PathBuf::from("target/bench");
     let mut command = None;
+    let mut profile_secs: Option<u64> = None;
+    let mut threads = 1;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -36,18 +39,25 @@ fn main() -> ExitCode {
                 None => return usage("--out needs a value"),
             },
             "--command" => command = args.next(),
-            "--profile-hit" => {
-                // Only our hit loop, for `perf record`: no baseline in the profile.
-                let secs: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(10);
-                cache_bench::scenarios::hit::profile(std::time::Duration::from_secs(secs));
-                return ExitCode::SUCCESS;
-            }
+            "--profile-hit" => match args.next().and_then(|s| s.parse().ok()) {
+                Some(secs) => profile_secs = Some(secs),
+                None => return usage("--profile-hit needs a number of seconds"),
+            },
+            "--threads" => match args.next().and_then(|s| s.parse().ok()) {
+                Some(n) if n > 0 => threads = n,
+                _ => return usage("--threads needs a positive number"),
+            },
             "-h" | "--help" => {
                 print!("{HELP}");
                 return ExitCode::SUCCESS;
             }
             other => return usage(&format!("unknown argument {other:?}")),
         }
+    }
+    if let Some(secs) = profile_secs {
+        // Only our hit loop, for `perf record`: no baseline in the profile.
+        cache_bench::scenarios::hit::profile(std::time::Duration::from_secs(secs), threads);
+        return ExitCode::SUCCESS;
     }
     if let Some(bad) = only.iter().find(|o| !SCENARIOS.contains(&o.as_str())) {
         return usage(&format!("unknown scenario {bad:?}"));

@@ -1,8 +1,8 @@
 //! The pure backoff state machine (SPEC §6): fed outcomes, it answers how long to wait.
 //!
 //! No clock, no runtime and no random source live here: the caller supplies jitter as a number
-//! in `[0, 1)`, so tests are deterministic and the same machine drives background refresh and
-//! both watch loops.
+//! in `[0, 1)`, so tests are deterministic, and the same machine drives every fetch chain: background
+//! refresh and watches.
 
 use std::time::Duration;
 
@@ -79,7 +79,7 @@ impl BackoffPolicy {
             return base;
         }
         let stagger = base.mul_f64(jitter.clamp(0.0, 1.0));
-        base + stagger.min(base - Duration::from_nanos(1))
+        base.saturating_add(stagger.min(base - Duration::from_nanos(1)))
     }
 }
 

@@ -14,6 +14,7 @@ use crate::cache_type::{CacheType, RequestInfo};
 use crate::error::{CacheError, GetError};
 use crate::expiry::{self, ExpiryQueue};
 use crate::get::{GetOutcome, Response};
+use crate::inspect::{EntryPage, EntryQuery};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimit;
 use crate::runtime::SharedRuntime;
@@ -30,10 +31,15 @@ pub(crate) struct Shared {
     pub(crate) backoff: BackoffPolicy,
     pub(crate) expiry: ExpiryQueue,
     rate_limit: RwLock<RateLimit>,
+    /// Notified when the rate limit is reloaded, so fetches waiting for a token re-check.
+    pub(crate) limit_changed: Event,
     max_entries: Option<usize>,
     entries: AtomicUsize,
     /// Weak: stores hold the `Shared`, and the registry in `Inner` keeps them alive.
     stores: RwLock<Vec<Weak<dyn ErasedStore>>>,
+    /// Every watch, for the periodic check of receivers that went away (see `watch.rs`).
+    pub(crate) sweep: std::sync::Mutex<Vec<Weak<dyn crate::watch::Sweep>>>,
+    pub(crate) sweeper_running: AtomicBool,
 }
 
 impl Shared {
@@ -45,21 +51,25 @@ impl Shared {
         *self.rate_limit.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn on_insert(&self) {
+    /// Counts a new entry; `keep` (the new entry) is never the one evicted for capacity.
+    pub(crate) fn on_insert(&self, keep: *const ()) {
         let n = self.entries.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(max) = self.max_entries {
             if n > max {
-                self.enforce_capacity(max);
+                self.enforce_capacity(max, keep);
             }
         }
     }
 
+    /// Counts an entry removed from its table, and lets the expiry queue drop what it still
+    /// holds of removed entries once they are many (so eviction frees memory at once).
     pub(crate) fn on_remove(&self) {
         self.entries.fetch_sub(1, Ordering::Relaxed);
+        self.expiry.removed(self.entries.load(Ordering::Relaxed));
     }
 
     /// Evicts least recently read entries until at most `max` remain.
-    fn enforce_capacity(&self, max: usize) {
+    fn enforce_capacity(&self, max: usize, keep: *const ()) {
         while self.entries.load(Ordering::Relaxed) > max {
             let stores = self
                 .stores
@@ -69,11 +79,11 @@ impl Shared {
             let oldest = stores
                 .iter()
                 .filter_map(Weak::upgrade)
-                .filter_map(|s| s.oldest())
+                .filter_map(|s| s.least_recently_read(keep))
                 .min_by_key(|(read, _)| *read);
             match oldest {
-                Some((_, evict)) => {
-                    evict();
+                Some((_, victim)) => {
+                    victim.evict();
                 }
                 None => break,
             }
@@ -122,9 +132,12 @@ impl CacheBuilder {
             backoff: self.backoff,
             expiry: ExpiryQueue::default(),
             rate_limit: RwLock::new(self.rate_limit),
+            limit_changed: Event::new(),
             max_entries: self.max_entries,
             entries: AtomicUsize::new(0),
             stores: RwLock::new(Vec::new()),
+            sweep: std::sync::Mutex::new(Vec::new()),
+            sweeper_running: AtomicBool::new(false),
         });
         shared.rt.spawn(Box::pin(expiry::run(Arc::clone(&shared))));
         Cache {
@@ -236,15 +249,21 @@ impl Cache {
     /// Registers a cache type and returns its typed handle.
     ///
     /// Registering the same Rust type again replaces the registration: new gets use the new
-    /// one, whose entries start empty.
+    /// one, whose entries start empty. The replaced registration releases its entries at once
+    /// (they no longer count against `max_entries`), its watches end, and handles still held
+    /// to it answer [`GetError::Replaced`] / [`WatchError::Replaced`] from then on.
     pub fn register<T: CacheType>(&self, cache_type: T) -> TypedCache<T> {
         let store = Store::new(cache_type, Arc::clone(&self.inner.shared));
         let erased: Arc<dyn ErasedStore> = store.clone();
-        self.inner
+        let replaced = self
+            .inner
             .types
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(TypeId::of::<T>(), erased.clone());
+        if let Some(old) = replaced {
+            old.release_all();
+        }
         let mut stores = self
             .inner
             .shared
@@ -354,8 +373,8 @@ impl Cache {
         }
     }
 
-    /// Changes the per-entry fetch rate limit; it applies to existing entries from their next
-    /// fetch on.
+    /// Changes the per-entry fetch rate limit; it applies to existing entries at once (a
+    /// fetch waiting for a token re-computes its wait under the new limit).
     pub fn set_rate_limit(&self, limit: RateLimit) {
         *self
             .inner
@@ -363,6 +382,29 @@ impl Cache {
             .rate_limit
             .write()
             .unwrap_or_else(|p| p.into_inner()) = limit;
+        self.inner.shared.limit_changed.notify(usize::MAX);
+    }
+
+    /// Makes every fetch chain (background refresh or watch) that is waiting out a backoff
+    /// after failures retry now, in every registered type; returns how many were woken.
+    ///
+    /// Call it when the upstream is known to be reachable again (a probe answered, another
+    /// request succeeded), so entries recover at once instead of at the end of a backoff that
+    /// may have grown to a minute. The backoff state is untouched: if the retry fails too,
+    /// the next wait is the one the failure count calls for.
+    pub fn retry_now(&self) -> usize {
+        let stores = self
+            .inner
+            .shared
+            .stores
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        stores
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|s| s.retry_now())
+            .sum()
     }
 
     /// Stops background work: refresh, expiry and watches. Idempotent. Reads keep working
@@ -480,6 +522,20 @@ impl<T: CacheType> TypedCache<T> {
         }
         self.store.prepopulate(info, value, index);
         Ok(())
+    }
+
+    /// Makes every fetch chain of this type that is waiting out a backoff retry now; see
+    /// [`Cache::retry_now`].
+    pub fn retry_now(&self) -> usize {
+        self.store.retry_now()
+    }
+
+    /// A page of this type's entries, for an operator's view: see [`EntryQuery`].
+    ///
+    /// The work is one pass over the entries with a bounded heap of `offset + limit`, so
+    /// asking for one page of a million entries allocates one page.
+    pub fn entries(&self, query: &EntryQuery) -> EntryPage {
+        self.store.entries(query)
     }
 
     /// The cache this handle belongs to.

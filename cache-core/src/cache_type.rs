@@ -75,12 +75,24 @@ pub trait CacheType: Send + Sync + 'static {
     }
 
     /// Whether two values are the same, for polling watches of non-blocking types, which
-    /// deliver when the index rose or the value changed. The default says "always changed";
-    /// override it (for example with `==`) to deliver only real changes.
+    /// deliver when the index rose or the value changed.
+    ///
+    /// The default compares nothing: a polled watch of a type that keeps it delivers when the
+    /// index rose (or went backwards), never an unchanged value again. A type whose index does
+    /// not move when its data changes (for example one that answers index 0) must override it,
+    /// usually with `a == b`, or its polled watches see only the first value. A panic here is
+    /// contained: the watch delivers the new value.
     fn value_eq(&self, a: &Self::Value, b: &Self::Value) -> bool {
         let _ = (a, b);
+        DEFAULT_VALUE_EQ.with(|used| used.set(true));
         false
     }
+}
+
+thread_local! {
+    /// Set by the default [`CacheType::value_eq`], so that the engine can tell "this type does
+    /// not compare values" from "the values differ" without a second trait method.
+    pub(crate) static DEFAULT_VALUE_EQ: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A request that names a cache entry (Consul's `cache.Request`).
@@ -252,6 +264,9 @@ pub struct FetchOptions<V> {
     pub timeout: Duration,
     /// The entry's last result, when it holds a value.
     pub last_result: Option<LastResult<V>>,
+    /// Tells the cache that the server accepted this fetch's blocking query (see
+    /// [`Connected`]). A no-op for fetches the cache does not own (by hand, pass-through).
+    pub connected: Connected,
 }
 
 impl<V> FetchOptions<V> {
@@ -261,7 +276,43 @@ impl<V> FetchOptions<V> {
             min_index: 0,
             timeout: Duration::ZERO,
             last_result: None,
+            connected: Connected::default(),
         }
+    }
+}
+
+/// Lets a blocking fetch say "the server accepted my query and is now holding it": the
+/// entry's data is current at its index, so the server is reachable again.
+///
+/// A blocking query that sees no change stays open for up to `query_timeout` (minutes). Until
+/// it completes, the cache cannot tell an open query from a hung one, so an entry that was
+/// failing keeps reporting its old error and its age. A fetch that knows better (the server
+/// answered the query's first round trip) calls [`Connected::notify`]: the cache then clears
+/// the entry's stored error, its failing time and its lost-contact time at once, so later
+/// readers and watchers see a healthy entry with age zero. Backoff is left alone until the
+/// fetch completes. Calling it more than once, or after the fetch completed, does nothing.
+#[derive(Clone, Default)]
+pub struct Connected(Option<Arc<dyn Fn() + Send + Sync>>);
+
+impl Connected {
+    /// A signal that runs `f` when notified (the cache builds these; tests may too).
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(f)))
+    }
+
+    /// Reports that the server accepted the query. Cheap; safe to call from any thread.
+    pub fn notify(&self) {
+        if let Some(f) = &self.0 {
+            f();
+        }
+    }
+}
+
+impl fmt::Debug for Connected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connected")
+            .field("active", &self.0.is_some())
+            .finish()
     }
 }
 

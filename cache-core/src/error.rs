@@ -17,6 +17,12 @@ pub enum GetError<E> {
     /// The type was never registered with this cache.
     #[error("cache type `{0}` is not registered")]
     NotRegistered(&'static str),
+    /// The cache was closed, so the get could not start a fetch (hits keep working).
+    #[error("the cache is closed")]
+    Closed,
+    /// The handle belongs to a registration of the type that a newer one replaced.
+    #[error("cache type `{0}` was registered again; this handle is stale")]
+    Replaced(&'static str),
 }
 
 impl<E> Clone for GetError<E> {
@@ -25,6 +31,8 @@ impl<E> Clone for GetError<E> {
             Self::Fetch(e) => Self::Fetch(e.clone()),
             Self::Panicked(m) => Self::Panicked(m.clone()),
             Self::NotRegistered(n) => Self::NotRegistered(n),
+            Self::Closed => Self::Closed,
+            Self::Replaced(n) => Self::Replaced(n),
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -20,7 +21,13 @@ pub(crate) trait Expirable: Send + Sync {
     /// Called once the scheduled deadline has passed: evicts the entry and returns `None`, or
     /// returns its real, later deadline.
     fn check_expiry(&self, now: Instant) -> Option<Instant>;
+    /// Whether the entry is still in its table (not evicted by capacity, by a new
+    /// registration of its type, or otherwise).
+    fn is_cached(&self) -> bool;
 }
+
+/// Removals below this never trigger a compaction.
+const COMPACT_MIN: usize = 64;
 
 struct Item {
     deadline: Instant,
@@ -51,10 +58,16 @@ struct Heap {
 }
 
 /// Deadlines of every entry whose first fetch has completed.
+///
+/// An entry removed by other means than expiry (capacity, a new registration) stays in the
+/// heap until its deadline; the queue counts such removals and, once they outnumber the live
+/// entries, drops every item whose entry is gone. So the queue never holds more than about
+/// twice the live entries, whatever the churn, and the memory of evicted entries returns soon.
 #[derive(Default)]
 pub(crate) struct ExpiryQueue {
     heap: Mutex<Heap>,
     earlier: Event,
+    removed: AtomicUsize,
 }
 
 impl ExpiryQueue {
@@ -82,6 +95,32 @@ impl ExpiryQueue {
     fn next_deadline(&self) -> Option<Instant> {
         let heap = self.heap.lock().unwrap_or_else(|p| p.into_inner());
         heap.items.peek().map(|top| top.deadline)
+    }
+
+    /// Counts an entry removed from its table; `live` entries remain in the cache.
+    pub(crate) fn removed(&self, live: usize) {
+        let removed = self.removed.fetch_add(1, AtomicOrdering::Relaxed) + 1;
+        if removed > live.max(COMPACT_MIN) {
+            self.compact();
+        }
+    }
+
+    /// Drops the items of entries that are no longer cached. The entries are asked outside
+    /// the heap's lock (they take their table's lock, and a table lock may be held while
+    /// scheduling), so items scheduled meanwhile are merged back afterwards.
+    fn compact(&self) {
+        self.removed.store(0, AtomicOrdering::Relaxed);
+        let items = std::mem::take(&mut self.heap.lock().unwrap_or_else(|p| p.into_inner()).items);
+        let live: Vec<Item> = items
+            .into_vec()
+            .into_iter()
+            .filter(|item| item.target.is_cached())
+            .collect();
+        let mut heap = self.heap.lock().unwrap_or_else(|p| p.into_inner());
+        heap.items.extend(live);
+        drop(heap);
+        // The expiry task may have gone to sleep on an emptied heap.
+        self.earlier.notify(1);
     }
 
     pub(crate) fn clear(&self) {

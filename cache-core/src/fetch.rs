@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use futures::future::{Either, select};
 
-use crate::cache_type::{CacheType, FetchOptions, FetchResult, LastResult};
+use crate::cache_type::{CacheType, Connected, FetchOptions, FetchResult, LastResult};
 use crate::error::GetError;
 use crate::metrics::bump;
 use crate::runtime::Sleep;
@@ -27,13 +27,13 @@ impl<T: CacheType> Store<T> {
         self.start_chain(slot, request, None);
     }
 
-    /// Starts a fetch chain whose first fetch waits until `first_at` (or runs now), replacing
-    /// any chain sleeping between refreshes.
+    /// Starts a fetch chain whose first fetch waits until `first_at` (`None`: runs now;
+    /// `Some(None)`: until woken), replacing any chain sleeping between refreshes.
     pub(crate) fn start_chain(
         &self,
         slot: &mut Slot<T>,
         request: T::Request,
-        first_at: Option<Instant>,
+        first_at: Option<Option<Instant>>,
     ) {
         let Some(this) = self.this.upgrade() else {
             return;
@@ -63,14 +63,14 @@ impl<T: CacheType> Store<T> {
             || slot.entry.watchers.load(Ordering::Acquire) > 0
     }
 
-    /// The pause before a chain's next fetch.
+    /// The pause before a chain's next fetch (saturating: a huge option means "never").
     fn next_wait(&self, slot: &Slot<T>, now: Instant) -> Duration {
         let st = &slot.st;
         let backoff = st
             .backoff()
             .wait(&self.shared.backoff, self.shared.rt.jitter());
         if self.opts.refresh && !st.refresh_stopped {
-            return backoff + self.opts.refresh_timer;
+            return backoff.saturating_add(self.opts.refresh_timer);
         }
         if self.opts.supports_blocking || st.backoff().failures() > 0 {
             return backoff;
@@ -86,7 +86,31 @@ impl<T: CacheType> Store<T> {
             .min()
             .unwrap_or_default();
         let age = st.fetched_at.map_or(Duration::ZERO, |t| self.since(t, now));
-        max_age.saturating_sub(age) + max_age.mul_f64(self.shared.rt.jitter() / 10.0)
+        let jitter = Duration::try_from_secs_f64(
+            max_age.as_secs_f64() * self.shared.rt.jitter().clamp(0.0, 1.0) / 10.0,
+        )
+        .unwrap_or(Duration::MAX);
+        max_age.saturating_sub(age).saturating_add(jitter)
+    }
+
+    /// The signal a blocking fetch gives when the server accepted its query (see
+    /// [`Connected`]): clears the entry's error and lost-contact time at once.
+    fn connected_signal(&self, entry: &Arc<EntryShared<T>>, generation: u64) -> Connected {
+        let store = self.this.clone();
+        let entry = entry.clone();
+        Connected::new(move || {
+            let Some(store) = store.upgrade() else {
+                return;
+            };
+            let failing = store.with_slot(&entry, |slot| {
+                if slot.st.generation == generation && slot.st.fetching {
+                    slot.st.connected()
+                } else {
+                    0
+                }
+            });
+            store.adjust_failing(failing.unwrap_or(0));
+        })
     }
 
     /// One fetch after another for an entry, until nothing needs it any more: for refresh types
@@ -97,14 +121,16 @@ impl<T: CacheType> Store<T> {
         entry: Arc<EntryShared<T>>,
         generation: u64,
         request: T::Request,
-        first_at: Option<Instant>,
+        first_at: Option<Option<Instant>>,
     ) {
         let rt = self.shared.rt.clone();
         let mut sleep: Option<Sleep> = None;
-        let mut next_at = first_at;
+        // `None`: fetch now; `Some(None)`: sleep until woken (a wait too long to represent).
+        let mut next_at: Option<Option<Instant>> = first_at;
         loop {
             if let Some(deadline) = next_at {
-                // Wait for the next fetch; wake early on eviction, replacement or close.
+                // Wait for the next fetch; wake early on eviction, replacement, close, or a
+                // request to retry now.
                 loop {
                     let changed = entry.changed.listen();
                     let closed = self.shared.close_event.listen();
@@ -112,10 +138,12 @@ impl<T: CacheType> Store<T> {
                         if slot.st.generation != generation || !self.chain_continues(slot) {
                             if slot.st.generation == generation {
                                 slot.st.chain_sleeping = false;
+                                slot.st.wake_now = false;
                             }
                             return Some(false);
                         }
-                        if rt.now() >= deadline {
+                        let due = deadline.is_some_and(|d| rt.now() >= d);
+                        if due || std::mem::take(&mut slot.st.wake_now) {
                             slot.st.chain_sleeping = false;
                             slot.st.fetching = true;
                             return Some(true);
@@ -127,23 +155,40 @@ impl<T: CacheType> Store<T> {
                         Some(Some(true)) => break,
                         Some(None) => {}
                     }
-                    let timer = sleep.get_or_insert_with(|| Sleep::until(&*rt, deadline));
-                    timer.reset(deadline);
-                    select(select(changed, closed), timer).await;
+                    match deadline {
+                        Some(deadline) => {
+                            let timer = sleep.get_or_insert_with(|| Sleep::until(&*rt, deadline));
+                            timer.reset(deadline);
+                            select(select(changed, closed), timer).await;
+                        }
+                        None => {
+                            select(changed, closed).await;
+                        }
+                    }
                 }
             }
 
             // One table lock per fetch: the ownership check, the per-entry rate limit (re-read
-            // each time so reloaded options apply) and the fetch options together.
-            let (opts, connected_timer) = loop {
+            // each time so reloaded options apply) and the fetch options together. A fetch
+            // that must wait reserves its token first, so late timer wake-ups cost no rate.
+            let mut reserved = false;
+            let (mut opts, connected_timer) = loop {
                 let limit = self.shared.rate_limit();
+                let limit_changed = self.shared.limit_changed.listen();
+                let changed = entry.changed.listen();
                 let now = rt.now();
                 let step = self.with_slot(&entry, |slot| {
                     if slot.st.generation != generation {
                         return None;
                     }
                     if limit.per_second.is_some() {
-                        let wait = slot.st.bucket().acquire(now, &limit);
+                        let bucket = slot.st.bucket();
+                        let wait = if reserved {
+                            bucket.reserved_wait(now, &limit)
+                        } else {
+                            bucket.reserve(now, &limit)
+                        };
+                        reserved = true;
                         if !wait.is_zero() {
                             return Some(Err(wait));
                         }
@@ -153,14 +198,27 @@ impl<T: CacheType> Store<T> {
                 match step {
                     Some(Some(Ok(ready))) => break ready,
                     Some(Some(Err(wait))) => {
-                        let timer = sleep.get_or_insert_with(|| Sleep::until(&*rt, now));
-                        timer.reset(now + wait);
-                        timer.await;
+                        // Re-check when the limit is reloaded or the entry is evicted; a wait
+                        // too long to represent lasts until one of those.
+                        let woken = select(limit_changed, changed);
+                        match now.checked_add(wait) {
+                            Some(at) => {
+                                let timer = sleep.get_or_insert_with(|| Sleep::until(&*rt, at));
+                                timer.reset(at);
+                                select(woken, timer).await;
+                            }
+                            None => {
+                                woken.await;
+                            }
+                        }
                     }
                     // Evicted or replaced while waiting.
                     _ => return,
                 }
             };
+            if self.opts.supports_blocking {
+                opts.connected = self.connected_signal(&entry, generation);
+            }
 
             let fetch = AssertUnwindSafe(self.ty.fetch(opts, &request)).catch_unwind();
             let result = if connected_timer {
@@ -179,12 +237,20 @@ impl<T: CacheType> Store<T> {
             };
 
             let now = rt.now();
+            // User code (`is_fatal`) runs before the table lock is taken, contained like fetch.
+            let fatal = match &result {
+                Ok(Err(error)) => {
+                    std::panic::catch_unwind(AssertUnwindSafe(|| self.ty.is_fatal(error)))
+                        .unwrap_or(false)
+                }
+                _ => false,
+            };
             let next = self.with_slot(&entry, |slot| {
                 if slot.st.generation != generation {
                     // Replaced by a newer chain while in flight: the newer one owns the entry.
                     return (None, None);
                 }
-                self.apply(slot, result, now);
+                self.apply(slot, result, fatal, now);
                 let snapshot = (slot.entry.watchers.load(Ordering::Acquire) > 0)
                     .then(|| self.snapshot_of(&slot.st, false, now));
                 let wait = self
@@ -204,7 +270,7 @@ impl<T: CacheType> Store<T> {
             let Some(wait) = wait else {
                 return;
             };
-            next_at = Some(now + wait);
+            next_at = Some(now.checked_add(wait));
         }
     }
 
@@ -228,24 +294,26 @@ impl<T: CacheType> Store<T> {
         (opts, connected_timer)
     }
 
-    /// Stores a fetch's outcome in the entry (SPEC §5).
+    /// Stores a fetch's outcome in the entry (SPEC §5). `fatal`: the type classified the
+    /// error as fatal (asked before the lock was taken).
     fn apply(
         &self,
         slot: &mut Slot<T>,
         result: std::thread::Result<Result<FetchResult<T::Value>, T::Error>>,
+        fatal: bool,
         now: Instant,
     ) {
         let st = &mut slot.st;
         st.fetching = false;
         st.attempts += 1;
-        let mut fatal = false;
         let success = match result {
             Ok(Ok(result)) => {
                 bump(&self.counters.fetch_success);
                 if result.not_modified {
                     bump(&self.counters.fetch_not_modified);
                 }
-                st.set_error(None);
+                let failing = st.set_error(None);
+                self.adjust_failing(failing);
                 let has_value =
                     result.value.is_some() || (result.not_modified && st.value.is_some());
                 if has_value {
@@ -267,21 +335,24 @@ impl<T: CacheType> Store<T> {
                 if self.opts.refresh {
                     st.clear_lost_contact();
                 }
-                // A zero index never blocks: count it as a failure so backoff guards the loop.
-                result.index > 0
+                // A zero index never blocks: for blocking and refresh fetches, count it as a
+                // failure so backoff guards the loop. A polled watch keeps its max-age cadence
+                // whatever the index.
+                result.index > 0 || (!self.opts.supports_blocking && !self.opts.refresh)
             }
             Ok(Err(error)) => {
-                fatal = self.ty.is_fatal(&error);
                 bump(&self.counters.fetch_errors);
                 if fatal {
                     bump(&self.counters.fetch_errors_fatal);
                 }
-                st.set_error(Some(GetError::Fetch(Arc::new(error))));
+                let failing = st.set_error(Some(GetError::Fetch(Arc::new(error))));
+                self.adjust_failing(failing);
                 false
             }
             Err(panic) => {
                 bump(&self.counters.fetch_errors);
-                st.set_error(Some(GetError::Panicked(panic_message(&*panic))));
+                let failing = st.set_error(Some(GetError::Panicked(panic_message(&*panic))));
+                self.adjust_failing(failing);
                 false
             }
         };
@@ -292,7 +363,7 @@ impl<T: CacheType> Store<T> {
             // The TTL clock starts when the first fetch completes.
             st.expiry_scheduled = true;
             slot.touch(self.nanos(now));
-            self.schedule_expiry(&slot.entry, now + self.opts.last_get_ttl);
+            self.schedule_expiry(&slot.entry, now);
         }
         let st = &mut slot.st;
         if self.opts.refresh && fatal {

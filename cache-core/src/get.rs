@@ -200,9 +200,20 @@ impl<T: CacheType> Store<T> {
         hash: u64,
         start: Instant,
     ) -> GetOutcome<T::Value, T::Error> {
+        if self.is_retired() {
+            return GetOutcome {
+                value: None,
+                meta: ResultMeta::default(),
+                error: Some(GetError::Replaced(self.name)),
+            };
+        }
         let (deadline, mut must_revalidate) = {
             let info = request.cache_info();
-            let deadline = info.timeout.filter(|t| !t.is_zero()).map(|t| start + t);
+            // A timeout too long to represent means no timeout.
+            let deadline = info
+                .timeout
+                .filter(|t| !t.is_zero())
+                .and_then(|t| start.checked_add(t));
             (deadline, info.must_revalidate)
         };
         let mut sleep: Option<Sleep> = None;
@@ -227,9 +238,11 @@ impl<T: CacheType> Store<T> {
                 let reset = st.resets > resets && st.value.is_some();
                 // The attempt this get waited for failed: its error comes first, even when the
                 // old value would now count as valid (a failed revalidation is a failure).
+                // An error of a later attempt (a background refresh that failed right after
+                // this get's fetch succeeded) is not this get's: it answers from its own fetch.
                 if let Some(seen) = seen_attempts {
                     if st.attempts > seen {
-                        if let Some(error) = st.error() {
+                        if let Some(error) = st.error().filter(|_| !st.failing_after(seen)) {
                             return Err(self.error_outcome(st, &info, error.clone(), now));
                         }
                         attempted = true;
@@ -252,6 +265,14 @@ impl<T: CacheType> Store<T> {
                         bump(&self.counters.misses_new);
                     }
                 }
+                if !slot.st.fetching && self.shared.is_closed() {
+                    // A closed cache starts nothing new: answer at once with what there is.
+                    return Err(GetOutcome {
+                        value: slot.st.value.clone(),
+                        meta: self.meta(&slot.st, false, now),
+                        error: Some(GetError::Closed),
+                    });
+                }
                 if !slot.st.fetching {
                     let backoff = if attempted {
                         slot.st
@@ -267,7 +288,8 @@ impl<T: CacheType> Store<T> {
                         }
                         Some(_) => {}
                         None if backoff.is_zero() => self.start_fetch(slot, request.clone()),
-                        None => retry_at = Some(now + backoff),
+                        // A backoff too long to represent: wait for a fetch by someone else.
+                        None => retry_at = now.checked_add(backoff),
                     }
                 }
                 seen_attempts = Some(slot.st.attempts);

@@ -70,6 +70,7 @@ mod error;
 mod expiry;
 mod fetch;
 mod get;
+mod inspect;
 mod metrics;
 mod ratelimit;
 pub mod runtime;
@@ -83,11 +84,12 @@ pub mod watch;
 pub use backoff::{Backoff, BackoffPolicy};
 pub use cache::{Cache, CacheBuilder, TypedCache};
 pub use cache_type::{
-    CacheRequest, CacheType, FetchOptions, FetchResult, FetchState, LastResult, RegisterOptions,
-    RequestInfo,
+    CacheRequest, CacheType, Connected, FetchOptions, FetchResult, FetchState, LastResult,
+    RegisterOptions, RequestInfo,
 };
 pub use error::{CacheError, GetError};
 pub use get::{GetOutcome, Response, ResultMeta};
+pub use inspect::{EntryInfo, EntryPage, EntryQuery, EntrySort, MAX_PAGE};
 pub use metrics::{Metrics, TypeMetrics};
 pub use ratelimit::RateLimit;
 pub use runtime::{BoxFuture, Runtime, SharedRuntime, Sleep, Timer};

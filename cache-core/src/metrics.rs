@@ -36,6 +36,7 @@ impl Metrics {
             total.evictions_capacity += t.evictions_capacity;
             total.entries += t.entries;
             total.watches += t.watches;
+            total.failing += t.failing;
         }
         total
     }
@@ -71,6 +72,8 @@ pub struct TypeMetrics {
     pub entries: u64,
     /// Watches currently running (gauge).
     pub watches: u64,
+    /// Entries whose last fetch failed, so their fetch chain is backing off (gauge).
+    pub failing: u64,
 }
 
 /// Threads that each own a stripe; later threads share the fallback stripes.
@@ -159,6 +162,7 @@ pub(crate) struct Counters {
     pub(crate) evictions_capacity: AtomicU64,
     pub(crate) entries: AtomicU64,
     pub(crate) watches: AtomicU64,
+    pub(crate) failing: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -182,6 +186,7 @@ impl Counters {
             evictions_capacity: load(&self.evictions_capacity),
             entries: load(&self.entries),
             watches: load(&self.watches),
+            failing: load(&self.failing),
         }
     }
 }

@@ -63,9 +63,14 @@ impl Sleep {
         }
     }
 
-    /// A sleep that completes `duration` from now, by `runtime`'s clock.
+    /// A sleep that completes `duration` from now, by `runtime`'s clock. A duration too long
+    /// to represent is cut to about a century.
     pub fn after(runtime: &dyn Runtime, duration: Duration) -> Self {
-        let deadline = runtime.now() + duration;
+        let now = runtime.now();
+        let deadline = now
+            .checked_add(duration)
+            .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+            .unwrap_or(now);
         Self::until(runtime, deadline)
     }
 

@@ -88,6 +88,22 @@ impl EntryKey {
         }
     }
 
+    /// The key and the datacenter (never the token).
+    pub(crate) fn parts(&self) -> (&str, &str) {
+        let (k, d) = (self.key_len as usize, self.dc_len as usize);
+        let bytes = self.bytes.as_bytes();
+        // Built from `&str`s split at their own lengths, so both halves are UTF-8.
+        (
+            std::str::from_utf8(&bytes[..k]).unwrap_or_default(),
+            std::str::from_utf8(&bytes[k..k + d]).unwrap_or_default(),
+        )
+    }
+
+    /// Key, datacenter and token bytes together, for ordering.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.bytes.as_bytes()
+    }
+
     pub(crate) fn matches(&self, key: &str, datacenter: &str, token: &str) -> bool {
         let (k, d) = (self.key_len as usize, self.dc_len as usize);
         let bytes = self.bytes.as_bytes();
@@ -171,6 +187,8 @@ pub(crate) struct EntryState<T: CacheType> {
     pub(crate) chain_sleeping: bool,
     /// Background refresh stopped (fatal error or give-up) until a get fetches again.
     pub(crate) refresh_stopped: bool,
+    /// A sleeping chain backing off was asked to retry now (`Cache::retry_now`).
+    pub(crate) wake_now: bool,
     /// What a healthy entry does not need: allocated on the first error, fetch state or rate
     /// limit, and dropped again once everything in it is back to its default.
     cold: Option<Box<Cold<T>>>,
@@ -182,6 +200,9 @@ struct Cold<T: CacheType> {
     error: Option<GetError<T::Error>>,
     lost_contact_at: Option<Stamp>,
     failing_since: Option<Stamp>,
+    /// The attempt number (see `EntryState::attempts`) of the first failure of the current run
+    /// of failures: a get that waited for an earlier attempt knows that one succeeded.
+    failing_from_attempt: u64,
     backoff: Backoff,
     bucket: Option<TokenBucket>,
 }
@@ -193,6 +214,7 @@ impl<T: CacheType> Default for Cold<T> {
             error: None,
             lost_contact_at: None,
             failing_since: None,
+            failing_from_attempt: 0,
             backoff: Backoff::new(),
             bucket: None,
         }
@@ -223,6 +245,7 @@ impl<T: CacheType> EntryState<T> {
             expiry_scheduled: false,
             chain_sleeping: false,
             refresh_stopped: false,
+            wake_now: false,
             cold: None,
         }
     }
@@ -242,12 +265,46 @@ impl<T: CacheType> EntryState<T> {
         self.cold.as_ref()?.error.as_ref()
     }
 
-    pub(crate) fn set_error(&mut self, error: Option<GetError<T::Error>>) {
+    /// Stores (or clears) the last fetch's error; returns how the number of failing entries
+    /// changed (-1, 0 or 1), for the `failing` gauge.
+    #[must_use]
+    pub(crate) fn set_error(&mut self, error: Option<GetError<T::Error>>) -> i64 {
+        let before = i64::from(self.error().is_some());
         match (error, self.cold.as_mut()) {
             (None, None) => {}
             (None, Some(cold)) => cold.error = None,
-            (error, _) => self.cold_mut().error = error,
+            (error, _) => {
+                let attempts = self.attempts;
+                let cold = self.cold_mut();
+                if cold.error.is_none() {
+                    cold.failing_from_attempt = attempts;
+                }
+                cold.error = error;
+            }
         }
+        i64::from(self.error().is_some()) - before
+    }
+
+    /// Whether the stored error comes from a run of failures that began after attempt `seen`
+    /// was made: then attempt `seen + 1`, the one a get waited for, succeeded.
+    pub(crate) fn failing_after(&self, seen: u64) -> bool {
+        self.cold
+            .as_ref()
+            .is_some_and(|c| c.error.is_some() && c.failing_from_attempt > seen + 1)
+    }
+
+    /// The server accepted a blocking fetch: the entry is healthy as far as readers can tell.
+    /// Clears the error, failing time and lost-contact time; backoff stays until the fetch
+    /// completes. Returns the change of the failing gauge.
+    #[must_use]
+    pub(crate) fn connected(&mut self) -> i64 {
+        let delta = self.set_error(None);
+        if let Some(cold) = self.cold.as_mut() {
+            cold.failing_since = None;
+            cold.lost_contact_at = None;
+        }
+        self.trim();
+        delta
     }
 
     pub(crate) fn fetch_state(&self) -> Option<&FetchState> {
@@ -340,6 +397,8 @@ pub(crate) struct Store<T: CacheType> {
     shards: Box<[Shard<T>]>,
     hasher: foldhash::fast::RandomState,
     pub(crate) this: Weak<Self>,
+    /// Set when a newer registration of the type replaced this store (see `release_all`).
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// What the cache needs of a store without knowing its type.
@@ -348,12 +407,40 @@ pub(crate) trait ErasedStore: Send + Sync {
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     /// The `TypeId` of the cache type the store holds.
     fn cache_type_id(&self) -> TypeId;
-    /// The least recently read entry, as (last read, its eviction), for the capacity bound.
-    /// Exact below [`EXACT_LRU_LIMIT`] entries; above it, the oldest of a few random shards
-    /// (sampled LRU, as Redis does), so an insert never scans a million entries.
-    fn oldest(&self) -> Option<(u64, Arc<dyn Fn() -> bool + Send + Sync>)>;
+    /// The least recently read entry other than `keep` (the one being inserted), as (last
+    /// read, a handle that evicts it), for the capacity bound. Exact below [`EXACT_LRU_LIMIT`]
+    /// entries; above it, the oldest of a few random shards (sampled LRU, as Redis does), so an
+    /// insert never scans a million entries.
+    fn least_recently_read(&self, keep: *const ()) -> Option<(u64, Box<dyn EvictOne>)>;
     /// Ends every watch (the cache is closing).
     fn close_watches(&self);
+    /// Removes every entry and ends every watch (the type was registered again).
+    fn release_all(&self);
+    /// See [`Store::retry_now`].
+    fn retry_now(&self) -> usize;
+}
+
+/// One entry chosen for capacity eviction.
+pub(crate) trait EvictOne {
+    /// Evicts the entry; `false` if it was already gone.
+    fn evict(&self) -> bool;
+}
+
+struct Victim<T: CacheType> {
+    store: Weak<Store<T>>,
+    entry: Arc<EntryShared<T>>,
+}
+
+impl<T: CacheType> EvictOne for Victim<T> {
+    fn evict(&self) -> bool {
+        self.store.upgrade().is_some_and(|store| {
+            let evicted = store.evict(&self.entry);
+            if evicted {
+                bump(&store.counters.evictions_capacity);
+            }
+            evicted
+        })
+    }
 }
 
 impl<T: CacheType> Store<T> {
@@ -372,6 +459,7 @@ impl<T: CacheType> Store<T> {
                 .collect(),
             hasher: foldhash::fast::RandomState::default(),
             this: this.clone(),
+            retired: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -433,6 +521,17 @@ impl<T: CacheType> Store<T> {
         stamp.until(self.nanos(now))
     }
 
+    /// Runs `f` on every slot, one shard's read lock at a time. `f` must not call back into
+    /// the cache.
+    pub(crate) fn for_each_slot(&self, mut f: impl FnMut(&Slot<T>)) {
+        for shard in self.shards.iter() {
+            let table = shard.table.read().unwrap_or_else(|p| p.into_inner());
+            for slot in table.iter() {
+                f(slot);
+            }
+        }
+    }
+
     /// Runs `f` on the state of `entry` if it is still in its table (not evicted).
     pub(crate) fn with_slot<R>(
         &self,
@@ -484,10 +583,11 @@ impl<T: CacheType> Store<T> {
             })
         });
         let result = f(occupied.get_mut());
+        let new_entry = inserted.then(|| Arc::as_ptr(&occupied.get().entry) as *const ());
         drop(table);
-        if inserted {
+        if let Some(new_entry) = new_entry {
             self.counters.entries.fetch_add(1, Ordering::Relaxed);
-            self.shared.on_insert();
+            self.shared.on_insert(new_entry);
         }
         result
     }
@@ -510,8 +610,12 @@ impl<T: CacheType> Store<T> {
         }
     }
 
-    pub(crate) fn schedule_expiry(&self, entry: &Arc<EntryShared<T>>, deadline: Instant) {
-        self.shared.expiry.schedule(deadline, entry.clone());
+    /// Schedules the entry's first expiry check one TTL after `from` (none for a TTL too
+    /// long to represent: such an entry never expires).
+    pub(crate) fn schedule_expiry(&self, entry: &Arc<EntryShared<T>>, from: Instant) {
+        if let Some(deadline) = from.checked_add(self.opts.last_get_ttl) {
+            self.shared.expiry.schedule(deadline, entry.clone());
+        }
     }
 
     /// Removes `entry` from its table (if it is still there) and wakes everything waiting on it.
@@ -527,11 +631,79 @@ impl<T: CacheType> Store<T> {
             return false;
         };
         self.counters.entries.fetch_sub(1, Ordering::Relaxed);
+        if slot.st.error().is_some() {
+            self.adjust_failing(-1);
+        }
         self.shared.on_remove();
         // Dropping the slot drops the value and the fetch state (its cleanup), outside the lock.
         drop(slot);
         wake_all(&entry.changed);
         true
+    }
+
+    /// Adds `delta` to the `failing` gauge.
+    pub(crate) fn adjust_failing(&self, delta: i64) {
+        match delta {
+            0 => {}
+            d if d > 0 => {
+                self.counters
+                    .failing
+                    .fetch_add(d.unsigned_abs(), Ordering::Relaxed);
+            }
+            d => {
+                self.counters
+                    .failing
+                    .fetch_sub(d.unsigned_abs(), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Wakes every fetch chain that is waiting out a backoff after failures, so that it
+    /// fetches now (`Cache::retry_now`). The backoff state itself is left as it is.
+    pub(crate) fn retry_now(&self) -> usize {
+        let mut woken = Vec::new();
+        for shard in self.shards.iter() {
+            let mut table = shard.table.write().unwrap_or_else(|p| p.into_inner());
+            for slot in table.iter_mut() {
+                let st = &mut slot.st;
+                if st.chain_sleeping && st.backoff().failures() > 0 {
+                    st.wake_now = true;
+                    woken.push(slot.entry.clone());
+                }
+            }
+        }
+        for entry in &woken {
+            wake_all(&entry.changed);
+        }
+        woken.len()
+    }
+
+    /// Removes every entry and ends every watch: the store was replaced by a new registration
+    /// of its type, or the cache is closing down its registry.
+    pub(crate) fn release_all(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.close_watches();
+        for shard in self.shards.iter() {
+            let slots: Vec<Box<Slot<T>>> = {
+                let mut table = shard.table.write().unwrap_or_else(|p| p.into_inner());
+                table.drain().collect()
+            };
+            for slot in slots {
+                self.counters.entries.fetch_sub(1, Ordering::Relaxed);
+                if slot.st.error().is_some() {
+                    self.adjust_failing(-1);
+                }
+                self.shared.on_remove();
+                let entry = slot.entry.clone();
+                drop(slot);
+                wake_all(&entry.changed);
+            }
+        }
+    }
+
+    /// Whether a newer registration of the type replaced this store.
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     // ===== prepopulate =====
@@ -547,7 +719,8 @@ impl<T: CacheType> Store<T> {
             }
             st.value = Some(value);
             st.index = index;
-            st.set_error(None);
+            let failing = st.set_error(None);
+            self.adjust_failing(failing);
             st.fetched_at = Some(self.stamp(now));
             st.clear_lost_contact();
             st.trim();
@@ -558,7 +731,7 @@ impl<T: CacheType> Store<T> {
             (slot.entry.clone(), first, snapshot)
         });
         if first {
-            self.schedule_expiry(&entry, now + self.opts.last_get_ttl);
+            self.schedule_expiry(&entry, now);
         }
         wake_all(&entry.changed);
         if let Some(snapshot) = snapshot {
@@ -580,7 +753,7 @@ impl<T: CacheType> ErasedStore for Store<T> {
         TypeId::of::<T>()
     }
 
-    fn oldest(&self) -> Option<(u64, Arc<dyn Fn() -> bool + Send + Sync>)> {
+    fn least_recently_read(&self, keep: *const ()) -> Option<(u64, Box<dyn EvictOne>)> {
         let mut best: Option<(u64, Arc<EntryShared<T>>)> = None;
         let sampled: Vec<&Shard<T>> =
             if self.counters.entries.load(Ordering::Relaxed) <= EXACT_LRU_LIMIT {
@@ -594,9 +767,12 @@ impl<T: CacheType> ErasedStore for Store<T> {
         for shard in sampled {
             let table = shard.table.read().unwrap_or_else(|p| p.into_inner());
             for slot in table.iter() {
-                // Watched entries stay; so do entries still waiting for their first value
-                // (the one being inserted among them), or a get could evict its own entry.
-                if slot.entry.watchers.load(Ordering::Relaxed) > 0 || slot.st.value.is_none() {
+                // Watched entries stay, and so does the entry being inserted (or a get could
+                // evict its own entry). Entries without a value count like the others: failing
+                // keys under churn must not grow the cache past its bound.
+                if slot.entry.watchers.load(Ordering::Relaxed) > 0
+                    || std::ptr::eq(Arc::as_ptr(&slot.entry) as *const (), keep)
+                {
                     continue;
                 }
                 let read = slot.last_read.load(Ordering::Relaxed);
@@ -606,19 +782,21 @@ impl<T: CacheType> ErasedStore for Store<T> {
             }
         }
         let (read, entry) = best?;
-        let store = self.this.clone();
         Some((
             read,
-            Arc::new(move || {
-                store.upgrade().is_some_and(|store| {
-                    let evicted = store.evict(&entry);
-                    if evicted {
-                        bump(&store.counters.evictions_capacity);
-                    }
-                    evicted
-                })
+            Box::new(Victim {
+                store: self.this.clone(),
+                entry,
             }),
         ))
+    }
+
+    fn release_all(&self) {
+        Store::release_all(self);
+    }
+
+    fn retry_now(&self) -> usize {
+        Store::retry_now(self)
     }
 
     fn close_watches(&self) {
@@ -647,10 +825,10 @@ impl<T: CacheType> Expirable for EntryShared<T> {
         let ttl = store.opts.last_get_ttl;
         if self.watchers.load(Ordering::Relaxed) > 0 {
             // Watched entries stay alive while watched.
-            return Some(now + ttl);
+            return now.checked_add(ttl);
         }
         let last_read = store.read_slot(self, |slot| slot.last_read.load(Ordering::Relaxed))?;
-        let deadline = store.instant(last_read) + ttl;
+        let deadline = store.instant(last_read).checked_add(ttl)?;
         if deadline > now {
             return Some(deadline);
         }
@@ -658,6 +836,12 @@ impl<T: CacheType> Expirable for EntryShared<T> {
             bump(&store.counters.expirations);
         }
         None
+    }
+
+    fn is_cached(&self) -> bool {
+        self.store
+            .upgrade()
+            .is_some_and(|store| store.read_slot(self, |_| ()).is_some())
     }
 }
 

@@ -53,7 +53,7 @@
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -61,12 +61,11 @@ use event_listener::Event;
 use futures::Stream;
 use futures::future::{Either, select};
 
-use crate::cache::TypedCache;
+use crate::cache::{Shared, TypedCache};
 use crate::cache_type::{CacheRequest, CacheType};
 use crate::error::GetError;
 use crate::get::ResultMeta;
-use crate::metrics::bump;
-use crate::runtime::BoxFuture;
+use crate::runtime::{BoxFuture, Sleep};
 use crate::store::{EntryShared, EntryState, Store, wake_all};
 
 /// One change of a watched entry (Consul's `UpdateEvent`).
@@ -195,6 +194,9 @@ pub enum WatchError {
     /// The cache was closed.
     #[error("the cache is closed")]
     Closed,
+    /// The handle belongs to a registration of the type that a newer one replaced.
+    #[error("cache type `{0}` was registered again; this handle is stale")]
+    Replaced(&'static str),
 }
 
 // ===== Watch records =====
@@ -238,7 +240,10 @@ struct Progress<V, S> {
     last_resets: u64,
     last_value: Option<V>,
     delivered: bool,
+    /// A task is waiting for room in the sink.
     pending: bool,
+    /// News arrived while `pending`: the waiting task sends the latest state after its event.
+    dirty: bool,
 }
 
 struct Record<T: CacheType, C, S> {
@@ -250,7 +255,12 @@ struct Record<T: CacheType, C, S> {
     progress: Mutex<Progress<T::Value, S>>,
     cancelled: AtomicBool,
     cancel_event: Event,
+    /// The store and entry the watch is registered on, for the sweep of dead receivers.
+    home: OnceLock<Home<T>>,
 }
+
+/// Where a watch is registered: its store and its entry.
+type Home<T> = (Weak<Store<T>>, Weak<EntryShared<T>>);
 
 static NEXT_WATCH_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -270,7 +280,9 @@ where
             true
         } else if self.polling && snap.error.is_none() {
             match (&p.last_value, &snap.value) {
-                (Some(old), Some(new)) => !store.ty.value_eq(old, new),
+                // A type that cannot compare values (the default `value_eq`) leaves it to the
+                // index, which did not rise.
+                (Some(old), Some(new)) => values_differ(&store.ty, old, new).unwrap_or(false),
                 (None, Some(_)) => true,
                 _ => false,
             }
@@ -333,17 +345,21 @@ where
             }
             let latest = store.snapshot(&entry);
             let mut p = self.lock();
-            let caught_up = p.last_index == snap.meta.index && p.last_resets == snap.resets;
             match latest {
-                Some(latest) if !caught_up => {
-                    // Offers made while we waited moved the progress on; send the latest.
+                Some(latest) if std::mem::take(&mut p.dirty) => {
+                    // News arrived while we waited (a risen index, a reset, or — for a polled
+                    // watch — a changed value at the same index): send the latest state.
                     p.last_index = latest.meta.index.max(p.last_index);
                     p.last_resets = latest.resets;
+                    if self.polling {
+                        p.last_value.clone_from(&latest.value);
+                    }
                     drop(p);
                     snap = latest;
                 }
                 _ => {
                     p.pending = false;
+                    p.dirty = false;
                     return;
                 }
             }
@@ -375,6 +391,7 @@ where
         }
         if p.pending {
             // A flush task is waiting for room; it sends the latest when it gets some.
+            p.dirty = true;
             return true;
         }
         let Some(sink) = p.sink.as_ref() else {
@@ -401,6 +418,117 @@ where
         self.cancel_event.notify(usize::MAX);
         let sink = self.lock().sink.take();
         drop(sink);
+    }
+}
+
+// ===== The sweep of dead receivers =====
+
+/// How often watches are checked for a receiver that went away while nothing was sent.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A watch the sweep can check.
+pub(crate) trait Sweep: Send + Sync {
+    /// Removes the watch if its receiver is gone; `false` once the watch has ended.
+    fn sweep(&self) -> bool;
+}
+
+impl<T, C, S> Sweep for Record<T, C, S>
+where
+    T: CacheType,
+    C: Clone + Send + Sync + 'static,
+    S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
+{
+    fn sweep(&self) -> bool {
+        if self.cancelled.load(Ordering::Acquire) {
+            return false;
+        }
+        let closed = self.lock().sink.as_ref().is_none_or(|s| s.is_closed());
+        if !closed {
+            return true;
+        }
+        match self.home.get() {
+            Some((store, entry)) => {
+                if let (Some(store), Some(entry)) = (store.upgrade(), entry.upgrade()) {
+                    store.remove_watcher(&entry, self.id);
+                }
+                self.cancel();
+            }
+            None => self.cancel(),
+        }
+        false
+    }
+}
+
+/// Adds a watch to the cache's sweep list, starting the sweep task if it is not running.
+///
+/// A receiver dropped while its watch has nothing to send is noticed here within
+/// [`SWEEP_INTERVAL`], so its record, sink and entry do not wait for the entry's next fetch
+/// (a blocking query may stay open for minutes). One task per cache, only while watches exist.
+fn register_sweep(shared: &Arc<Shared>, watch: Weak<dyn Sweep>) {
+    shared
+        .sweep
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(watch);
+    if !shared.sweeper_running.swap(true, Ordering::AcqRel) {
+        shared
+            .rt
+            .spawn(Box::pin(run_sweeper(Arc::downgrade(shared))));
+    }
+}
+
+async fn run_sweeper(shared: Weak<Shared>) {
+    let mut sleep: Option<Sleep> = None;
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        if strong.is_closed() {
+            strong.sweeper_running.store(false, Ordering::Release);
+            return;
+        }
+        let closed = strong.close_event.listen();
+        let deadline = strong.rt.now() + SWEEP_INTERVAL;
+        let timer = match sleep.as_mut() {
+            Some(timer) => {
+                timer.reset(deadline);
+                timer
+            }
+            None => sleep.insert(Sleep::until(&*strong.rt, deadline)),
+        };
+        // Hold no strong reference while asleep: a dropped cache ends the task.
+        drop(strong);
+        select(closed, timer).await;
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let watches: Vec<Weak<dyn Sweep>> =
+            std::mem::take(&mut *strong.sweep.lock().unwrap_or_else(|p| p.into_inner()));
+        // Checked outside the list's lock: removing a watch takes its entry's locks.
+        let live: Vec<Weak<dyn Sweep>> = watches
+            .into_iter()
+            .filter(|w| w.upgrade().is_some_and(|w| w.sweep()))
+            .collect();
+        let mut list = strong.sweep.lock().unwrap_or_else(|p| p.into_inner());
+        list.extend(live);
+        if list.is_empty() {
+            strong.sweeper_running.store(false, Ordering::Release);
+            return;
+        }
+    }
+}
+
+/// Whether two values differ by the type's `value_eq`; `None` when the type does not compare
+/// values (it kept the default `value_eq`) or its `value_eq` panicked.
+fn values_differ<T: CacheType>(ty: &T, old: &T::Value, new: &T::Value) -> Option<bool> {
+    crate::cache_type::DEFAULT_VALUE_EQ.with(|used| used.set(false));
+    let equal = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ty.value_eq(old, new)));
+    let default = crate::cache_type::DEFAULT_VALUE_EQ.with(|used| used.replace(false));
+    match equal {
+        Ok(_) if default => None,
+        Ok(equal) => Some(!equal),
+        // A panicking comparison is contained; the watch delivers rather than miss a change.
+        Err(_) => Some(true),
     }
 }
 
@@ -557,14 +685,12 @@ impl<Ev> OneSlot<Ev> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Puts `event` in the slot if it is empty.
+    /// Puts `event` in the slot, replacing an event the reader has not taken yet: a reader
+    /// that falls behind receives the latest state, and the watch never waits for it.
     fn offer(&self, event: Ev) -> Result<(), (TrySendError, Ev)> {
         let mut state = self.lock();
         if state.reader_gone {
             return Err((TrySendError::Closed, event));
-        }
-        if state.event.is_some() {
-            return Err((TrySendError::Full, event));
         }
         state.event = Some(event);
         let reader = state.reader.take();
@@ -675,13 +801,19 @@ impl<T: CacheType> TypedCache<T> {
                 last_value: None,
                 delivered: false,
                 pending: false,
+                dirty: false,
             }),
             cancelled: AtomicBool::new(false),
             cancel_event: Event::new(),
+            home: OnceLock::new(),
         });
         let id = record.id;
-        bump(&store.counters.watches);
-        let entry = store.add_watcher(request, record.clone());
+        let entry = store.add_watcher(request, record.clone())?;
+        let _ = record
+            .home
+            .set((Arc::downgrade(&self.store), Arc::downgrade(&entry)));
+        let sweepable: Arc<dyn Sweep> = record.clone();
+        register_sweep(&store.shared, Arc::downgrade(&sweepable));
         let weak_store: Weak<Store<T>> = Arc::downgrade(&self.store);
         let end: Arc<dyn WatchEnd> = record.clone();
         Ok(WatchHandle {
@@ -790,16 +922,25 @@ impl<T: CacheType> Store<T> {
     }
 
     /// Registers a watch on the entry of `request` and makes sure something keeps fetching it.
+    ///
+    /// The closed check is made under the table lock after the watch is on its entry, so a
+    /// watch either sees the cache closed (and is not added) or is found by `close`.
     pub(crate) fn add_watcher(
         &self,
         request: T::Request,
         watcher: Arc<dyn Watcher<T>>,
-    ) -> Arc<EntryShared<T>> {
+    ) -> Result<Arc<EntryShared<T>>, WatchError> {
         let now = self.shared.rt.now();
         let info = request.cache_info();
         let hash = self.hash(&info);
         let max_age = watcher.max_age();
-        let (entry, initial) = self.with_entry(hash, &info, |slot| {
+        let added = self.with_entry(hash, &info, |slot| {
+            if self.shared.is_closed() {
+                return Err(WatchError::Closed);
+            }
+            if self.is_retired() {
+                return Err(WatchError::Replaced(self.name));
+            }
             slot.touch(self.nanos(now));
             slot.entry
                 .watch
@@ -807,6 +948,7 @@ impl<T: CacheType> Store<T> {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(watcher.clone());
             slot.entry.watchers.fetch_add(1, Ordering::AcqRel);
+            self.counters.watches.fetch_add(1, Ordering::Relaxed);
             let st = &slot.st;
             let age = st.fetched_at.map(|t| self.since(t, now));
             let fresh = st.value.is_some() && max_age.is_none_or(|m| age.is_some_and(|a| a <= m));
@@ -814,22 +956,24 @@ impl<T: CacheType> Store<T> {
             let initial = fresh.then(|| self.snapshot_of(st, true, now));
             if !st.fetching && !st.chain_sleeping {
                 // Nothing keeps this entry fetching: start the watch loop. A fresh polled
-                // value is next fetched when it reaches max age.
+                // value is next fetched when it reaches max age (never, for a max age too
+                // long to represent).
                 let first_at = match (fresh, max_age, st.fetched_at) {
-                    (true, Some(max_age), Some(at)) => Some(self.at(at) + max_age),
+                    (true, Some(max_age), Some(at)) => Some(self.at(at).checked_add(max_age)),
                     _ => None,
                 };
                 self.start_chain(slot, request.clone(), first_at);
             }
-            (slot.entry.clone(), initial)
+            Ok((slot.entry.clone(), initial))
         });
         drop(info);
+        let (entry, initial) = added?;
         if let Some(snap) = initial {
             if !watcher.offer(self, &entry, &snap) {
                 self.remove_watcher(&entry, watcher.id());
             }
         }
-        entry
+        Ok(entry)
     }
 
     /// Removes a watch from its entry (cancel, or receiver gone). Idempotent.

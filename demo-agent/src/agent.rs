@@ -56,6 +56,8 @@ pub(crate) struct StateInner {
     pub(crate) debug_routes: bool,
     /// Writes made through this agent that cached reads must see (read your writes).
     pub(crate) writes: crate::types::RecentWrites,
+    /// The last minutes of the cache's counters, for the web view (`/v1/agent/cache`).
+    pub(crate) history: http::cache_view::History,
 }
 
 impl AgentState {
@@ -98,7 +100,7 @@ impl AgentState {
         let kv = cache.register(KvType::new(upstream.clone(), blocking));
         let list = cache.register(ListType::new(upstream.clone(), blocking));
         let stats = cache.register(StatsType::new(upstream.clone(), config.stats_refresh));
-        Ok(Self {
+        let state = Self {
             inner: Arc::new(StateInner {
                 cache,
                 kv,
@@ -113,8 +115,11 @@ impl AgentState {
                 sse_streams: AtomicU64::new(0),
                 debug_routes: config.debug_routes,
                 writes: crate::types::RecentWrites::default(),
+                history: http::cache_view::History::new(),
             }),
-        })
+        };
+        http::cache_view::History::spawn_sampler(&state);
+        Ok(state)
     }
 
     /// The cache (for metrics and tests).

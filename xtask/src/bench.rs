@@ -7,7 +7,12 @@
 //!   test` never runs this command, `cargo test -p cache-bench` runs every scenario in smoke
 //!   mode instead;
 //! - `--only a,b`: only these scenarios;
-//! - `--save`: also copy the table into `BENCHMARKS.md`, between its markers.
+//! - `--save`: also copy the table into `BENCHMARKS.md`, between its markers;
+//! - `--profile-hit SECS [--threads N]`: no report, only our hit loop (polled, 10 k warm
+//!   entries) for SECS seconds on N threads, printing ns/op: a quick figure while iterating on
+//!   the hit path, and a target for `perf record` / `valgrind --tool=callgrind` on
+//!   `target/release/cache-bench --profile-hit SECS`. For one scenario with its baselines,
+//!   `--only hit` (add `--quick` for fewer rounds).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -20,6 +25,8 @@ pub(crate) fn run(root: &Path, args: &[&str]) -> ExitCode {
     let mut debug = false;
     let mut save = false;
     let mut only = None;
+    let mut profile: Option<&str> = None;
+    let mut threads: Option<&str> = None;
     let mut rest = args.iter();
     while let Some(&arg) = rest.next() {
         match arg {
@@ -30,8 +37,19 @@ pub(crate) fn run(root: &Path, args: &[&str]) -> ExitCode {
                 Some(list) => only = Some(*list),
                 None => return usage("--only needs a value"),
             },
+            "--profile-hit" => match rest.next() {
+                Some(secs) if secs.parse::<u64>().is_ok() => profile = Some(*secs),
+                _ => return usage("--profile-hit needs a number of seconds"),
+            },
+            "--threads" => match rest.next() {
+                Some(n) if n.parse::<usize>().is_ok_and(|n| n > 0) => threads = Some(*n),
+                _ => return usage("--threads needs a positive number"),
+            },
             other => return usage(&format!("unknown argument {other:?}")),
         }
+    }
+    if threads.is_some() && profile.is_none() {
+        return usage("--threads goes with --profile-hit");
     }
 
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -55,6 +73,17 @@ pub(crate) fn run(root: &Path, args: &[&str]) -> ExitCode {
     ]);
     if !debug {
         cargo.arg("--release");
+    }
+    if let Some(secs) = profile {
+        cargo.args(["--", "--profile-hit", secs]);
+        if let Some(n) = threads {
+            cargo.args(["--threads", n]);
+        }
+        eprintln!("==> {recorded}");
+        return match cargo.status() {
+            Ok(status) if status.success() => ExitCode::SUCCESS,
+            _ => ExitCode::FAILURE,
+        };
     }
     cargo
         .arg("--")
@@ -114,7 +143,8 @@ fn splice(doc: &str, table: &str) -> Option<String> {
 
 fn usage(error: &str) -> ExitCode {
     eprintln!(
-        "error: {error}\n\nusage: cargo xtask bench [--quick] [--debug] [--only SCENARIO,…] [--save]"
+        "error: {error}\n\nusage: cargo xtask bench [--quick] [--debug] [--only SCENARIO,…] [--save]\n\
+         \x20      cargo xtask bench --profile-hit SECS [--threads N] [--debug]"
     );
     ExitCode::from(2)
 }

@@ -5,6 +5,7 @@
 
 mod bench;
 mod matrix;
+mod soak;
 mod test;
 
 use std::path::{Path, PathBuf};
@@ -17,6 +18,9 @@ Commands:
   test     the whole test matrix: fmt, clippy, `cargo test -p` per package, docs
   bench    the benchmark report: cache-core against its baselines, side by side
            [--quick] [--debug] [--only SCENARIO,…] [--save (into BENCHMARKS.md)]
+           [--profile-hit SECS [--threads N]] (only our hit loop, for perf)
+  soak     the engine under a long mixed load; fails if memory, entries, watches or
+           tasks grow without bound (not part of `test`) [--secs N (default 120)]
   help     print this message
 ";
 
@@ -30,6 +34,7 @@ fn main() -> ExitCode {
         }
         ["test"] => test::run(&project_root()),
         ["bench", rest @ ..] => bench::run(&project_root(), rest),
+        ["soak", rest @ ..] => soak::run(&project_root(), rest),
         _ => {
             eprintln!("error: unknown arguments {args:?}\n");
             eprint!("{HELP}");

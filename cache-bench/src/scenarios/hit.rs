@@ -1,6 +1,12 @@
 //! Hit path: `get` of a warm entry on tokio, 1 and 2 threads, against a bare
-//! `RwLock<HashMap<String, Arc<u64>>>` read + `Arc` clone and against moka's
-//! `future::Cache::get`.
+//! `RwLock<HashMap<String, Arc<u64>>>` read + `Arc` clone, against moka's
+//! `future::Cache::get`, and against a `DashMap` read + `Arc` clone (what users reach for when
+//! one lock does not scale).
+//!
+//! Goals (issue 14): one thread, ≤ 1.2× the bare map; two threads, aggregate throughput
+//! ≥ 1.8× our own one-thread throughput and ≥ DashMap's two-thread aggregate. Every variant,
+//! one and two threads, takes its turn in the same interleaved rounds, so the scaling ratio
+//! compares samples taken side by side.
 //!
 //! Two ways to drive the async gets, both reported:
 //! - `poll`: the get future polled to completion with a no-op waker on plain threads (a hit is
@@ -17,10 +23,11 @@ use std::sync::{Arc, Barrier, RwLock};
 use std::time::{Duration, Instant};
 
 use cache_core::{Cache, RequestInfo, TypedCache};
+use dashmap::DashMap;
 
 use crate::Mode;
 use crate::kv::{BenchType, Key};
-use crate::report::{Figure, Goal};
+use crate::report::{Figure, Goal, num};
 use crate::rt::{BenchRt, Flavor};
 use crate::stats::{interleave, key, median, poll_now, random_indices};
 
@@ -36,6 +43,21 @@ pub struct Warm {
     pub map: RwLock<HashMap<String, Arc<u64>>>,
     /// moka's async cache.
     pub moka: moka::future::Cache<String, Arc<u64>>,
+    /// DashMap, the sharded concurrent map (may be left empty where it is not compared).
+    pub dash: DashMap<String, Arc<u64>>,
+}
+
+/// Which of the structures a timed loop reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// Our `TypedCache::get`.
+    Ours,
+    /// The bare `RwLock<HashMap>` + `Arc` clone.
+    Map,
+    /// moka's `future::Cache::get`.
+    Moka,
+    /// `DashMap::get` + `Arc` clone.
+    Dash,
 }
 
 impl Warm {
@@ -46,10 +68,12 @@ impl Warm {
         let ours = cache.register(BenchType::new(rt.shared(), Duration::ZERO));
         let mut map = HashMap::new();
         let moka = moka::future::Cache::new(2 * entries as u64);
+        let dash = DashMap::new();
         for (i, k) in keys.iter().enumerate() {
             ours.prepopulate(&RequestInfo::new(k.0.as_str()), Arc::new(i as u64), 1)
                 .expect("non-empty key");
             map.insert(k.0.clone(), Arc::new(i as u64));
+            dash.insert(k.0.clone(), Arc::new(i as u64));
         }
         rt.block_on(async {
             for (i, k) in keys.iter().enumerate() {
@@ -63,11 +87,13 @@ impl Warm {
             ours,
             map: RwLock::new(map),
             moka,
+            dash,
         };
         // Every key is a hit in each.
         for k in warm.keys.iter().step_by((entries / 100).max(1)) {
             assert!(poll_now(warm.ours.get(k)).expect("hit").meta.hit);
             assert!(poll_now(warm.moka.get(k.0.as_str())).is_some());
+            assert!(warm.dash.get(k.0.as_str()).is_some());
         }
         Arc::new(warm)
     }
@@ -89,6 +115,16 @@ impl Warm {
     #[inline]
     pub fn moka_poll(&self, i: usize) {
         black_box(poll_now(self.moka.get(self.keys[i].0.as_str())));
+    }
+
+    /// One DashMap read + `Arc` clone.
+    #[inline]
+    pub fn dash_get(&self, i: usize) {
+        black_box(
+            self.dash
+                .get(self.keys[i].0.as_str())
+                .map(|v| v.value().clone()),
+        );
     }
 
     /// ns per op of `op` over the access order, on this thread.
@@ -130,8 +166,8 @@ impl Warm {
     }
 
     /// ns per op, aggregate, of `tasks` tasks on `rt` each awaiting every get of the access
-    /// order (`which`: 0 ours, 1 bare map, 2 moka).
-    pub fn time_tasks(self: &Arc<Self>, rt: &BenchRt, tasks: usize, which: u8) -> f64 {
+    /// order from `which` (the synchronous maps are called directly inside the task).
+    pub fn time_tasks(self: &Arc<Self>, rt: &BenchRt, tasks: usize, which: Variant) -> f64 {
         let joins: Vec<_> = (0..tasks)
             .map(|t| {
                 let this = self.clone();
@@ -141,13 +177,14 @@ impl Warm {
                     for j in 0..n {
                         let i = this.order[(j + t * n / tasks) % n];
                         match which {
-                            0 => {
+                            Variant::Ours => {
                                 black_box(this.ours.get(&this.keys[i]).await.ok());
                             }
-                            1 => this.map_get(i),
-                            _ => {
+                            Variant::Map => this.map_get(i),
+                            Variant::Moka => {
                                 black_box(this.moka.get(this.keys[i].0.as_str()).await);
                             }
+                            Variant::Dash => this.dash_get(i),
                         }
                     }
                     start.elapsed()
@@ -165,21 +202,41 @@ impl Warm {
     }
 }
 
-/// Runs only our 1-thread hit loop (polled) for `duration`, for a profiler; prints ns/op.
-pub fn profile(duration: Duration) {
+/// Runs only our hit loop (polled) on `threads` threads for `duration`, for a profiler
+/// (`perf record`, callgrind): no baseline runs in the profile. Prints ns/op (aggregate for
+/// more than one thread) and hits/s.
+pub fn profile(duration: Duration, threads: usize) {
     let rt = BenchRt::new(Flavor::TokioMulti);
     let warm = Warm::new(&rt, 10_000, 200_000);
     let start = Instant::now();
     let mut samples = Vec::new();
     while start.elapsed() < duration {
-        samples.push(warm.time(Warm::ours_poll));
+        samples.push(if threads <= 1 {
+            warm.time(Warm::ours_poll)
+        } else {
+            warm.time_threads(threads, Warm::ours_poll)
+        });
     }
+    let ns = median(&samples);
     println!(
-        "our hit: {:.1} ns/op (median of {})",
-        median(&samples),
+        "our hit, {threads} thread(s), polled: {ns:.1} ns/op{} = {:.1} M hits/s (median of {})",
+        if threads > 1 { " aggregate" } else { "" },
+        1e3 / ns,
         samples.len()
     );
 }
+
+/// How the gets are driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drive {
+    /// Polled once with a no-op waker on plain threads.
+    Poll,
+    /// `.await` in a loop inside tokio tasks.
+    Task,
+}
+
+const VARIANTS: [Variant; 4] = [Variant::Ours, Variant::Map, Variant::Moka, Variant::Dash];
+const THREADS: [usize; 2] = [1, 2];
 
 /// Runs the scenario.
 pub fn run(mode: Mode) -> Vec<Figure> {
@@ -189,56 +246,104 @@ pub fn run(mode: Mode) -> Vec<Figure> {
     let rt = BenchRt::new(Flavor::TokioMulti);
     let warm = Warm::new(&rt, entries, ops);
     let mut figures = Vec::new();
-
-    for threads in [1, 2] {
-        let label = if threads == 1 {
-            "1 thread".to_owned()
-        } else {
-            format!("{threads} threads")
-        };
-        let unit = if threads == 1 { "ns/op" } else { "ns/op agg" };
-
-        // poll
-        let (w1, w2, w3) = (warm.clone(), warm.clone(), warm.clone());
-        let mut ours = || w1.time_threads(threads, Warm::ours_poll);
-        let mut map = || w2.time_threads(threads, Warm::map_get);
-        let mut moka = || w3.time_threads(threads, Warm::moka_poll);
-        let s = interleave(rounds, &mut [&mut ours, &mut map, &mut moka]);
-        figures.extend(pair(
-            format!("hit/{label}/poll"),
-            unit,
-            &s,
-            "get polled once with a no-op waker on plain threads (ready on first poll), \
-             10 k warm entries, random order",
-        ));
-
-        // tokio tasks
-        let mut ours = || warm.time_tasks(&rt, threads, 0);
-        let mut map = || warm.time_tasks(&rt, threads, 1);
-        let mut moka = || warm.time_tasks(&rt, threads, 2);
-        let s = interleave(rounds, &mut [&mut ours, &mut map, &mut moka]);
-        figures.extend(pair(
-            format!("hit/{label}/tokio task"),
-            unit,
-            &s,
-            "`get(..).await` in a loop inside tokio task(s) on the multi-thread runtime \
-             (2 workers), 10 k warm entries, random order",
-        ));
+    for drive in [Drive::Poll, Drive::Task] {
+        // One interleave over every (threads, variant) pair, so that the 2-thread scaling
+        // compares samples taken side by side.
+        let mut runs: Vec<Box<dyn FnMut() -> f64 + '_>> = Vec::new();
+        for threads in THREADS {
+            for variant in VARIANTS {
+                let warm = &warm;
+                let rt = &rt;
+                runs.push(match drive {
+                    Drive::Poll => {
+                        let op: fn(&Warm, usize) = match variant {
+                            Variant::Ours => Warm::ours_poll,
+                            Variant::Map => Warm::map_get,
+                            Variant::Moka => Warm::moka_poll,
+                            Variant::Dash => Warm::dash_get,
+                        };
+                        Box::new(move || warm.time_threads(threads, op))
+                    }
+                    Drive::Task => Box::new(move || warm.time_tasks(rt, threads, variant)),
+                });
+            }
+        }
+        let mut refs: Vec<&mut dyn FnMut() -> f64> = runs
+            .iter_mut()
+            .map(|r| &mut **r as &mut dyn FnMut() -> f64)
+            .collect();
+        let s = interleave(rounds, &mut refs);
+        figures.extend(drive_figures(drive, &s));
     }
     figures
 }
 
-/// The two figures of a hit comparison: ours against the bare map (goal ≤ 1.2×) and against
-/// moka (goal ≤ 1.0×). `s` holds the samples of ours, the map and moka.
-pub fn pair(name: String, unit: &'static str, s: &[Vec<f64>], note: &str) -> Vec<Figure> {
-    let (ours, map, moka) = (median(&s[0]), median(&s[1]), median(&s[2]));
+/// The figures of one way of driving the gets. `s` holds the ns/op samples of every
+/// (threads, variant) pair, in the order of [`THREADS`] × [`VARIANTS`].
+fn drive_figures(drive: Drive, s: &[Vec<f64>]) -> Vec<Figure> {
+    let m = |threads: usize, variant: Variant| {
+        let t = THREADS
+            .iter()
+            .position(|&n| n == threads)
+            .expect("thread count");
+        let v = VARIANTS
+            .iter()
+            .position(|&x| x == variant)
+            .expect("variant");
+        median(&s[t * VARIANTS.len() + v])
+    };
+    let (how, note) = match drive {
+        Drive::Poll => (
+            "poll",
+            "get polled once with a no-op waker on plain threads (ready on first poll), \
+             10 k warm entries, random order",
+        ),
+        Drive::Task => (
+            "tokio task",
+            "`get(..).await` in a loop inside tokio task(s) on the multi-thread runtime \
+             (2 workers), 10 k warm entries, random order",
+        ),
+    };
+    // Throughput, M hits/s, from ns/op (aggregate ns/op for 2 threads).
+    let tput = |ns: f64| 1e3 / ns;
+    let (o1, d1) = (m(1, Variant::Ours), m(1, Variant::Dash));
+    let (o2, p2, d2) = (m(2, Variant::Ours), m(2, Variant::Map), m(2, Variant::Dash));
     vec![
-        Figure::new(format!("{name} vs map"), ours, unit)
-            .baseline("RwLock<HashMap> + Arc clone", map)
+        Figure::new(format!("hit/1 thread/{how} vs map"), o1, "ns/op")
+            .baseline("RwLock<HashMap> + Arc clone", m(1, Variant::Map))
             .goal(Goal::RatioAtMost(1.2))
-            .note(note),
-        Figure::new(format!("{name} vs moka"), ours, unit)
-            .baseline("moka future::Cache::get", moka)
+            .note(format!(
+                "{note}; DashMap read + Arc clone: {} ns/op",
+                num(d1)
+            )),
+        Figure::new(format!("hit/1 thread/{how} vs moka"), o1, "ns/op")
+            .baseline("moka future::Cache::get", m(1, Variant::Moka))
             .goal(Goal::RatioAtMost(1.0)),
+        Figure::new(format!("hit/2 threads/{how} vs map"), o2, "ns/op agg")
+            .baseline("RwLock<HashMap> + Arc clone", p2)
+            .note(
+                "aggregate: wall time ÷ total hits of both threads; for context, the 2-thread \
+                 goals are the throughput figures below",
+            ),
+        Figure::new(format!("hit/2 threads/{how} vs moka"), o2, "ns/op agg")
+            .baseline("moka future::Cache::get", m(2, Variant::Moka))
+            .goal(Goal::RatioAtMost(1.0)),
+        Figure::new(
+            format!("hit/2 threads/{how} vs DashMap"),
+            tput(o2),
+            "M hits/s",
+        )
+        .baseline("DashMap read + Arc clone, 2 threads", tput(d2))
+        .goal(Goal::RatioAtLeast(1.0))
+        .note(format!(
+            "aggregate throughput of both threads; DashMap scales {:.2}× from 1 to 2 \
+                 threads, the bare map {:.2}×",
+            d1 / d2,
+            m(1, Variant::Map) / p2
+        )),
+        Figure::new(format!("hit/2 threads/{how} scaling"), tput(o2), "M hits/s")
+            .baseline("ours, 1 thread", tput(o1))
+            .goal(Goal::RatioAtLeast(1.8))
+            .note("aggregate throughput on 2 threads ÷ our own 1-thread throughput, same rounds"),
     ]
 }

@@ -81,6 +81,7 @@ pub fn run(mode: Mode) -> Vec<Figure> {
         ours,
         map: RwLock::new(map),
         moka,
+        dash: dashmap::DashMap::new(),
     });
     let little = Warm::new(&rt, small, ops);
 

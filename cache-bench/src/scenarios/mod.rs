@@ -2,6 +2,7 @@
 //! in the same process and the same run.
 
 pub mod agent;
+pub mod churn;
 pub mod fanout;
 pub mod hit;
 pub mod many;

@@ -9,7 +9,7 @@ use crate::rt::{BenchRt, Flavor};
 use crate::stats::{interleave, median};
 
 use super::fanout;
-use super::hit::Warm;
+use super::hit::{Variant, Warm};
 
 /// Runs the scenario.
 pub fn run(mode: Mode) -> Vec<Figure> {
@@ -23,8 +23,8 @@ pub fn run(mode: Mode) -> Vec<Figure> {
         let rt = BenchRt::new(flavor);
         let name = flavor.name();
         let warm = Warm::new(&rt, entries, ops);
-        let mut ours = || warm.time_tasks(&rt, 1, 0);
-        let mut map = || warm.time_tasks(&rt, 1, 1);
+        let mut ours = || warm.time_tasks(&rt, 1, Variant::Ours);
+        let mut map = || warm.time_tasks(&rt, 1, Variant::Map);
         let s = interleave(hit_rounds, &mut [&mut ours, &mut map]);
         figures.push(
             Figure::new(

@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use futures::future::{Either, select};
 
-use super::{MockRequest, MockServer, MockType};
+use super::{MockError, MockRequest, MockServer, MockType};
 use crate::cache::Cache;
 use crate::cache_type::{FetchResult, RegisterOptions};
 use crate::runtime::{SharedRuntime, Sleep};
+use crate::watch::{UpdateEvent, WatchHandle, map_sink};
 
 /// A spawned task runs to completion even though nobody holds a handle to it.
 pub async fn detached_spawn_runs(rt: SharedRuntime) {
@@ -265,6 +266,286 @@ pub async fn close_ends_watches(rt: SharedRuntime) {
     assert!(rx.is_closed());
 }
 
+// ===== Notify cases =====
+
+/// Known defect switch for [`notify_slow_consumer_catches_up_polled`] (issue 10, defect 4: a
+/// slow consumer of a polled watch whose index stays constant never receives the latest value).
+/// While `true`, that case reports a failure of its last-event rule on stderr as a known defect
+/// instead of failing (and says so when it passes). Set it to `false` once the defect is fixed.
+const KNOWN_DEFECT_POLLED_CATCH_UP: bool = false;
+
+/// Receives every event already queued, without waiting.
+fn drain<T>(rx: &async_channel::Receiver<T>) -> Vec<T> {
+    std::iter::from_fn(|| rx.try_recv().ok()).collect()
+}
+
+/// Waits (at most a generous 10 s) until `handle` reports that its watch has ended.
+async fn ended(rt: &SharedRuntime, handle: &WatchHandle, what: &str) {
+    let timeout = Sleep::after(&**rt, Duration::from_secs(10));
+    let ended = std::pin::pin!(handle.ended());
+    if let Either::Right(_) = select(ended, timeout).await {
+        panic!("the watch did not end within 10 s after {what}");
+    }
+}
+
+/// Several watches — of different keys and of different cache types — share one channel and
+/// are told apart by their correlation ids.
+pub async fn notify_correlation_ids_share_a_channel(rt: SharedRuntime) {
+    #[derive(Debug)]
+    enum Update {
+        Count(UpdateEvent<&'static str, u64, MockError>),
+        Name(UpdateEvent<&'static str, String, MockError>),
+    }
+    impl Update {
+        fn id_and_value(self) -> (&'static str, String) {
+            match self {
+                Self::Count(e) => (e.correlation_id, format!("{:?}", e.result)),
+                Self::Name(e) => (e.correlation_id, format!("{:?}", e.result)),
+            }
+        }
+    }
+    let cache = Cache::new(rt.clone());
+    let counts = MockServer::new(rt.clone(), 10u64, 1);
+    let names = MockServer::new(rt.clone(), "ada".to_owned(), 1);
+    let count_type = cache.register(counts.blocking_type(RegisterOptions::new()));
+    let name_type = cache.register(names.blocking_type(RegisterOptions::new()));
+    let (tx, rx) = async_channel::bounded(16);
+    let _a = count_type
+        .notify(
+            MockRequest::new("a"),
+            "a",
+            map_sink(tx.clone(), Update::Count),
+        )
+        .unwrap();
+    let _b = count_type
+        .notify(
+            MockRequest::new("b"),
+            "b",
+            map_sink(tx.clone(), Update::Count),
+        )
+        .unwrap();
+    let _n = name_type
+        .notify(MockRequest::new("n"), "n", map_sink(tx, Update::Name))
+        .unwrap();
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(recv(&rt, &rx).await.id_and_value());
+    }
+    first.sort();
+    assert_eq!(
+        first,
+        [
+            ("a", "Some(10)".to_owned()),
+            ("b", "Some(10)".to_owned()),
+            ("n", "Some(\"ada\")".to_owned())
+        ]
+    );
+    counts.set(11, 2);
+    let mut next = vec![
+        recv(&rt, &rx).await.id_and_value(),
+        recv(&rt, &rx).await.id_and_value(),
+    ];
+    next.sort();
+    assert_eq!(
+        next,
+        [("a", "Some(11)".to_owned()), ("b", "Some(11)".to_owned())]
+    );
+    names.set("grace".to_owned(), 2);
+    assert_eq!(
+        recv(&rt, &rx).await.id_and_value(),
+        ("n", "Some(\"grace\")".to_owned())
+    );
+    cache.close();
+}
+
+/// A watch of a non-blocking type polls every `max_age`: it delivers a changed value at an
+/// unchanged index, and does not deliver the same value again.
+pub async fn notify_polled_type(rt: SharedRuntime) {
+    let cache = Cache::new(rt.clone());
+    let server = MockServer::new(rt.clone(), 1u64, 3);
+    let typed = cache.register(server.polling_type(RegisterOptions::new()).compare_values());
+    let (tx, rx) = async_channel::bounded(8);
+    let request = MockRequest::new("k").max_age(Duration::from_millis(20));
+    let _watch = typed.notify(request, "k", tx).unwrap();
+    let first = recv(&rt, &rx).await;
+    assert_eq!((first.result, first.meta.index), (Some(1), 3));
+    server.set(2, 3);
+    let next = recv(&rt, &rx).await;
+    assert_eq!((next.result, next.meta.index), (Some(2), 3));
+    assert!(next.error.is_none());
+    // Three more polls of the same value deliver nothing.
+    let reads = server.reads();
+    eventually(&rt, "three more polls ran", || server.reads() >= reads + 3).await;
+    let extra = drain(&rx);
+    assert!(
+        extra.is_empty(),
+        "unchanged values were delivered again: {:?}",
+        extra.iter().map(|e| e.result).collect::<Vec<_>>()
+    );
+    cache.close();
+}
+
+/// Dropping the handle ends the watch at once: its sink is dropped (the receiver sees the
+/// channel close) and its entry's fetch chain starts no new fetch.
+pub async fn notify_cancel_by_drop(rt: SharedRuntime) {
+    let cache = Cache::new(rt.clone());
+    let server = MockServer::new(rt.clone(), 1u64, 3);
+    let typed = cache.register(server.blocking_type(RegisterOptions::new()));
+    let (tx, rx) = async_channel::bounded(8);
+    let watch = typed.notify(MockRequest::new("k"), "k", tx).unwrap();
+    // A witness watch of another key on the same server.
+    let (wtx, wrx) = async_channel::bounded(8);
+    let _witness = typed.notify(MockRequest::new("w"), "w", wtx).unwrap();
+    assert_eq!(recv(&rt, &rx).await.meta.index, 3);
+    assert_eq!(recv(&rt, &wrx).await.meta.index, 3);
+    eventually(&rt, "both blocking reads are open", || server.reads() == 4).await;
+    assert!(watch.is_active());
+    drop(watch);
+    assert!(rx.is_closed(), "the sink outlived its cancelled watch");
+    assert!(rx.try_recv().is_err());
+    assert_eq!(cache.metrics().total().watches, 1);
+    server.set(2, 4);
+    // The witness sees the change and opens its next read; the cancelled watch's read
+    // completes and starts nothing.
+    assert_eq!(recv(&rt, &wrx).await.meta.index, 4);
+    eventually(&rt, "the witness's next read is open", || {
+        server.reads() >= 5
+    })
+    .await;
+    Sleep::after(&*rt, Duration::from_millis(50)).await;
+    assert_eq!(server.reads(), 5, "the cancelled watch kept fetching");
+    cache.close();
+}
+
+/// A watch whose receiver is gone ends by itself (the handle reports it), and leaves no
+/// watch counted.
+pub async fn notify_closed_receiver(rt: SharedRuntime) {
+    let cache = Cache::new(rt.clone());
+    let server = MockServer::new(rt.clone(), 1u64, 3);
+    let typed = cache.register(server.blocking_type(RegisterOptions::new()));
+    let (tx, rx) = async_channel::bounded(8);
+    let watch = typed.notify(MockRequest::new("k"), "k", tx).unwrap();
+    assert_eq!(recv(&rt, &rx).await.meta.index, 3);
+    drop(rx);
+    server.set(2, 4);
+    ended(&rt, &watch, "its receiver was dropped").await;
+    assert!(!watch.is_active());
+    eventually(&rt, "no watch is counted", || {
+        cache.metrics().total().watches == 0
+    })
+    .await;
+    // A watch on a channel already closed ends too.
+    let (tx, rx) = async_channel::bounded::<UpdateEvent<&'static str, u64, MockError>>(8);
+    drop(rx);
+    let watch = typed.notify(MockRequest::new("k"), "k", tx).unwrap();
+    ended(&rt, &watch, "it started on a closed channel").await;
+    cache.close();
+}
+
+/// The last-event rule of a slow consumer: what the bounded(1) channel buffered (the first
+/// event) plus at most two more, the last with the latest index and value. Returns a
+/// description of the broken rule, if any.
+fn catch_up_verdict<C>(
+    events: &[UpdateEvent<C, u64, MockError>],
+    latest: (u64, u64),
+) -> Option<String> {
+    let seen: Vec<(Option<u64>, u64)> = events.iter().map(|e| (e.result, e.meta.index)).collect();
+    let last = events.last().map(|e| (e.result, e.meta.index));
+    if events.len() > 3 {
+        Some(format!("more than the buffered event plus two: {seen:?}"))
+    } else if last != Some((Some(latest.0), latest.1)) {
+        Some(format!(
+            "the last event is not the latest (value {}, index {}): {seen:?}",
+            latest.0, latest.1
+        ))
+    } else {
+        None
+    }
+}
+
+/// A slow consumer of a blocking watch: its bounded(1) channel is left unread while the value
+/// changes five times; once drained it receives the buffered event plus at most two more, the
+/// last carrying the latest index and value.
+pub async fn notify_slow_consumer_catches_up(rt: SharedRuntime) {
+    let cache = Cache::new(rt.clone());
+    let server = MockServer::new(rt.clone(), 0u64, 1);
+    let typed = cache.register(server.blocking_type(RegisterOptions::new()));
+    let (tx, rx) = async_channel::bounded(1);
+    let _watch = typed.notify(MockRequest::new("k"), "k", tx).unwrap();
+    eventually(&rt, "the first event is buffered", || rx.len() == 1).await;
+    for v in 1..=5u64 {
+        let reads = server.reads();
+        server.set(v, v + 1);
+        // Each change completes the open read and opens the next one.
+        eventually(&rt, "the change was fetched", || server.reads() > reads).await;
+    }
+    let mut events = vec![recv(&rt, &rx).await];
+    assert_eq!(events[0].meta.index, 1, "the buffered event is the first");
+    eventually(&rt, "the latest index arrived", || {
+        events.extend(drain(&rx));
+        events.last().is_some_and(|e| e.meta.index == 6)
+    })
+    .await;
+    let reads = server.reads();
+    server.set(6, 7);
+    eventually(&rt, "the next change was fetched", || {
+        server.reads() > reads
+    })
+    .await;
+    let after = recv(&rt, &rx).await;
+    if let Some(broken) = catch_up_verdict(&events, (5, 6)) {
+        panic!("slow consumer: {broken}");
+    }
+    assert_eq!(
+        (after.result, after.meta.index),
+        (Some(6), 7),
+        "the watch resumed"
+    );
+    cache.close();
+}
+
+/// The same for a polled watch whose index stays constant while the value changes (`value_eq`
+/// as `==`): the last event after the drain carries the latest value.
+pub async fn notify_slow_consumer_catches_up_polled(rt: SharedRuntime) {
+    let cache = Cache::new(rt.clone());
+    let server = MockServer::new(rt.clone(), 0u64, 7);
+    let typed = cache.register(server.polling_type(RegisterOptions::new()).compare_values());
+    let (tx, rx) = async_channel::bounded(1);
+    let request = MockRequest::new("k").max_age(Duration::from_millis(10));
+    let _watch = typed.notify(request, "k", tx).unwrap();
+    eventually(&rt, "the first event is buffered", || rx.len() == 1).await;
+    for v in 1..=5u64 {
+        let reads = server.reads();
+        server.set(v, 7);
+        // Two polls: the second surely read the new value.
+        eventually(&rt, "the change was polled", || server.reads() >= reads + 2).await;
+    }
+    let mut events = vec![recv(&rt, &rx).await];
+    assert_eq!(events[0].result, Some(0), "the buffered event is the first");
+    // Let the watch catch up for several polls, taking whatever it sends.
+    let reads = server.reads();
+    eventually(&rt, "the latest value arrived, or six polls ran", || {
+        events.extend(drain(&rx));
+        events.last().is_some_and(|e| e.result == Some(5)) || server.reads() >= reads + 6
+    })
+    .await;
+    let reads = server.reads();
+    eventually(&rt, "two more polls ran", || server.reads() >= reads + 2).await;
+    events.extend(drain(&rx));
+    match catch_up_verdict(&events, (5, 7)) {
+        None if KNOWN_DEFECT_POLLED_CATCH_UP => eprintln!(
+            "notify_slow_consumer_catches_up_polled: passes now; set \
+             KNOWN_DEFECT_POLLED_CATCH_UP to false (issue 10, defect 4)"
+        ),
+        None => {}
+        Some(broken) if KNOWN_DEFECT_POLLED_CATCH_UP => eprintln!(
+            "KNOWN DEFECT (issue 10, defect 4), not failing: polled slow consumer: {broken}"
+        ),
+        Some(broken) => panic!("polled slow consumer: {broken}"),
+    }
+    cache.close();
+}
+
 /// Instantiates every conformance case as a named `#[test]`.
 ///
 /// `$harness` is a function `fn(impl FnOnce(SharedRuntime) -> BoxFuture<'static, ()>)` that
@@ -293,6 +574,12 @@ macro_rules! conformance_tests {
             watch_delivers_updates,
             watches_share_one_fetch_stream,
             close_ends_watches,
+            notify_correlation_ids_share_a_channel,
+            notify_polled_type,
+            notify_cancel_by_drop,
+            notify_closed_receiver,
+            notify_slow_consumer_catches_up,
+            notify_slow_consumer_catches_up_polled,
         );
     };
     (@cases $harness:path; $($case:ident),* $(,)?) => {

@@ -12,17 +12,19 @@
 //! | `GET /v1/agent/health` | `{"status":"ok"}` |
 //! | `GET /v1/agent/upstream/stats` | upstream counters, via a polling cache type |
 //! | `GET`/`PUT /v1/agent/upstream` | fault injection: `?fail=`, `?fail_rate=`, `?latency=` |
+//! | `GET /v1/agent/cache` | the web view's JSON: upstream, types, history, one page of entries |
+//! | `GET /ui/` | the web view (`GET /` redirects a browser there) |
 //!
 //! There is no compression layer (a compressing layer buffers server-sent events, tower-http
 //! #420; if one is added, exclude `/v1/watch`), and the request timeout (11 min) exceeds the
 //! longest wait (10 min).
 
 mod agent_routes;
-pub mod consul;
+pub mod cache_view;
 pub mod error;
 mod kv;
 pub mod params;
-mod status;
+mod ui;
 mod watch;
 
 use std::any::Any;
@@ -33,7 +35,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::get;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
@@ -48,35 +50,12 @@ pub const REQUEST_TIMEOUT: Duration = MAX_WAIT.saturating_add(Duration::from_sec
 /// The agent's router with every route and layer, ready to serve.
 pub fn app(state: AgentState) -> Router {
     let mut router = Router::new()
-        .route(
-            "/v1/kv",
-            get(kv::consul_get_root)
-                .put(kv::consul_put_root)
-                .delete(kv::consul_delete_root),
-        )
-        .route(
-            "/v1/kv/",
-            get(kv::consul_get_root)
-                .put(kv::consul_put_root)
-                .delete(kv::consul_delete_root),
-        )
+        .route("/v1/kv", get(kv::list_root))
+        .route("/v1/kv/", get(kv::list_root))
         .route(
             "/v1/kv/{*key}",
-            get(kv::consul_get)
-                .put(kv::consul_put)
-                .delete(kv::consul_delete),
-        )
-        .route("/v1/agent/kv", get(kv::list_root))
-        .route("/v1/agent/kv/", get(kv::list_root))
-        .route(
-            "/v1/agent/kv/{*key}",
             get(kv::get_key).put(kv::put_key).delete(kv::delete_key),
         )
-        .route("/v1/status/leader", get(status::leader))
-        .route("/v1/status/peers", get(status::peers))
-        .route("/v1/agent/self", get(status::agent_self))
-        .route("/v1/session", any(status::session))
-        .route("/v1/session/{*rest}", any(status::session))
         .route("/v1/watch", get(watch::watch))
         .route("/v1/agent/metrics", get(agent_routes::metrics))
         .route("/v1/agent/health", get(agent_routes::health))
@@ -84,7 +63,13 @@ pub fn app(state: AgentState) -> Router {
             "/v1/agent/upstream",
             get(agent_routes::get_faults).put(agent_routes::put_faults),
         )
-        .route("/v1/agent/upstream/stats", get(agent_routes::stats));
+        .route("/v1/agent/upstream/stats", get(agent_routes::stats))
+        .route("/v1/agent/cache", get(cache_view::cache_view))
+        .route("/", get(ui::root))
+        .route("/ui", get(ui::ui_slash))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::app_js))
+        .route("/ui/style.css", get(ui::style_css));
     if state.inner.debug_routes {
         router = router.route("/v1/agent/debug/panic", get(agent_routes::panic));
     }

@@ -1,0 +1,263 @@
+//! A read-only view of a type's entries for operators: [`TypedCache::entries`].
+//!
+//! [`TypedCache::entries`]: crate::TypedCache::entries
+
+use std::cmp::{Ordering as CmpOrdering, Reverse};
+use std::collections::BinaryHeap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::cache_type::CacheType;
+use crate::store::{Slot, Store};
+
+/// The most entries one [`EntryQuery`] returns, whatever its `limit`.
+pub const MAX_PAGE: usize = 1000;
+
+/// Which page of a type's entries to list, and in which order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EntryQuery {
+    /// Only entries whose key starts with this (empty: all).
+    pub prefix: String,
+    /// The order of the listing.
+    pub sort: EntrySort,
+    /// Largest first.
+    pub descending: bool,
+    /// Entries to skip, in that order.
+    pub offset: usize,
+    /// Entries to return, at most [`MAX_PAGE`].
+    pub limit: usize,
+}
+
+impl Default for EntryQuery {
+    fn default() -> Self {
+        Self {
+            prefix: String::new(),
+            sort: EntrySort::Key,
+            descending: false,
+            offset: 0,
+            limit: 100,
+        }
+    }
+}
+
+impl EntryQuery {
+    /// The first 100 entries in key order.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Only keys starting with `prefix`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sorted by `sort`, largest first if `descending`.
+    pub fn sort(mut self, sort: EntrySort, descending: bool) -> Self {
+        self.sort = sort;
+        self.descending = descending;
+        self
+    }
+
+    /// Skips `offset` entries and returns at most `limit` (capped at [`MAX_PAGE`]).
+    pub fn page(mut self, offset: usize, limit: usize) -> Self {
+        self.offset = offset;
+        self.limit = limit;
+        self
+    }
+}
+
+/// The order of an entry listing; ties are broken by key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum EntrySort {
+    /// By key (then datacenter).
+    #[default]
+    Key,
+    /// By index.
+    Index,
+    /// By time since the value was fetched (entries without a value count as oldest).
+    Age,
+    /// By time left before the entry expires (watched entries count as never).
+    TtlLeft,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EntryPage {
+    /// Entries matching the prefix, on every page.
+    pub total: usize,
+    /// This page.
+    pub entries: Vec<EntryInfo>,
+}
+
+/// What an operator sees of one entry. The partition's token is never shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EntryInfo {
+    /// The request key.
+    pub key: String,
+    /// The datacenter partition (empty when none).
+    pub datacenter: String,
+    /// The entry's index (0 before its first value).
+    pub index: u64,
+    /// Whether the entry holds a value.
+    pub has_value: bool,
+    /// Time since the value was fetched.
+    pub age: Option<Duration>,
+    /// The last fetch's error, while the entry is failing.
+    pub error: Option<String>,
+    /// How long the entry has been failing.
+    pub failing_for: Option<Duration>,
+    /// Watches of the entry.
+    pub watchers: usize,
+    /// Its fetch chain is waiting out a backoff after failures.
+    pub in_backoff: bool,
+    /// A fetch is in flight.
+    pub fetching: bool,
+    /// Time left before the entry expires if nobody reads it; `None` while watched or before
+    /// its first fetch completed.
+    pub ttl_left: Option<Duration>,
+}
+
+/// A sort key: the column's value, then the key bytes for ties.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    value: u128,
+    key: Vec<u8>,
+}
+
+/// An entry in the listing's heap, ordered by its rank only.
+struct Ranked(Rank, EntryInfo);
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+impl Eq for Ranked {}
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        self.0.cmp(&other.0)
+    }
+}
+
+impl<T: CacheType> Store<T> {
+    /// See [`crate::TypedCache::entries`].
+    pub(crate) fn entries(&self, query: &EntryQuery) -> EntryPage {
+        let now = self.shared.rt.now();
+        let now_ns = self.nanos(now);
+        let keep = query.offset.saturating_add(query.limit.min(MAX_PAGE));
+        let limit = query.limit.min(MAX_PAGE);
+        // The heap holds the best `keep` so far with the worst on top, so that a better one
+        // replaces it; "best" is smallest in ascending order, largest in descending.
+        let mut ascending: BinaryHeap<Ranked> = BinaryHeap::new();
+        let mut descending: BinaryHeap<Reverse<Ranked>> = BinaryHeap::new();
+        let mut total = 0;
+        self.for_each_slot(|slot| {
+            let (key, _) = slot.key.parts();
+            if !key.as_bytes().starts_with(query.prefix.as_bytes()) {
+                return;
+            }
+            total += 1;
+            if keep == 0 {
+                return;
+            }
+            let rank = self.rank(slot, query.sort, now_ns);
+            if query.descending {
+                if descending.len() == keep
+                    && descending.peek().is_some_and(|Reverse(Ranked(worst, _))| {
+                        rank.cmp(worst) != CmpOrdering::Greater
+                    })
+                {
+                    return;
+                }
+                descending.push(Reverse(Ranked(rank, self.info(slot, now_ns))));
+                if descending.len() > keep {
+                    descending.pop();
+                }
+            } else {
+                if ascending.len() == keep
+                    && ascending
+                        .peek()
+                        .is_some_and(|Ranked(worst, _)| rank.cmp(worst) != CmpOrdering::Less)
+                {
+                    return;
+                }
+                ascending.push(Ranked(rank, self.info(slot, now_ns)));
+                if ascending.len() > keep {
+                    ascending.pop();
+                }
+            }
+        });
+        let ordered: Vec<EntryInfo> = if query.descending {
+            descending
+                .into_sorted_vec()
+                .into_iter()
+                .map(|Reverse(Ranked(_, info))| info)
+                .collect()
+        } else {
+            ascending
+                .into_sorted_vec()
+                .into_iter()
+                .map(|Ranked(_, info)| info)
+                .collect()
+        };
+        EntryPage {
+            total,
+            entries: ordered.into_iter().skip(query.offset).take(limit).collect(),
+        }
+    }
+
+    fn rank(&self, slot: &Slot<T>, sort: EntrySort, now_ns: u64) -> Rank {
+        let st = &slot.st;
+        let value = match sort {
+            EntrySort::Key => 0,
+            EntrySort::Index => u128::from(st.index),
+            EntrySort::Age => st
+                .fetched_at
+                .map_or(u128::MAX, |t| t.until(now_ns).as_nanos()),
+            EntrySort::TtlLeft => self
+                .ttl_left(slot, now_ns)
+                .map_or(u128::MAX, |d| d.as_nanos()),
+        };
+        Rank {
+            value,
+            key: slot.key.bytes().to_vec(),
+        }
+    }
+
+    fn ttl_left(&self, slot: &Slot<T>, now_ns: u64) -> Option<Duration> {
+        if !slot.st.expiry_scheduled || slot.entry.watchers.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let last_read = slot.last_read.load(Ordering::Relaxed);
+        let expires = Duration::from_nanos(last_read).saturating_add(self.opts.last_get_ttl);
+        Some(expires.saturating_sub(Duration::from_nanos(now_ns)))
+    }
+
+    fn info(&self, slot: &Slot<T>, now_ns: u64) -> EntryInfo {
+        let st = &slot.st;
+        let (key, datacenter) = slot.key.parts();
+        EntryInfo {
+            key: key.to_owned(),
+            datacenter: datacenter.to_owned(),
+            index: st.index,
+            has_value: st.value.is_some(),
+            age: st.fetched_at.map(|t| t.until(now_ns)),
+            error: st.error().map(ToString::to_string),
+            failing_for: st.failing_since().map(|t| t.until(now_ns)),
+            watchers: slot.entry.watchers.load(Ordering::Relaxed),
+            in_backoff: st.backoff().failures() > 0,
+            fetching: st.fetching,
+            ttl_left: self.ttl_left(slot, now_ns),
+        }
+    }
+}

@@ -1,0 +1,552 @@
+//! `GET /v1/agent/cache`: what the cache holds and how it is doing, as one JSON document the
+//! web view (`/ui/`) polls and scripts can read too.
+//!
+//! One answer carries the upstream (kind, endpoints, reachable, last contact, outage), a row
+//! per cache type (entries, counters, rates per second, hit ratio, entries in backoff, watches),
+//! the open watch streams, a history of one sample per second for the last five minutes (kept
+//! by a sampler task, so a page opened now still draws the past), and **one page** of one
+//! type's entries. The work per request is bounded: at most [`MAX_PAGE`] entries are returned,
+//! and the engine finds them in one pass over the type's table with a heap of `offset + limit`.
+//!
+//! Query parameters (all optional):
+//!
+//! | parameter | default | what |
+//! |---|---|---|
+//! | `type` | `kv` | whose entries to list: `kv`, `kv_list`, `upstream_stats` |
+//! | `prefix` | empty | only keys starting with it |
+//! | `sort` | `key` | `key`, `index`, `age`, `ttl` |
+//! | `order` | `asc` | `asc` or `desc` |
+//! | `offset` | 0 | entries to skip |
+//! | `limit` | 100 | page size, capped at [`MAX_PAGE`] |
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use axum::extract::{RawQuery, State};
+use cache_core::{Metrics, TypeMetrics};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::JsonLine;
+use super::error::ApiError;
+use super::params::{self, Params};
+use crate::agent::{AgentState, StateInner};
+use crate::duration::GoDuration;
+use crate::types::short_type_name;
+
+/// The largest page of entries one request may ask for.
+pub const MAX_PAGE: usize = 500;
+/// The page size when `limit` is absent.
+pub const DEFAULT_PAGE: usize = 100;
+/// How often the sampler records the counters.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// How many samples are kept: five minutes at one per second.
+pub const HISTORY_LEN: usize = 300;
+/// Rates per second are measured over (about) this window.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// The recent hit ratio is measured over (about) this window.
+const RATIO_WINDOW: Duration = Duration::from_secs(60);
+
+/// The counters of one type that the view turns into rates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts {
+    hits: u64,
+    misses: u64,
+    fetches: u64,
+    errors: u64,
+}
+
+impl Counts {
+    fn of(t: &TypeMetrics) -> Self {
+        Self {
+            hits: t.hits,
+            misses: t.misses_new + t.misses_blocking,
+            fetches: t.fetch_success,
+            errors: t.fetch_errors,
+        }
+    }
+
+    fn since(self, base: Self) -> Self {
+        Self {
+            hits: self.hits.saturating_sub(base.hits),
+            misses: self.misses.saturating_sub(base.misses),
+            fetches: self.fetches.saturating_sub(base.fetches),
+            errors: self.errors.saturating_sub(base.errors),
+        }
+    }
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            hits: self.hits + other.hits,
+            misses: self.misses + other.misses,
+            fetches: self.fetches + other.fetches,
+            errors: self.errors + other.errors,
+        }
+    }
+}
+
+/// One sample: when, and every type's counters (in registration order).
+#[derive(Debug, Clone)]
+struct Sample {
+    at: Instant,
+    types: Vec<(String, Counts)>,
+}
+
+impl Sample {
+    fn of(metrics: &Metrics, at: Instant) -> Self {
+        Self {
+            at,
+            types: metrics
+                .types
+                .iter()
+                .map(|t| (t.name.clone(), Counts::of(t)))
+                .collect(),
+        }
+    }
+
+    fn counts(&self, name: &str) -> Counts {
+        self.types
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| *c)
+            .unwrap_or_default()
+    }
+
+    fn total(&self) -> Counts {
+        self.types
+            .iter()
+            .fold(Counts::default(), |sum, (_, c)| sum.add(*c))
+    }
+}
+
+/// The last [`HISTORY_LEN`] samples of the cache's counters, one per [`SAMPLE_EVERY`], kept
+/// by a task the agent starts ([`History::spawn_sampler`]).
+#[derive(Debug, Default)]
+pub struct History {
+    samples: Mutex<VecDeque<Sample>>,
+}
+
+impl History {
+    /// An empty history.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn record(&self, sample: Sample) {
+        let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        if samples.len() == HISTORY_LEN {
+            samples.pop_front();
+        }
+        samples.push_back(sample);
+    }
+
+    fn snapshot(&self) -> Vec<Sample> {
+        self.samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Starts the task that samples `state`'s cache every second. It holds the state weakly
+    /// and ends when the agent is gone, shuts down, or its cache is closed.
+    pub(crate) fn spawn_sampler(state: &AgentState) {
+        let weak: Weak<StateInner> = Arc::downgrade(&state.inner);
+        let stop = state.shutdown_started();
+        tokio::spawn(async move {
+            let sample = async move {
+                let mut tick = tokio::time::interval(SAMPLE_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { break };
+                    if inner.cache.is_closed() {
+                        break;
+                    }
+                    let sample = Sample::of(&inner.cache.metrics(), Instant::now());
+                    inner.history.record(sample);
+                }
+            };
+            tokio::select! {
+                () = sample => {}
+                () = stop => {}
+            }
+        });
+    }
+}
+
+/// The sample to measure a window ending now from: the newest one at least `window` old, or
+/// the oldest there is.
+fn base_sample(samples: &[Sample], now: Instant, window: Duration) -> Option<&Sample> {
+    samples
+        .iter()
+        .rev()
+        .find(|s| now.saturating_duration_since(s.at) >= window)
+        .or_else(|| samples.first())
+}
+
+fn per_second(delta: u64, elapsed: Duration) -> f64 {
+    if elapsed < Duration::from_millis(200) {
+        return 0.0;
+    }
+    round2(delta as f64 / elapsed.as_secs_f64())
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn ratio(hits: u64, misses: u64) -> Option<f64> {
+    let gets = hits + misses;
+    (gets > 0).then(|| (hits as f64 / gets as f64 * 10_000.0).round() / 10_000.0)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One type's row.
+#[derive(Debug, Serialize)]
+struct TypeRow {
+    name: String,
+    entries: u64,
+    watches: u64,
+    /// Entries whose last fetch failed (in backoff); `null` when the engine does not say.
+    failing: Option<u64>,
+    hits: u64,
+    misses: u64,
+    fetches: u64,
+    errors: u64,
+    /// Over the agent's life; `null` before the first get.
+    hit_ratio: Option<f64>,
+    /// Over the last minute; `null` when there were no gets.
+    hit_ratio_recent: Option<f64>,
+    per_second: Rates,
+}
+
+#[derive(Debug, Serialize)]
+struct Rates {
+    hits: f64,
+    misses: f64,
+    fetches: f64,
+    errors: f64,
+}
+
+impl Rates {
+    fn of(delta: Counts, elapsed: Duration) -> Self {
+        Self {
+            hits: per_second(delta.hits, elapsed),
+            misses: per_second(delta.misses, elapsed),
+            fetches: per_second(delta.fetches, elapsed),
+            errors: per_second(delta.errors, elapsed),
+        }
+    }
+}
+
+fn type_rows(metrics: &Metrics, samples: &[Sample], now: Instant) -> Vec<TypeRow> {
+    let rate_base = base_sample(samples, now, RATE_WINDOW);
+    let ratio_base = base_sample(samples, now, RATIO_WINDOW);
+    metrics
+        .types
+        .iter()
+        .map(|t| {
+            let live = Counts::of(t);
+            let (rates, recent) = match (rate_base, ratio_base) {
+                (Some(rate_base), Some(ratio_base)) => {
+                    let rate_delta = live.since(rate_base.counts(&t.name));
+                    let ratio_delta = live.since(ratio_base.counts(&t.name));
+                    (
+                        Rates::of(rate_delta, now.saturating_duration_since(rate_base.at)),
+                        ratio(ratio_delta.hits, ratio_delta.misses),
+                    )
+                }
+                _ => (Rates::of(Counts::default(), Duration::ZERO), None),
+            };
+            TypeRow {
+                name: short_type_name(&t.name).to_owned(),
+                entries: t.entries,
+                watches: t.watches,
+                failing: failing(t),
+                hits: live.hits,
+                misses: live.misses,
+                fetches: live.fetches,
+                errors: live.errors,
+                hit_ratio: ratio(live.hits, live.misses),
+                hit_ratio_recent: recent,
+                per_second: rates,
+            }
+        })
+        .collect()
+}
+
+/// Entries in backoff, once the engine counts them.
+fn failing(_t: &TypeMetrics) -> Option<u64> {
+    None
+}
+
+/// The history as per-second series (oldest first), summed over every type.
+fn history_json(samples: &[Sample]) -> Value {
+    let mut hits = Vec::with_capacity(samples.len());
+    let mut fetches = Vec::with_capacity(samples.len());
+    let mut errors = Vec::with_capacity(samples.len());
+    let mut misses = Vec::with_capacity(samples.len());
+    for pair in samples.windows(2) {
+        let elapsed = pair[1].at.saturating_duration_since(pair[0].at);
+        let delta = pair[1].total().since(pair[0].total());
+        hits.push(per_second(delta.hits, elapsed));
+        misses.push(per_second(delta.misses, elapsed));
+        fetches.push(per_second(delta.fetches, elapsed));
+        errors.push(per_second(delta.errors, elapsed));
+    }
+    json!({
+        "interval_ms": millis(SAMPLE_EVERY),
+        "hits": hits,
+        "misses": misses,
+        "fetches": fetches,
+        "errors": errors,
+    })
+}
+
+/// The upstream: kind, endpoints, fault settings, and contact as far as it is known.
+fn upstream_json(state: &AgentState) -> Value {
+    let faults = state.faults().get();
+    let (kind, endpoints, current) = match state.etcd() {
+        Some(etcd) => (
+            "etcd",
+            etcd.endpoints().to_vec(),
+            Some(etcd.current_endpoint().to_owned()),
+        ),
+        None => ("embedded", vec!["in-process".to_owned()], None),
+    };
+    json!({
+        "kind": kind,
+        "endpoints": endpoints,
+        "current_endpoint": current,
+        "reachable": Value::Null,
+        "last_contact_ms": Value::Null,
+        "down_for_ms": Value::Null,
+        "faults": {
+            "fail": faults.fail,
+            "fail_rate": faults.fail_rate,
+            "latency": GoDuration(faults.latency).to_string(),
+        },
+    })
+}
+
+/// How entries are sorted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sort {
+    Key,
+    Index,
+    Age,
+    Ttl,
+}
+
+impl Sort {
+    fn parse(text: &str) -> Result<Self, ApiError> {
+        Ok(match text {
+            "key" => Self::Key,
+            "index" => Self::Index,
+            "age" => Self::Age,
+            "ttl" => Self::Ttl,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid sort {other:?}: use key, index, age or ttl"
+                )));
+            }
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Key => "key",
+            Self::Index => "index",
+            Self::Age => "age",
+            Self::Ttl => "ttl",
+        }
+    }
+}
+
+/// The cache types whose entries can be listed, by their short names.
+const TYPES: [&str; 3] = ["kv", "kv_list", "upstream_stats"];
+
+/// One page of entries asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PageQuery {
+    type_name: &'static str,
+    prefix: String,
+    sort: Sort,
+    descending: bool,
+    offset: usize,
+    limit: usize,
+}
+
+impl PageQuery {
+    fn parse(params: &Params) -> Result<Self, ApiError> {
+        let type_name = match params.get("type") {
+            None | Some("") => TYPES[0],
+            Some(name) => TYPES.iter().copied().find(|t| *t == name).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "unknown type {name:?}: use one of {}",
+                    TYPES.join(", ")
+                ))
+            })?,
+        };
+        let prefix = params.get("prefix").unwrap_or("").to_owned();
+        params::validate_prefix(&prefix)?;
+        let sort = Sort::parse(params.get("sort").unwrap_or("key"))?;
+        let descending = match params.get("order").unwrap_or("asc") {
+            "asc" => false,
+            "desc" => true,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid order {other:?}: use asc or desc"
+                )));
+            }
+        };
+        let count = |name: &str| -> Result<Option<usize>, ApiError> {
+            params
+                .u64(name)?
+                .map(|n| {
+                    usize::try_from(n)
+                        .map_err(|_| ApiError::bad_request(format!("{name} is too large")))
+                })
+                .transpose()
+        };
+        let offset = count("offset")?.unwrap_or(0);
+        let limit = count("limit")?.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
+        Ok(Self {
+            type_name,
+            prefix,
+            sort,
+            descending,
+            offset,
+            limit,
+        })
+    }
+}
+
+/// One page of one type's entries.
+fn entries_json(_state: &AgentState, query: &PageQuery) -> Value {
+    json!({
+        "type": query.type_name,
+        "prefix": query.prefix,
+        "sort": query.sort.name(),
+        "order": if query.descending { "desc" } else { "asc" },
+        "offset": query.offset,
+        "limit": query.limit,
+        "total": Value::Null,
+        "items": [],
+    })
+}
+
+/// `GET /v1/agent/cache`: see the module docs.
+pub(super) async fn cache_view(
+    State(state): State<AgentState>,
+    RawQuery(query): RawQuery,
+) -> Result<JsonLine<Value>, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let page = PageQuery::parse(&params)?;
+    let now = Instant::now();
+    let metrics = state.cache().metrics();
+    let samples = state.inner.history.snapshot();
+    let types = type_rows(&metrics, &samples, now);
+    let total = metrics.total();
+    Ok(JsonLine(json!({
+        "upstream": upstream_json(&state),
+        "kv_cache": format!("{:?}", state.inner.kv_mode).to_lowercase(),
+        "watches": total.watches,
+        "sse_streams": state.inner.sse_streams.load(Ordering::Relaxed),
+        "types": types,
+        "history": history_json(&samples),
+        "entries": entries_json(&state, &page),
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(at: Instant, hits: u64, misses: u64) -> Sample {
+        Sample {
+            at,
+            types: vec![(
+                "kv".to_owned(),
+                Counts {
+                    hits,
+                    misses,
+                    fetches: misses,
+                    errors: 0,
+                },
+            )],
+        }
+    }
+
+    #[test]
+    fn rates_come_from_the_newest_sample_at_least_a_window_old() {
+        let t0 = Instant::now();
+        let samples: Vec<Sample> = (0..10u64)
+            .map(|i| sample(t0 + Duration::from_secs(i), i * 10, i))
+            .collect();
+        let now = t0 + Duration::from_secs(10);
+        let base = base_sample(&samples, now, RATE_WINDOW).unwrap();
+        assert_eq!(base.at, t0 + Duration::from_secs(5));
+        // Fewer samples than the window: the oldest.
+        let base = base_sample(&samples[8..], now, RATE_WINDOW).unwrap();
+        assert_eq!(base.at, t0 + Duration::from_secs(8));
+        assert!(base_sample(&[], now, RATE_WINDOW).is_none());
+    }
+
+    #[test]
+    fn history_is_per_second_deltas() {
+        let t0 = Instant::now();
+        let samples = vec![
+            sample(t0, 0, 0),
+            sample(t0 + Duration::from_secs(1), 30, 2),
+            sample(t0 + Duration::from_secs(3), 30, 6),
+        ];
+        let history = history_json(&samples);
+        assert_eq!(history["hits"], json!([30.0, 0.0]));
+        assert_eq!(history["fetches"], json!([2.0, 2.0]));
+    }
+
+    #[test]
+    fn the_ring_keeps_the_last_samples() {
+        let history = History::new();
+        let t0 = Instant::now();
+        for i in 0..(HISTORY_LEN as u64 + 7) {
+            history.record(sample(t0 + Duration::from_secs(i), i, 0));
+        }
+        let samples = history.snapshot();
+        assert_eq!(samples.len(), HISTORY_LEN);
+        assert_eq!(samples[0].counts("kv").hits, 7);
+    }
+
+    #[test]
+    fn a_page_query_is_validated_and_capped() {
+        let parse = |q: &str| PageQuery::parse(&Params::parse(Some(q)));
+        let page = parse("").unwrap();
+        assert_eq!(
+            (page.type_name, page.limit, page.offset),
+            ("kv", DEFAULT_PAGE, 0)
+        );
+        let page = parse("type=kv_list&sort=age&order=desc&offset=200&limit=100000").unwrap();
+        assert_eq!(page.limit, MAX_PAGE);
+        assert_eq!(page.sort, Sort::Age);
+        assert!(page.descending);
+        for bad in ["type=nope", "sort=size", "order=up", "limit=-1", "offset=x"] {
+            let error = parse(bad).unwrap_err();
+            assert_eq!(error.status, axum::http::StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    #[test]
+    fn hit_ratio_is_null_without_gets() {
+        assert_eq!(ratio(0, 0), None);
+        assert_eq!(ratio(3, 1), Some(0.75));
+    }
+}
