@@ -10,14 +10,14 @@
 //! straight to the type's fetch: uncached reads take the same path to the upstream as cached
 //! ones, without coalescing or storing.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cache_core::{
     CacheRequest, CacheType, FetchOptions, FetchResult, RegisterOptions, RequestInfo,
 };
 
-use crate::upstream::{KeyRead, ListRead, Query, Upstream, UpstreamError, UpstreamStats};
+use crate::upstream::{KeyRead, ListRead, Query, ReadMode, Upstream, UpstreamError, UpstreamStats};
 
 /// How one read is served: from the cache or not, blocking or not, and its `Cache-Control`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,6 +36,9 @@ pub struct ReadOptions {
     pub must_revalidate: bool,
     /// `Cache-Control: stale-if-error=<seconds>`.
     pub stale_if_error: Option<Duration>,
+    /// The upstream read mode (`?stale`, `?consistent`, default). Cached reads fetch in
+    /// [`ReadMode::Stale`], as Consul's agent cache does: the cache is a local copy anyway.
+    pub mode: ReadMode,
 }
 
 impl ReadOptions {
@@ -44,6 +47,7 @@ impl ReadOptions {
         Self {
             cached: true,
             block: true,
+            mode: ReadMode::Stale,
             ..Self::default()
         }
     }
@@ -63,12 +67,17 @@ impl ReadOptions {
     /// The upstream query for a fetch: blocking on the entry's index when the type refreshes
     /// in the background or the read asked to block; at once otherwise.
     fn query(&self, refresh: bool, opts_min_index: u64, opts_timeout: Duration) -> Query {
-        if opts_min_index > 0 && (refresh || self.block) {
+        let query = if opts_min_index > 0 && (refresh || self.block) {
             // An uncached (pass-through) fetch is told the request's own wait as its timeout.
             Query::blocking(opts_min_index, opts_timeout)
         } else {
             Query::now()
-        }
+        };
+        query.with_mode(if self.cached {
+            ReadMode::Stale
+        } else {
+            self.mode
+        })
     }
 }
 
@@ -289,5 +298,88 @@ pub fn short_type_name(rust_name: &str) -> &str {
         "ListType" => "kv_list",
         "StatsType" => "upstream_stats",
         other => other,
+    }
+}
+
+// ===== read your writes =====
+
+/// The writes made through this agent that a cached read may not have seen yet: key (or
+/// prefix, for a recursive delete) and index. A cached read of a key, or of a prefix over
+/// it, asks the cache for at least that index; once a read has seen it, it is forgotten.
+/// Bounded: past [`RecentWrites::CAPACITY`] the oldest records go first (a read then only
+/// misses the guarantee for a key written thousands of writes ago and never read since).
+#[derive(Debug, Default)]
+pub struct RecentWrites {
+    writes: Mutex<std::collections::VecDeque<Write>>,
+}
+
+#[derive(Debug, Clone)]
+struct Write {
+    key: String,
+    prefix: bool,
+    index: u64,
+}
+
+impl Write {
+    /// Whether a read of `key` (`prefix`: everything under it) covers this write.
+    fn covers(&self, key: &str, prefix: bool) -> bool {
+        match (self.prefix, prefix) {
+            (false, false) => self.key == key,
+            (false, true) => self.key.starts_with(key),
+            (true, false) => key.starts_with(&self.key),
+            (true, true) => key.starts_with(&self.key) || self.key.starts_with(key),
+        }
+    }
+}
+
+impl RecentWrites {
+    /// The most records kept.
+    pub const CAPACITY: usize = 4096;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Write>> {
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers a successful write of `key` (`prefix`: a recursive delete) at `index`.
+    pub fn record(&self, key: &str, prefix: bool, index: u64) {
+        let mut writes = self.lock();
+        writes.retain(|w| !(w.prefix == prefix && w.key == key));
+        if writes.len() >= Self::CAPACITY {
+            writes.pop_front();
+        }
+        writes.push_back(Write {
+            key: key.to_owned(),
+            prefix,
+            index,
+        });
+    }
+
+    /// The highest index of a remembered write that a read of `key` covers (0: none).
+    pub fn floor(&self, key: &str, prefix: bool) -> u64 {
+        let writes = self.lock();
+        if writes.is_empty() {
+            return 0;
+        }
+        writes
+            .iter()
+            .filter(|w| w.covers(key, prefix))
+            .map(|w| w.index)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// A read of `key` saw index `index`: forget the writes it covers up to that index.
+    pub fn seen(&self, key: &str, prefix: bool, index: u64) {
+        let mut writes = self.lock();
+        if !writes.is_empty() {
+            writes.retain(|w| {
+                let covered = if prefix {
+                    w.key.starts_with(key)
+                } else {
+                    !w.prefix && w.key == key
+                };
+                !(covered && w.index <= index)
+            });
+        }
     }
 }

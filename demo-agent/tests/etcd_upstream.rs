@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::bounded;
 use demo_agent::upstream::{
-    EtcdSettings, EtcdUpstream, FaultSettings, Faults, KeyValue, Query, Upstream,
+    EtcdSettings, EtcdUpstream, FaultSettings, Faults, KeyRead, ListRead, Query, Upstream,
 };
 use etcd::EtcdCluster;
 
@@ -29,11 +29,23 @@ fn blocking(min_index: u64, wait: Duration) -> Query {
     Query::blocking(min_index, wait)
 }
 
-fn kv(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: value.to_owned(),
-    }
+fn kv(key: &str, value: &str) -> (String, String) {
+    (key.to_owned(), value.to_owned())
+}
+
+/// A read's value as text (none when absent).
+fn value(read: &KeyRead) -> Option<String> {
+    read.entry
+        .as_ref()
+        .map(|entry| String::from_utf8(entry.value.clone()).unwrap())
+}
+
+/// A listing as (key, value text) pairs.
+fn pairs(list: &ListRead) -> Vec<(String, String)> {
+    list.entries
+        .iter()
+        .map(|entry| (entry.key.clone(), String::from_utf8(entry.value.clone()).unwrap()))
+        .collect()
 }
 
 #[tokio::test]
@@ -47,13 +59,13 @@ async fn etcd_upstream_index_rules_and_blocking() {
 
         // An absent key's index is the revision it was read at; never 0.
         let absent = up.get("k", Query::now()).await.unwrap();
-        assert_eq!((absent.value, absent.index), (None, 1));
-        let put = up.put("k", "v1".to_owned(), None).await.unwrap();
+        assert_eq!((value(&absent), absent.index), (None, 1));
+        let put = up.put("k", "v1".as_bytes().to_vec(), 0, None).await.unwrap();
         assert_eq!(put, 2);
-        let other = up.put("other", "x".to_owned(), None).await.unwrap();
+        let other = up.put("other", "x".as_bytes().to_vec(), 0, None).await.unwrap();
         // A present key's index is its mod_revision, whatever else was written since.
         let read = up.get("k", Query::now()).await.unwrap();
-        assert_eq!((read.value.as_deref(), read.index), (Some("v1"), put));
+        assert_eq!((value(&read).as_deref(), read.index), (Some("v1"), put));
         // A delete of an absent key changes nothing and answers the current revision.
         assert_eq!(up.delete("nothing", None).await.unwrap(), other);
 
@@ -69,16 +81,16 @@ async fn etcd_upstream_index_rules_and_blocking() {
         // An absent key: writes elsewhere and a create-then-delete in between (same data) do
         // not wake it; it answers at its wait with the index it was asked for.
         let absent_at = up.get("later", Query::now()).await.unwrap().index;
-        up.put("later", "brief".to_owned(), None).await.unwrap();
+        up.put("later", "brief".as_bytes().to_vec(), 0, None).await.unwrap();
         up.delete("later", None).await.unwrap();
         let reader = {
             let up = up.clone();
             tokio::spawn(async move { up.get("later", blocking(absent_at, QUIET * 2)).await })
         };
         tokio::time::sleep(QUIET / 3).await;
-        up.put("elsewhere", "x".to_owned(), None).await.unwrap();
+        up.put("elsewhere", "x".as_bytes().to_vec(), 0, None).await.unwrap();
         let read = reader.await.unwrap().unwrap();
-        assert_eq!((read.value, read.index), (None, absent_at));
+        assert_eq!((value(&read), read.index), (None, absent_at));
         // ...and wakes when it appears, with the write's index.
         let reader = {
             let up = up.clone();
@@ -89,10 +101,10 @@ async fn etcd_upstream_index_rules_and_blocking() {
         };
         tokio::time::sleep(QUIET).await;
         assert!(!reader.is_finished());
-        let appeared = up.put("later", "here".to_owned(), None).await.unwrap();
+        let appeared = up.put("later", "here".as_bytes().to_vec(), 0, None).await.unwrap();
         let read = reader.await.unwrap().unwrap();
         assert_eq!(
-            (read.value.as_deref(), read.index),
+            (value(&read).as_deref(), read.index),
             (Some("here"), appeared)
         );
 
@@ -102,7 +114,7 @@ async fn etcd_upstream_index_rules_and_blocking() {
             .get("later", blocking(appeared, Duration::from_secs(20)))
             .await
             .unwrap();
-        assert_eq!((read.value, read.index), (None, gone));
+        assert_eq!((value(&read), read.index), (None, gone));
         // A delete while blocked: woken with the delete's revision.
         let k_now = up.get("k", Query::now()).await.unwrap().index;
         let reader = {
@@ -112,15 +124,15 @@ async fn etcd_upstream_index_rules_and_blocking() {
         tokio::time::sleep(QUIET).await;
         let deleted = up.delete("k", None).await.unwrap();
         let read = reader.await.unwrap().unwrap();
-        assert_eq!((read.value, read.index), (None, deleted));
+        assert_eq!((value(&read), read.index), (None, deleted));
 
         // A prefix: its index is the read's revision; a delete under it (seen in history)
         // answers at once; writes elsewhere do not wake it.
-        up.put("p/a", "1".to_owned(), None).await.unwrap();
-        let b = up.put("p/b", "2".to_owned(), None).await.unwrap();
+        up.put("p/a", "1".as_bytes().to_vec(), 0, None).await.unwrap();
+        let b = up.put("p/b", "2".as_bytes().to_vec(), 0, None).await.unwrap();
         let list = up.list("p/", Query::now()).await.unwrap();
         assert_eq!(
-            (list.keys.clone(), list.index),
+            (pairs(&list), list.index),
             (vec![kv("p/a", "1"), kv("p/b", "2")], b)
         );
         let removed = up.delete("p/a", None).await.unwrap();
@@ -129,17 +141,17 @@ async fn etcd_upstream_index_rules_and_blocking() {
             .await
             .unwrap();
         assert_eq!(
-            (list.keys.clone(), list.index),
+            (pairs(&list), list.index),
             (vec![kv("p/b", "2")], removed)
         );
-        up.put("q", "outside".to_owned(), None).await.unwrap();
+        up.put("q", "outside".as_bytes().to_vec(), 0, None).await.unwrap();
         let started = Instant::now();
         let list = up.list("p/", blocking(removed, QUIET)).await.unwrap();
         assert!(started.elapsed() >= QUIET);
         assert_eq!(list.index, removed);
         // The empty prefix lists every key.
         let all = up.list("", Query::now()).await.unwrap();
-        assert_eq!(all.keys.len(), 4, "{:?}", all.keys);
+        assert_eq!(all.entries.len(), 4, "{:?}", all.entries);
 
         // The counters the metrics page shows.
         let stats = up.stats().await.unwrap();
@@ -158,7 +170,7 @@ async fn etcd_upstream_close_answers_open_blocking_reads() {
     bounded(async {
         let cluster = EtcdCluster::start(1).await;
         let up = upstream(&cluster);
-        let index = up.put("k", "v".to_owned(), None).await.unwrap();
+        let index = up.put("k", "v".as_bytes().to_vec(), 0, None).await.unwrap();
         let reader = {
             let up = up.clone();
             tokio::spawn(async move { up.get("k", blocking(index, Duration::from_secs(60))).await })
@@ -171,14 +183,14 @@ async fn etcd_upstream_close_answers_open_blocking_reads() {
         up.close();
         let read = reader.await.unwrap().unwrap();
         assert!(started.elapsed() < Duration::from_secs(5));
-        assert_eq!((read.value.as_deref(), read.index), (Some("v"), index));
+        assert_eq!((value(&read).as_deref(), read.index), (Some("v"), index));
         // After close reads answer at once; writes still work.
         let read = up
             .get("k", blocking(index, Duration::from_secs(60)))
             .await
             .unwrap();
         assert_eq!(read.index, index);
-        assert!(up.put("k", "w".to_owned(), None).await.unwrap() > index);
+        assert!(up.put("k", "w".as_bytes().to_vec(), 0, None).await.unwrap() > index);
     })
     .await;
 }
@@ -191,7 +203,7 @@ async fn etcd_upstream_busy_key_keeps_one_watch() {
     bounded(async {
         let cluster = EtcdCluster::start(1).await;
         let up = upstream(&cluster);
-        let mut index = up.put("busy", "0".to_owned(), None).await.unwrap();
+        let mut index = up.put("busy", "0".as_bytes().to_vec(), 0, None).await.unwrap();
         // A refresh loop: block on the last index, again and again, while the key changes.
         let follower = {
             let up = up.clone();
@@ -203,7 +215,7 @@ async fn etcd_upstream_busy_key_keeps_one_watch() {
                         .await
                         .unwrap();
                     index = read.index;
-                    let value = read.value.unwrap();
+                    let value = value(&read).unwrap();
                     let done = value == "50";
                     seen.push(value);
                     if done {

@@ -177,6 +177,9 @@ fn write_outcome(
     let (ok, index) = match written {
         Ok(index) => {
             state.inner.writes.record(key, prefix, index);
+            // The upstream just answered: chains backing off may fetch now (and see it).
+            state.inner.kv.retry_now();
+            state.inner.list.retry_now();
             (true, index)
         }
         Err(UpstreamError::CasMismatch { current, .. }) => (false, current),
@@ -336,7 +339,10 @@ async fn consul_read(
         let request = KvRequest { key, read };
         let held = read_holding(state, &state.inner.kv, request.clone(), max_age).await;
         if held.outcome.error.is_none() && held.outcome.index >= written {
-            state.inner.writes.seen(&request.key, false, held.outcome.index);
+            state
+                .inner
+                .writes
+                .seen(&request.key, false, held.outcome.index);
         }
         held.respond(cached, |read, index| {
             let mut response = match &read.entry {
@@ -482,7 +488,10 @@ fn raw_response(value: &[u8]) -> Response {
         CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     response
 }
 
@@ -794,7 +803,11 @@ fn key_response(key: &str, outcome: ReadOutcome<Arc<KeyRead>>, cached: bool) -> 
         (None, Some(read)) => {
             // A cached read reports the entry's index; a pass-through read its own.
             let index = if cached { outcome.index } else { read.index }.max(1);
-            match read.entry.as_ref().map(|e| String::from_utf8_lossy(&e.value)) {
+            match read
+                .entry
+                .as_ref()
+                .map(|e| String::from_utf8_lossy(&e.value))
+            {
                 Some(value) => {
                     let mut response =
                         JsonLine(json!({ "key": key, "value": value, "index": index }))

@@ -20,10 +20,12 @@
 //! longest wait (10 min).
 
 mod agent_routes;
+pub mod consul;
 pub mod cache_view;
 pub mod error;
 mod kv;
 pub mod params;
+mod status;
 mod ui;
 mod watch;
 
@@ -35,7 +37,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
@@ -50,12 +52,35 @@ pub const REQUEST_TIMEOUT: Duration = MAX_WAIT.saturating_add(Duration::from_sec
 /// The agent's router with every route and layer, ready to serve.
 pub fn app(state: AgentState) -> Router {
     let mut router = Router::new()
-        .route("/v1/kv", get(kv::list_root))
-        .route("/v1/kv/", get(kv::list_root))
+        .route(
+            "/v1/kv",
+            get(kv::consul_get_root)
+                .put(kv::consul_put_root)
+                .delete(kv::consul_delete_root),
+        )
+        .route(
+            "/v1/kv/",
+            get(kv::consul_get_root)
+                .put(kv::consul_put_root)
+                .delete(kv::consul_delete_root),
+        )
         .route(
             "/v1/kv/{*key}",
+            get(kv::consul_get)
+                .put(kv::consul_put)
+                .delete(kv::consul_delete),
+        )
+        .route("/v1/agent/kv", get(kv::list_root))
+        .route("/v1/agent/kv/", get(kv::list_root))
+        .route(
+            "/v1/agent/kv/{*key}",
             get(kv::get_key).put(kv::put_key).delete(kv::delete_key),
         )
+        .route("/v1/status/leader", get(status::leader))
+        .route("/v1/status/peers", get(status::peers))
+        .route("/v1/agent/self", get(status::agent_self))
+        .route("/v1/session", any(status::session))
+        .route("/v1/session/{*rest}", any(status::session))
         .route("/v1/watch", get(watch::watch))
         .route("/v1/agent/metrics", get(agent_routes::metrics))
         .route("/v1/agent/health", get(agent_routes::health))

@@ -10,7 +10,6 @@ use axum::http::header::CACHE_CONTROL;
 
 use super::error::ApiError;
 use crate::duration::parse_duration;
-use crate::upstream::MAX_WAIT;
 
 /// The longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
@@ -18,6 +17,9 @@ pub const MAX_KEY_BYTES: usize = 512;
 pub const MAX_VALUE_BYTES: usize = 512 * 1024;
 /// The wait of a blocking read that names no `?wait=` (Consul's default).
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+/// The longest `?wait=` honoured (Consul's cap; longer waits are cut to it, silently, as
+/// Consul does). Consul's jitter may add up to a sixteenth on top.
+pub const MAX_BLOCKING_WAIT: Duration = Duration::from_secs(600);
 /// The most watches one `/v1/watch` stream may multiplex.
 pub const MAX_WATCHES_PER_STREAM: usize = 64;
 
@@ -42,6 +44,17 @@ impl Params {
             .rev()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The distinct parameter names, in order of first appearance.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for (name, _) in &self.0 {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+        names
     }
 
     /// Every value of `name`, in order.
@@ -93,7 +106,7 @@ impl Params {
         Ok(Blocking {
             min_index,
             // Consul caps a blocking query's wait at 10 minutes, silently.
-            wait: wait.min(MAX_WAIT),
+            wait: wait.min(MAX_BLOCKING_WAIT),
         })
     }
 }
@@ -290,7 +303,7 @@ mod tests {
             }
         );
         let p = Params::parse(Some("index=5&wait=1h"));
-        assert_eq!(p.blocking().unwrap().wait, MAX_WAIT);
+        assert_eq!(p.blocking().unwrap().wait, MAX_BLOCKING_WAIT);
         let p = Params::parse(None);
         assert_eq!(p.blocking().unwrap().min_index, 0);
         for (query, needle) in [

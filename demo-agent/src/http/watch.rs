@@ -138,13 +138,16 @@ fn sse_event(event: WatchEvent) -> Event {
         WatchEvent::Key(e) => json!({
             "correlation_id": e.correlation_id,
             "index": e.meta.index.max(1),
-            "value": e.result.as_ref().and_then(|read| read.value.as_deref()),
+            "value": e.result.as_ref().and_then(|read| read.entry.as_ref()).map(|entry| String::from_utf8_lossy(&entry.value)),
             "error": e.error.map(|error| error.to_string()),
         }),
         WatchEvent::Prefix(e) => json!({
             "correlation_id": e.correlation_id,
             "index": e.meta.index.max(1),
-            "value": e.result.as_ref().map(|list| &list.keys),
+            "value": e.result.as_ref().map(|list| list.entries.iter().map(|entry| json!({
+                "key": entry.key,
+                "value": String::from_utf8_lossy(&entry.value),
+            })).collect::<Vec<_>>()),
             "error": e.error.map(|error| error.to_string()),
         }),
     };

@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use super::{
-    Faults, KeyRead, KeyValue, ListRead, MAX_WAIT, OpCounters, Query, Upstream, UpstreamError,
+    Entry, Faults, KeyRead, ListRead, MAX_WAIT, OpCounters, Query, Upstream, UpstreamError,
     UpstreamStats, bump,
 };
 
@@ -20,8 +20,24 @@ const FIRST_INDEX: u64 = 1;
 
 #[derive(Debug)]
 struct Item {
-    value: String,
+    value: Vec<u8>,
+    flags: u64,
+    create_index: u64,
     modify_index: u64,
+}
+
+impl Item {
+    fn entry(&self, key: &str) -> Entry {
+        Entry {
+            key: key.to_owned(),
+            value: self.value.clone(),
+            flags: self.flags,
+            create_index: self.create_index,
+            modify_index: self.modify_index,
+            lock_index: 0,
+            session: None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -46,7 +62,7 @@ impl State {
     fn read_key(&self, key: &str) -> (KeyRead, u64) {
         let index = self.key_index(key);
         let read = KeyRead {
-            value: self.data.get(key).map(|item| item.value.clone()),
+            entry: self.data.get(key).map(|item| item.entry(key)),
             index,
         };
         (read, index)
@@ -54,18 +70,15 @@ impl State {
 
     fn read_prefix(&self, prefix: &str) -> (ListRead, u64) {
         let mut index = FIRST_INDEX;
-        let mut keys = Vec::new();
+        let mut entries = Vec::new();
         for (key, item) in under_prefix(&self.data, prefix) {
             index = index.max(item.modify_index);
-            keys.push(KeyValue {
-                key: key.clone(),
-                value: item.value.clone(),
-            });
+            entries.push(item.entry(key));
         }
         for (_, deleted_at) in under_prefix(&self.tombstones, prefix) {
             index = index.max(*deleted_at);
         }
-        (ListRead { keys, index }, index)
+        (ListRead { entries, index }, index)
     }
 
     /// The key's index for compare-and-set: 0 when it does not exist.
@@ -96,9 +109,10 @@ fn under_prefix<'a, V>(
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// let upstream = MemoryUpstream::new(Faults::new(FaultSettings::default()));
-/// let index = upstream.put("greeting", "hello".to_owned(), None).await.unwrap();
+/// let index = upstream.put("greeting", b"hello".to_vec(), 0, None).await.unwrap();
 /// let read = upstream.get("greeting", Query::now()).await.unwrap();
-/// assert_eq!((read.value.as_deref(), read.index), (Some("hello"), index));
+/// let entry = read.entry.unwrap();
+/// assert_eq!((entry.value.as_slice(), read.index), (&b"hello"[..], index));
 /// # }
 /// ```
 #[derive(Debug)]
@@ -168,8 +182,14 @@ impl MemoryUpstream {
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
         loop {
-            let (result, index) = read(&self.lock());
-            if index > query.min_index || self.closed.load(Ordering::Acquire) {
+            let (result, index, behind) = {
+                let state = self.lock();
+                let (result, index) = read(&state);
+                // The caller's index is from a future this store never reached: it saw
+                // another (replaced) store. Answer at once with the lower index.
+                (result, index, state.index < query.min_index)
+            };
+            if index > query.min_index || behind || self.closed.load(Ordering::Acquire) {
                 return Ok(result);
             }
             tokio::select! {
@@ -187,17 +207,21 @@ impl MemoryUpstream {
         }
     }
 
+    /// Applies one write under the lock. `apply` gets the next index and says whether it
+    /// changed anything (if not, the key's current index answers). `cas` is checked first;
+    /// `absent_ok`: a compare-and-set on an absent key succeeds (Consul's delete rule).
     fn write(
         &self,
         key: &str,
         cas: Option<u64>,
+        absent_ok: bool,
         apply: impl FnOnce(&mut State, u64) -> bool,
     ) -> Result<u64, UpstreamError> {
         let index = {
             let mut state = self.lock();
             if let Some(expected) = cas {
                 let current = state.cas_index(key);
-                if current != expected {
+                if current != expected && !(absent_ok && current == 0) {
                     return Err(UpstreamError::CasMismatch {
                         key: key.to_owned(),
                         expected,
@@ -250,17 +274,21 @@ impl Upstream for MemoryUpstream {
     fn put<'a>(
         &'a self,
         key: &'a str,
-        value: String,
+        value: Vec<u8>,
+        flags: u64,
         cas: Option<u64>,
     ) -> BoxFuture<'a, Result<u64, UpstreamError>> {
         async move {
             self.before_operation().await?;
-            self.write(key, cas, |state, index| {
+            self.write(key, cas, false, |state, index| {
                 state.tombstones.remove(key);
+                let create_index = state.data.get(key).map_or(index, |old| old.create_index);
                 state.data.insert(
                     key.to_owned(),
                     Item {
                         value,
+                        flags,
+                        create_index,
                         modify_index: index,
                     },
                 );
@@ -277,13 +305,39 @@ impl Upstream for MemoryUpstream {
     ) -> BoxFuture<'a, Result<u64, UpstreamError>> {
         async move {
             self.before_operation().await?;
-            self.write(key, cas, |state, index| {
+            self.write(key, cas, true, |state, index| {
                 if state.data.remove(key).is_none() {
                     return false;
                 }
                 state.tombstones.insert(key.to_owned(), index);
                 true
             })
+        }
+        .boxed()
+    }
+
+    fn delete_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<u64, UpstreamError>> {
+        async move {
+            self.before_operation().await?;
+            let index = {
+                let mut state = self.lock();
+                let doomed: Vec<String> = under_prefix(&state.data, prefix)
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                if doomed.is_empty() {
+                    return Ok(state.index);
+                }
+                let index = state.index + 1;
+                for key in doomed {
+                    state.data.remove(&key);
+                    state.tombstones.insert(key, index);
+                }
+                state.index = index;
+                index
+            };
+            bump(&self.counters.writes);
+            self.notify();
+            Ok(index)
         }
         .boxed()
     }
@@ -329,13 +383,13 @@ mod tests {
     async fn indexes_start_at_one_and_rise_per_write() {
         let up = store();
         let absent = up.get("a", Query::now()).await.unwrap();
-        assert_eq!((absent.value, absent.index), (None, 1));
-        assert_eq!(up.put("a", "1".into(), None).await.unwrap(), 2);
-        assert_eq!(up.put("b", "2".into(), None).await.unwrap(), 3);
+        assert_eq!((absent.entry, absent.index), (None, 1));
+        assert_eq!(up.put("a", b"1".to_vec(), 0, None).await.unwrap(), 2);
+        assert_eq!(up.put("b", b"2".to_vec(), 0, None).await.unwrap(), 3);
         assert_eq!(up.get("a", Query::now()).await.unwrap().index, 2);
         assert_eq!(up.delete("a", None).await.unwrap(), 4);
         let deleted = up.get("a", Query::now()).await.unwrap();
-        assert_eq!((deleted.value, deleted.index), (None, 4));
+        assert_eq!((deleted.entry, deleted.index), (None, 4));
         // Deleting an absent key changes nothing.
         assert_eq!(up.delete("zzz", None).await.unwrap(), 1);
         assert_eq!(up.counters().index, 4);
@@ -344,13 +398,13 @@ mod tests {
     #[tokio::test]
     async fn prefix_index_covers_writes_and_deletes_under_it() {
         let up = store();
-        up.put("app/x", "1".into(), None).await.unwrap();
-        up.put("other", "2".into(), None).await.unwrap();
-        up.put("app/y", "3".into(), None).await.unwrap();
+        up.put("app/x", b"1".to_vec(), 0, None).await.unwrap();
+        up.put("other", b"2".to_vec(), 0, None).await.unwrap();
+        up.put("app/y", b"3".to_vec(), 0, None).await.unwrap();
         let list = up.list("app/", Query::now()).await.unwrap();
         assert_eq!(list.index, 4);
         assert_eq!(
-            list.keys
+            list.entries
                 .iter()
                 .map(|kv| kv.key.as_str())
                 .collect::<Vec<_>>(),
@@ -358,25 +412,86 @@ mod tests {
         );
         up.delete("app/y", None).await.unwrap();
         let list = up.list("app/", Query::now()).await.unwrap();
-        assert_eq!((list.keys.len(), list.index), (1, 5));
-        assert_eq!(up.list("", Query::now()).await.unwrap().keys.len(), 2);
+        assert_eq!((list.entries.len(), list.index), (1, 5));
+        assert_eq!(up.list("", Query::now()).await.unwrap().entries.len(), 2);
     }
 
     #[tokio::test]
     async fn cas_checks_the_key_index() {
         let up = store();
-        assert_eq!(up.put("a", "1".into(), Some(0)).await.unwrap(), 2);
-        let err = up.put("a", "2".into(), Some(0)).await.unwrap_err();
+        assert_eq!(up.put("a", b"1".to_vec(), 0, Some(0)).await.unwrap(), 2);
+        let err = up.put("a", b"2".to_vec(), 0, Some(0)).await.unwrap_err();
         assert!(matches!(err, UpstreamError::CasMismatch { current: 2, .. }));
-        assert_eq!(up.put("a", "2".into(), Some(2)).await.unwrap(), 3);
+        assert_eq!(up.put("a", b"2".to_vec(), 0, Some(2)).await.unwrap(), 3);
         assert!(up.delete("a", Some(2)).await.is_err());
         assert_eq!(up.delete("a", Some(3)).await.unwrap(), 4);
+        // Consul's rule: a compare-and-set delete of an absent key succeeds, changing nothing.
+        assert_eq!(up.delete("a", Some(3)).await.unwrap(), 4);
+    }
+
+    #[tokio::test]
+    async fn entries_carry_flags_bytes_and_create_index() {
+        let up = store();
+        let created = up.put("a", vec![0, 255, 1], 42, None).await.unwrap();
+        let updated = up.put("a", b"x".to_vec(), 0, None).await.unwrap();
+        let entry = up.get("a", Query::now()).await.unwrap().entry.unwrap();
+        assert_eq!(
+            (
+                entry.value,
+                entry.flags,
+                entry.create_index,
+                entry.modify_index
+            ),
+            (b"x".to_vec(), 0, created, updated)
+        );
+        up.put("a", vec![0xff], 7, None).await.unwrap();
+        assert_eq!(
+            up.get("a", Query::now())
+                .await
+                .unwrap()
+                .entry
+                .unwrap()
+                .flags,
+            7
+        );
+    }
+
+    #[tokio::test]
+    async fn delete_prefix_is_one_write() {
+        let up = store();
+        up.put("p/a", b"1".to_vec(), 0, None).await.unwrap();
+        up.put("p/b/c", b"2".to_vec(), 0, None).await.unwrap();
+        up.put("q", b"3".to_vec(), 0, None).await.unwrap();
+        let index = up.delete_prefix("p/").await.unwrap();
+        assert_eq!(index, 5);
+        assert!(
+            up.list("p/", Query::now())
+                .await
+                .unwrap()
+                .entries
+                .is_empty()
+        );
+        assert_eq!(up.get("p/a", Query::now()).await.unwrap().index, 5);
+        assert_eq!(up.delete_prefix("nothing/").await.unwrap(), 5);
+        assert_eq!(up.delete_prefix("").await.unwrap(), 6);
+        assert!(up.list("", Query::now()).await.unwrap().entries.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_index_from_the_future_answers_at_once() {
+        let up = store();
+        up.put("a", b"1".to_vec(), 0, None).await.unwrap();
+        let read = up
+            .get("a", Query::blocking(1_000, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert_eq!(read.index, 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn blocking_read_wakes_on_its_key_only() {
         let up = store();
-        let index = up.put("a", "1".into(), None).await.unwrap();
+        let index = up.put("a", b"1".to_vec(), 0, None).await.unwrap();
         let reader = {
             let up = up.clone();
             tokio::spawn(async move {
@@ -389,12 +504,13 @@ mod tests {
         while up.counters().blocking_open == 0 {
             tokio::task::yield_now().await;
         }
-        up.put("b", "other".into(), None).await.unwrap();
+        up.put("b", b"other".to_vec(), 0, None).await.unwrap();
         tokio::task::yield_now().await;
         assert!(!reader.is_finished());
-        let next = up.put("a", "2".into(), None).await.unwrap();
+        let next = up.put("a", b"2".to_vec(), 0, None).await.unwrap();
         let read = reader.await.unwrap();
-        assert_eq!((read.value.as_deref(), read.index), (Some("2"), next));
+        let value = read.entry.map(|entry| entry.value);
+        assert_eq!((value.as_deref(), read.index), (Some(&b"2"[..]), next));
     }
 
     #[tokio::test(start_paused = true)]
@@ -430,7 +546,7 @@ mod tests {
             reader.await.unwrap(),
             Err(UpstreamError::Unavailable(_))
         ));
-        assert!(up.put("a", "1".into(), None).await.is_err());
+        assert!(up.put("a", b"1".to_vec(), 0, None).await.is_err());
     }
 
     #[tokio::test(start_paused = true)]
