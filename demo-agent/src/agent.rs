@@ -22,10 +22,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, KvCacheMode, UpstreamKind};
+use crate::duration::GoDuration;
 use crate::http;
 use crate::types::{BlockingOptions, KvType, ListType, StatsType};
 use crate::upstream::{
-    EtcdSettings, EtcdUpstream, FaultSettings, Faults, MemoryUpstream, Upstream, UpstreamStats,
+    ContactState, ContactTracker, EtcdSettings, EtcdUpstream, FaultSettings, Faults,
+    MemoryUpstream, Upstream, UpstreamStats,
 };
 
 /// How long shutdown waits for in-flight responses before it gives up on them.
@@ -42,7 +44,13 @@ pub(crate) struct StateInner {
     pub(crate) kv: TypedCache<KvType>,
     pub(crate) list: TypedCache<ListType>,
     pub(crate) stats: TypedCache<StatsType>,
+    /// The upstream behind its contact tracker (every call goes through the tracker).
     pub(crate) upstream: Arc<dyn Upstream>,
+    /// Whether the upstream answers: readiness, metrics, the "lost"/"back" log lines, and
+    /// `Cache::retry_now` when contact comes back.
+    pub(crate) contact: Arc<ContactTracker>,
+    /// `/v1/agent/ready` answers 503 once the upstream has failed for longer than this.
+    pub(crate) ready_grace: Duration,
     /// The embedded store, for its live counters on the metrics page.
     pub(crate) memory: Option<Arc<MemoryUpstream>>,
     /// The etcd upstream, for its live counters on the metrics page.
@@ -75,13 +83,18 @@ impl AgentState {
                 (memory.clone(), Some(memory), None)
             }
             UpstreamKind::Etcd => {
-                let mut settings = EtcdSettings::new(config.etcd_endpoints.clone());
-                settings.request_timeout = config.etcd_timeout;
+                let settings = EtcdSettings::from_config(config).map_err(StartError::Config)?;
                 let etcd =
                     EtcdUpstream::new(settings, faults.clone()).map_err(StartError::Config)?;
                 (etcd.clone(), None, Some(etcd))
             }
         };
+        let name = match config.upstream {
+            UpstreamKind::Embedded => "embedded".to_owned(),
+            UpstreamKind::Etcd => format!("etcd {}", config.etcd_endpoints.join(",")),
+        };
+        let contact = Arc::new(ContactTracker::new(upstream, name, Some(faults.clone())));
+        let upstream: Arc<dyn Upstream> = contact.clone();
         let runtime: SharedRuntime = Arc::new(TokioRuntime::current());
         let mut builder = Cache::builder(runtime);
         if let Some(per_second) = config.rate_limit {
@@ -107,6 +120,8 @@ impl AgentState {
                 list,
                 stats,
                 upstream,
+                contact,
+                ready_grace: config.ready_grace,
                 memory,
                 etcd,
                 faults,
@@ -119,6 +134,15 @@ impl AgentState {
             }),
         };
         http::cache_view::History::spawn_sampler(&state);
+        // Contact is back: chains sleeping out a backoff retry now. A weak reference, so the
+        // upstream (held by the cache's types) does not keep the cache alive.
+        let weak = Arc::downgrade(&state.inner);
+        state.inner.contact.on_contact_back(move || {
+            if let Some(inner) = weak.upgrade() {
+                let woken = inner.cache.retry_now();
+                tracing::debug!(woken, "contact is back: backing-off fetches retry now");
+            }
+        });
         Ok(state)
     }
 
@@ -149,6 +173,22 @@ impl AgentState {
     /// The etcd upstream, when the agent runs on one (for its endpoints and traffic).
     pub fn etcd(&self) -> Option<&Arc<EtcdUpstream>> {
         self.inner.etcd.as_ref()
+    }
+
+    /// What is known about contact with the upstream right now (reachable, last contact,
+    /// outage); see [`ContactState`].
+    pub fn contact(&self) -> ContactState {
+        self.inner.contact.state()
+    }
+
+    /// Whether the agent is ready to serve: not while the upstream has failed for longer
+    /// than `--ready-grace`.
+    pub fn ready(&self) -> bool {
+        self.inner
+            .contact
+            .state()
+            .down_for
+            .is_none_or(|down| down <= self.inner.ready_grace)
     }
 
     /// The live fault settings of the upstream.
@@ -213,26 +253,34 @@ impl Agent {
                 })
                 .await
         });
-        tracing::info!(%addr, upstream = ?config.upstream, kv_cache = ?config.kv_cache, "agent listening");
-        if let Some(etcd) = state.etcd() {
-            // Not fatal: the agent serves (errors, then data) while etcd comes and goes.
-            let etcd = etcd.clone();
-            tokio::spawn(async move {
-                match etcd.stats().await {
-                    Ok(stats) => tracing::info!(
-                        endpoint = %etcd.current_endpoint(),
-                        revision = stats.index,
-                        keys = stats.keys,
-                        "etcd reachable"
-                    ),
-                    Err(error) => tracing::warn!(
-                        endpoints = ?etcd.endpoints(),
-                        %error,
-                        "etcd is not reachable yet; reads fail until it is"
-                    ),
-                }
-            });
-        }
+        tracing::info!(
+            %addr,
+            upstream = %state.inner.contact.name(),
+            kv_cache = %config.kv_cache,
+            query_timeout = %GoDuration(config.query_timeout),
+            ready_grace = %GoDuration(config.ready_grace),
+            faults = %state.faults().get(),
+            "agent listening"
+        );
+        // A first light call: says at once whether the upstream answers. Not fatal: the agent
+        // serves (errors, then data) while the upstream comes and goes, and the contact
+        // tracker probes until it answers.
+        let contact = state.inner.contact.clone();
+        tokio::spawn(async move {
+            match contact.probe().await {
+                Ok(stats) => tracing::info!(
+                    upstream = %contact.name(),
+                    index = stats.index,
+                    keys = stats.keys,
+                    "upstream reachable"
+                ),
+                Err(error) => tracing::warn!(
+                    upstream = %contact.name(),
+                    %error,
+                    "upstream is not reachable yet; reads fail until it is"
+                ),
+            }
+        });
         Ok(RunningAgent {
             addr,
             state,

@@ -1,6 +1,7 @@
 //! The agent's configuration: command-line flags (each also readable from a `DEMO_AGENT_*`
 //! environment variable), parsed with clap.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -104,6 +105,16 @@ pub enum KvCacheMode {
     Refresh,
     /// Values are stored as fetched; `Cache-Control` decides when to fetch again.
     Simple,
+    /// `/v1/agent/ready` answers 503 once the upstream has failed (no answer) for longer
+    /// than this; 200 again as soon as it answers.
+    #[arg(long, env = "DEMO_AGENT_READY_GRACE", value_parser = parse_duration, default_value = "5s")]
+    pub ready_grace: Duration,
+
+    /// Log line format on stderr: `text` (colour only on a terminal) or `json` (one object
+    /// per line). `RUST_LOG` sets the level (default `info`).
+    #[arg(long, env = "DEMO_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
 }
 
 impl Default for Config {
@@ -120,6 +131,42 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             quiet: true,
             ..Self::default()
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines; ANSI colours only when stderr is a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl fmt::Display for UpstreamKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Embedded => "embedded",
+            Self::Etcd => "etcd",
+        })
+    }
+}
+
+impl fmt::Display for KvCacheMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Refresh => "refresh",
+            Self::Simple => "simple",
+        })
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        })
+    }
+}
+
         }
     }
 }
@@ -187,6 +234,20 @@ mod tests {
         assert!(Config::try_parse_from(["demo-agent", "--query-timeout", "11m"]).is_err());
         assert!(Config::try_parse_from(["demo-agent", "--upstream-latency", "5"]).is_err());
     }
+        assert_eq!(c.ready_grace, Duration::from_secs(5));
+        assert_eq!(c.log_format, LogFormat::Text);
+        let c =
+            Config::try_parse_from(["demo-agent", "--ready-grace", "1s", "--log-format", "json"])
+                .unwrap();
+        assert_eq!(c.ready_grace, Duration::from_secs(1));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(
+            [
+                UpstreamKind::Etcd.to_string(),
+                KvCacheMode::Simple.to_string()
+            ],
+            ["etcd", "simple"]
+        );
 
     #[test]
     fn parses_etcd_flags() {

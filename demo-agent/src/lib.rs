@@ -32,5 +32,5 @@ pub mod types;
 pub mod upstream;
 
 pub use agent::{Agent, AgentState, RunningAgent, ShutdownHandle, StartError};
-pub use config::{Config, KvCacheMode, UpstreamKind};
+pub use config::{Config, KvCacheMode, LogFormat, UpstreamKind};
 pub use http::app;

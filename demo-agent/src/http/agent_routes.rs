@@ -23,9 +23,50 @@ use crate::upstream::FaultSettings;
 /// The longest simulated latency accepted at run time.
 const MAX_LATENCY: Duration = Duration::from_secs(60);
 
-/// `GET /v1/agent/health`.
+/// `GET /v1/agent/health`: liveness. 200 while the process serves, whatever the upstream
+/// does (a restart would not bring an unreachable upstream back).
 pub(super) async fn health() -> JsonLine<serde_json::Value> {
     JsonLine(json!({ "status": "ok" }))
+}
+
+/// `GET /v1/agent/ready`: readiness. 503 once the upstream has failed (no answer) for longer
+/// than `--ready-grace`, 200 again as soon as it answers; the body says why either way:
+/// `{"status": "ready"|"upstream unreachable", "upstream", "reachable", "last_contact",
+/// "down_since", "down_for", "entries_failing", ...}` (see `ContactState::to_json`).
+pub(super) async fn ready(State(state): State<AgentState>) -> Response {
+    let contact = state.inner.contact.state();
+    let ready = contact
+        .down_for
+        .is_none_or(|down| down <= state.inner.ready_grace);
+    let failing: u64 = state
+        .cache()
+        .metrics()
+        .types
+        .iter()
+        .map(|t| t.failing)
+        .sum();
+    let mut body = contact.to_json();
+    if let Some(object) = body.as_object_mut() {
+        object.insert(
+            "status".to_owned(),
+            json!(if ready {
+                "ready"
+            } else {
+                "upstream unreachable"
+            }),
+        );
+        object.insert("entries_failing".to_owned(), json!(failing));
+        object.insert(
+            "ready_grace".to_owned(),
+            json!(GoDuration(state.inner.ready_grace).to_string()),
+        );
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, JsonLine(body)).into_response()
 }
 
 /// `GET /v1/agent/metrics`: Prometheus text.
@@ -108,7 +149,7 @@ pub(super) async fn put_faults(
         settings.latency = latency;
     }
     state.faults().set(settings);
-    tracing::info!(?settings, "upstream fault settings changed");
+    tracing::info!(%settings, "upstream fault settings changed");
     Ok(faults_json(&state, settings))
 }
 

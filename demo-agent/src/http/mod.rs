@@ -9,7 +9,8 @@
 //! | `GET /v1/kv/?prefix=p` (or `/v1/kv?prefix=p`) | list keys under a prefix |
 //! | `GET /v1/watch?key=a&prefix=c` | server-sent events, several watches on one stream |
 //! | `GET /v1/agent/metrics` | Prometheus text |
-//! | `GET /v1/agent/health` | `{"status":"ok"}` |
+//! | `GET /v1/agent/health` | liveness: `{"status":"ok"}` while the process serves |
+//! | `GET /v1/agent/ready` | readiness: 503 once the upstream has failed for `--ready-grace` |
 //! | `GET /v1/agent/upstream/stats` | upstream counters, via a polling cache type |
 //! | `GET`/`PUT /v1/agent/upstream` | fault injection: `?fail=`, `?fail_rate=`, `?latency=` |
 //! | `GET /v1/agent/cache` | the web view's JSON: upstream, types, history, one page of entries |
@@ -84,6 +85,7 @@ pub fn app(state: AgentState) -> Router {
         .route("/v1/watch", get(watch::watch))
         .route("/v1/agent/metrics", get(agent_routes::metrics))
         .route("/v1/agent/health", get(agent_routes::health))
+        .route("/v1/agent/ready", get(agent_routes::ready))
         .route(
             "/v1/agent/upstream",
             get(agent_routes::get_faults).put(agent_routes::put_faults),

@@ -17,6 +17,19 @@ pub struct FaultSettings {
     pub fail: bool,
 }
 
+/// `latency=0s fail_rate=0 fail=false`, for log lines.
+impl std::fmt::Display for FaultSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "latency={} fail_rate={} fail={}",
+            crate::duration::GoDuration(self.latency),
+            self.fail_rate,
+            self.fail
+        )
+    }
+}
+
 /// Shared, live fault settings: changed at run time, observed by the upstream.
 #[derive(Debug)]
 pub struct Faults {

@@ -19,7 +19,8 @@
 //!   caller resets (Consul's rule: an index that went backwards starts over).
 //! - A recursive delete is one write: every key under the prefix gets the same index.
 
-mod etcd;
+mod contact;
+mod etcd_grpc;
 mod faults;
 mod memory;
 
@@ -29,7 +30,11 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::Serialize;
 
-pub use etcd::{EtcdSettings, EtcdTraffic, EtcdUpstream};
+pub use contact::{
+    ContactState, ContactTracker, LOST_AFTER, PROBE_INTERVAL, PROBE_TIMEOUT, accepted, rfc3339,
+    with_accepted,
+};
+pub use etcd_grpc::{Credentials, EtcdSettings, EtcdTraffic, EtcdUpstream, TlsFiles};
 pub use faults::{FaultSettings, Faults};
 pub use memory::MemoryUpstream;
 
