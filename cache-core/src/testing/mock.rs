@@ -171,7 +171,8 @@ impl<V: Clone + Send + Sync + 'static> MockType<V> {
         }
     }
 
-    /// Compares values with `==` (for polling watches), instead of "always changed".
+    /// Compares values with `==` (for polling watches); without it the type behaves as one that
+    /// keeps the default `CacheType::value_eq` (polled watches go by the index).
     pub fn compare_values(mut self) -> Self
     where
         V: PartialEq,
@@ -209,6 +210,13 @@ impl<V: Clone + Send + Sync + 'static> CacheType for MockType<V> {
     }
 
     fn value_eq(&self, a: &V, b: &V) -> bool {
-        self.eq.is_some_and(|eq| eq(a, b))
+        match self.eq {
+            Some(eq) => eq(a, b),
+            // Without `compare_values`, behave as a type that keeps the default `value_eq`.
+            None => {
+                crate::cache_type::DEFAULT_VALUE_EQ.with(|used| used.set(true));
+                false
+            }
+        }
     }
 }
