@@ -17,6 +17,7 @@ use cache_core::{
     CacheRequest, CacheType, FetchOptions, FetchResult, RegisterOptions, RequestInfo,
 };
 
+use crate::upstream::with_accepted;
 use crate::upstream::{KeyRead, ListRead, Query, ReadMode, Upstream, UpstreamError, UpstreamStats};
 
 /// How one read is served: from the cache or not, blocking or not, and its `Cache-Control`.
@@ -149,7 +150,9 @@ impl CacheType for KvType {
         let query = request
             .read
             .query(self.options.refresh, opts.min_index, opts.timeout);
-        let read = self.upstream.get(&request.key, query).await?;
+        // The upstream calls `accepted()` once it holds the blocking query: the engine then
+        // clears a failing entry's error and age at once (see `upstream::with_accepted`).
+        let read = with_accepted(opts.connected, self.upstream.get(&request.key, query)).await?;
         let index = read.index;
         Ok(FetchResult::new(Arc::new(read), index))
     }
@@ -225,7 +228,8 @@ impl CacheType for ListType {
         let query = request
             .read
             .query(self.options.refresh, opts.min_index, opts.timeout);
-        let read = self.upstream.list(&request.prefix, query).await?;
+        let read =
+            with_accepted(opts.connected, self.upstream.list(&request.prefix, query)).await?;
         let index = read.index;
         Ok(FetchResult::new(Arc::new(read), index))
     }

@@ -179,6 +179,8 @@ impl MemoryUpstream {
             return Ok(read(&self.lock()).0);
         }
         let _open = self.counters.open_blocking();
+        // The read is held now: the caller's data is current (see `contact::accepted`).
+        super::accepted();
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
         loop {
