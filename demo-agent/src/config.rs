@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -38,10 +39,33 @@ pub struct Config {
     )]
     pub etcd_endpoints: Vec<String>,
 
-    /// Timeout of one etcd request on one member before the next member is tried (watches
-    /// are not bounded by it, only their opening).
+    /// Timeout of one etcd call on one member before the next member is tried; also how long
+    /// the watch stream may stay silent (a frozen member) before it moves to the next member.
     #[arg(long, env = "DEMO_AGENT_ETCD_TIMEOUT", value_parser = parse_etcd_timeout, default_value = "5s")]
     pub etcd_timeout: Duration,
+
+    /// PEM file of the CA that signed the etcd members' certificates: TLS on (rustls), and the
+    /// endpoints are `https://`.
+    #[arg(long, env = "DEMO_AGENT_ETCD_CACERT")]
+    pub etcd_cacert: Option<PathBuf>,
+
+    /// PEM client certificate for etcd (mutual TLS, with `--etcd-key` and `--etcd-cacert`).
+    #[arg(long, env = "DEMO_AGENT_ETCD_CERT", requires_all = ["etcd_key", "etcd_cacert"])]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// PEM private key of `--etcd-cert`.
+    #[arg(long, env = "DEMO_AGENT_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// etcd user (authentication on). Its password is read from `--etcd-password-file`, else
+    /// from the `DEMO_AGENT_ETCD_PASSWORD` environment variable; never from the command line.
+    #[arg(long, env = "DEMO_AGENT_ETCD_USER")]
+    pub etcd_user: Option<String>,
+
+    /// File holding the etcd user's password (one line; a trailing newline is ignored).
+    #[arg(long, env = "DEMO_AGENT_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+
 
     /// Simulated latency added to every upstream operation (Go-style duration: 5ms, 1s).
     #[arg(long, env = "DEMO_AGENT_UPSTREAM_LATENCY", value_parser = parse_duration, default_value = "0s")]
@@ -93,8 +117,8 @@ pub struct Config {
 pub enum UpstreamKind {
     /// An in-process store with blocking queries and fault injection.
     Embedded,
-    /// An etcd cluster (v3 API through its JSON gateway) at `--etcd-endpoints`; blocking
-    /// reads are etcd watches, the index is etcd's revision.
+    /// An etcd cluster (v3 gRPC API) at `--etcd-endpoints`; blocking reads are etcd
+    /// watches (all on one stream), the index is etcd's revision.
     Etcd,
 }
 

@@ -65,11 +65,13 @@ struct MemberSpec {
     peer_port: u16,
     data_dir: PathBuf,
     log: PathBuf,
+    tls: bool,
 }
 
 impl MemberSpec {
     fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     fn peer_url(&self) -> String {
@@ -84,6 +86,95 @@ pub struct EtcdCluster {
     specs: Vec<MemberSpec>,
     children: Vec<Option<Child>>,
     http: reqwest::Client,
+    tls: Option<Tls>,
+    /// `(user, password)` for etcdctl once authentication is on.
+    auth: Option<(String, String)>,
+}
+
+/// TLS material generated for a cluster (PEM files in its scratch directory): a CA, the
+/// members' certificate (for 127.0.0.1) and a client certificate, all signed by the CA.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Tls {
+    fn generate(dir: &Path) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        };
+        let write = |name: &str, pem: String| {
+            let path = dir.join(name);
+            fs::write(&path, pem).expect("write a PEM file");
+            path
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.distinguished_name
+            .push(DnType::CommonName, "demo-agent test CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let leaf = |sans: Vec<String>, cn: &str, usage: Vec<ExtendedKeyUsagePurpose>| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(sans).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = usage;
+            let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(
+            vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+            "etcd",
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        );
+        let (client_cert, client_key) = leaf(
+            Vec::new(),
+            "demo-agent",
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        );
+        Self {
+            ca: write("ca.pem", ca.pem()),
+            server_cert: write("server.pem", server_cert),
+            server_key: write("server-key.pem", server_key),
+            client_cert: write("client.pem", client_cert),
+            client_key: write("client-key.pem", client_key),
+        }
+    }
+}
+
+/// The etcdctl binary: `$ETCDCTL_BIN`, else `etcdctl` on `PATH`.
+pub fn etcdctl_binary() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("ETCDCTL_BIN").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(bin));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("etcdctl"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Whether etcd and etcdctl are available for `test` (as [`available`]).
+pub fn available_with_etcdctl(test: &str) -> bool {
+    if !available(test) {
+        return false;
+    }
+    if etcdctl_binary().is_some() {
+        return true;
+    }
+    let how = "install it with `sudo apt-get install etcd-client` or set ETCDCTL_BIN";
+    if std::env::var_os("DEMO_AGENT_REQUIRE_ETCD").is_some_and(|v| !v.is_empty() && v != "0") {
+        panic!("{test}: etcdctl is required (DEMO_AGENT_REQUIRE_ETCD is set) but not found: {how}");
+    }
+    let line = format!("\nSKIP {test}: the `etcdctl` binary is not on PATH; {how}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    false
 }
 
 static CLUSTERS: AtomicU64 = AtomicU64::new(0);
@@ -122,7 +213,7 @@ impl EtcdCluster {
         let mut last_error = String::new();
         // A port can be taken between choosing and binding it: retry with fresh ports.
         for _ in 0..3 {
-            let mut cluster = Self::spawn(members, free_ports(2 * members), None);
+            let mut cluster = Self::spawn(members, free_ports(2 * members), None, false);
             match cluster.wait_ready().await {
                 Ok(()) => return cluster,
                 Err(error) => last_error = error,
@@ -131,19 +222,34 @@ impl EtcdCluster {
         panic!("etcd cluster did not start: {last_error}");
     }
 
+    /// Starts a single-member cluster whose client URL is `https://` (certificates generated
+    /// for the test, see [`Tls`]) and which requires client certificates.
+    pub async fn start_tls() -> Self {
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            let mut cluster = Self::spawn(1, free_ports(2), None, true);
+            match cluster.wait_ready().await {
+                Ok(()) => return cluster,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("etcd TLS cluster did not start: {last_error}");
+    }
+
     /// Starts a fresh single-member cluster (new data dir, revision 1) on the given client
     /// and peer ports: "another cluster behind the same endpoint".
     pub async fn start_on_ports(client_port: u16, peer_port: u16) -> Self {
-        let mut cluster = Self::spawn(1, vec![client_port, peer_port], None);
+        let mut cluster = Self::spawn(1, vec![client_port, peer_port], None, false);
         if let Err(error) = cluster.wait_ready().await {
             panic!("etcd did not start on port {client_port}: {error}");
         }
         cluster
     }
 
-    fn spawn(members: usize, ports: Vec<u16>, root: Option<PathBuf>) -> Self {
+    fn spawn(members: usize, ports: Vec<u16>, root: Option<PathBuf>, tls: bool) -> Self {
         let root = root.unwrap_or_else(scratch_root);
         fs::create_dir_all(&root).expect("create the etcd scratch directory");
+        let tls = tls.then(|| Tls::generate(&root));
         let specs: Vec<MemberSpec> = (0..members)
             .map(|i| MemberSpec {
                 name: format!("m{i}"),
@@ -151,6 +257,7 @@ impl EtcdCluster {
                 peer_port: ports[2 * i + 1],
                 data_dir: root.join(format!("m{i}.etcd")),
                 log: root.join(format!("m{i}.log")),
+                tls: tls.is_some(),
             })
             .collect();
         let token = root
@@ -167,6 +274,8 @@ impl EtcdCluster {
                 .no_proxy()
                 .build()
                 .unwrap(),
+            tls,
+            auth: None,
         };
         for i in 0..members {
             cluster.spawn_member(i);
@@ -187,7 +296,18 @@ impl EtcdCluster {
             .append(true)
             .open(&spec.log)
             .expect("open the etcd log");
-        let child = Command::new(etcd_binary().expect("etcd binary"))
+        let mut command = Command::new(etcd_binary().expect("etcd binary"));
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &spec.name])
             .arg("--data-dir")
             .arg(&spec.data_dir)
@@ -231,8 +351,17 @@ impl EtcdCluster {
                         self.log_tail(i)
                     ));
                 }
-                let url = format!("{}/health", self.specs[i].client_url());
-                if let Ok(response) = self.http.get(&url).send().await {
+                if self.tls.is_some() {
+                    let health = self.etcdctl_on(i, &["endpoint", "health"]);
+                    if health.status.success() {
+                        break;
+                    }
+                } else if let Ok(response) = self
+                    .http
+                    .get(format!("{}/health", self.specs[i].client_url()))
+                    .send()
+                    .await
+                {
                     if let Ok(body) = response.json::<Value>().await {
                         if body["health"] == "true" {
                             break;
@@ -281,6 +410,73 @@ impl EtcdCluster {
         if let Err(error) = self.wait_ready().await {
             panic!("etcd member {i} did not restart: {error}");
         }
+    }
+
+    /// Freezes member `i` (SIGSTOP): its process and sockets stay, it answers nothing.
+    pub fn freeze(&self, i: usize) {
+        self.signal(i, "STOP");
+    }
+
+    /// Thaws member `i` (SIGCONT).
+    pub fn thaw(&self, i: usize) {
+        self.signal(i, "CONT");
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        let pid = self.children[i].as_ref().expect("a running member").id();
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -{signal} {pid}"))
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// The TLS material, for a cluster started with [`EtcdCluster::start_tls`].
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
+    /// Runs etcdctl (API v3) against member `i` with the cluster's TLS and auth, and returns
+    /// its output.
+    pub fn etcdctl_on(&self, i: usize, args: &[&str]) -> std::process::Output {
+        let mut command = Command::new(etcdctl_binary().expect("etcdctl binary"));
+        command
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.specs[i].client_url())
+            .args(["--dial-timeout", "2s", "--command-timeout", "5s"]);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cacert")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.client_cert)
+                .arg("--key")
+                .arg(&tls.client_key);
+        }
+        if let Some((user, password)) = &self.auth {
+            command.arg("--user").arg(format!("{user}:{password}"));
+        }
+        command.args(args).output().expect("run etcdctl")
+    }
+
+    /// Runs etcdctl on the first running member and asserts it succeeded; its stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> Vec<u8> {
+        let output = self.etcdctl_on(self.running_member(), args);
+        assert!(
+            output.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output.stdout
+    }
+
+    /// Turns etcd's authentication on with a `root` user whose password is `password`.
+    pub fn enable_auth(&mut self, password: &str) {
+        self.etcdctl(&["user", "add", &format!("root:{password}")]);
+        self.etcdctl(&["auth", "enable"]);
+        self.auth = Some(("root".to_owned(), password.to_owned()));
     }
 
     fn log_tail(&self, i: usize) -> String {

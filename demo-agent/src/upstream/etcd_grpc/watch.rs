@@ -1,0 +1,415 @@
+//! Every etcd watch of the upstream on ONE gRPC watch stream (etcd multiplexes watches on a
+//! stream by watch id), on the client's one connection.
+//!
+//! A blocking read registers a one-shot watch ([`WatchHub::watch`]): a key or range and the
+//! revision to start from. The hub sends the create request on the stream (or opens the
+//! stream, spawning its task, when there is none) and hands the watch's first answer —
+//! events, a cancellation (compaction), a cluster change — to the read, then cancels the etcd
+//! watch. Dropping the [`Watch`] cancels it too. Memory per open watch: one map entry with the
+//! key and a one-shot channel.
+//!
+//! # Invariants
+//!
+//! - A watch fires at most once, with the first batch of its events (all of them after its
+//!   start revision, so no change after the read that registered it is missed).
+//! - A broken stream (member killed, or frozen: no answer to a progress request within the
+//!   client's timeout) moves the client to the next member and re-creates every open watch
+//!   there from its own start revision: reads waiting on it notice nothing. Only when every
+//!   member fails twice in a row without the stream ever answering do the watches fail.
+//! - A header from another cluster (see `ClusterIdentity`) fires every open watch with
+//!   [`Outcome::ClusterChanged`]: their start revisions belong to the old cluster.
+//! - Watches are created with `hasleader=true` metadata (clientv3's `WithRequireLeader`): a
+//!   member cut off from its leader cancels them, which counts as a broken stream.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use futures::channel::mpsc;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tonic::codec::ProstCodec;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::metadata::AsciiMetadataValue;
+
+use tonic::{Code, Status};
+
+use super::client::{Client, Current, EtcdError, revision};
+use super::pb::{self, WatchRequest, watch_request::RequestUnion};
+
+/// A stream open this long (or that answered) before it broke counts as having worked: the
+/// count of failures in a row starts again.
+const STREAM_PROVED: Duration = Duration::from_secs(5);
+
+/// How long a stream without watches stays open for the next one (a refresh loop registers
+/// its next watch right after the last one fired).
+const LINGER: Duration = Duration::from_secs(30);
+
+/// How a watch ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Changes after the start revision (the first batch etcd sent).
+    Events(Vec<pb::Event>),
+    /// etcd cancelled the watch: its start revision is compacted (`compact_revision > 0`), or
+    /// another reason.
+    Canceled {
+        compact_revision: u64,
+        reason: String,
+    },
+    /// Another cluster answers behind the endpoints.
+    ClusterChanged,
+    /// No member could carry the watch.
+    Failed(EtcdError),
+}
+
+#[derive(Debug)]
+struct Registered {
+    key: Vec<u8>,
+    range_end: Vec<u8>,
+    start_revision: i64,
+    tx: oneshot::Sender<Outcome>,
+}
+
+impl Registered {
+    fn create(&self, id: i64) -> WatchRequest {
+        WatchRequest {
+            request_union: Some(RequestUnion::Create(pb::WatchCreateRequest {
+                key: self.key.clone(),
+                range_end: self.range_end.clone(),
+                start_revision: self.start_revision,
+                watch_id: id,
+            })),
+        }
+    }
+}
+
+fn cancel(id: i64) -> WatchRequest {
+    WatchRequest {
+        request_union: Some(RequestUnion::Cancel(pb::WatchCancelRequest {
+            watch_id: id,
+        })),
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    watches: HashMap<i64, Registered>,
+    /// The request side of the open stream, if any.
+    stream: Option<mpsc::UnboundedSender<WatchRequest>>,
+    /// Whether the stream's task runs (it ends when no watch is left).
+    running: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    client: Arc<Client>,
+    state: Mutex<State>,
+    next_id: AtomicI64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fires (and forgets) watch `id` with `outcome`; cancels it on etcd if the stream is open.
+    fn fire(&self, state: &mut State, id: i64, outcome: Outcome) {
+        if let Some(watch) = state.watches.remove(&id) {
+            let _ = watch.tx.send(outcome);
+            if let Some(stream) = &state.stream {
+                let _ = stream.unbounded_send(cancel(id));
+            }
+        }
+    }
+
+    fn fire_all(&self, state: &mut State, outcome: &Outcome) {
+        for (id, watch) in state.watches.drain() {
+            let _ = watch.tx.send(outcome.clone());
+            if let Some(stream) = &state.stream {
+                let _ = stream.unbounded_send(cancel(id));
+            }
+        }
+    }
+}
+
+/// The shared watch stream (see the module docs).
+#[derive(Debug, Clone)]
+pub(crate) struct WatchHub {
+    shared: Arc<Shared>,
+}
+
+/// One open watch; dropping it cancels it.
+#[derive(Debug)]
+pub(crate) struct Watch {
+    id: i64,
+    rx: oneshot::Receiver<Outcome>,
+    hub: Weak<Shared>,
+}
+
+impl Watch {
+    /// The watch's outcome.
+    pub(crate) async fn outcome(&mut self) -> Outcome {
+        (&mut self.rx).await.unwrap_or_else(|_| Outcome::Canceled {
+            compact_revision: 0,
+            reason: "watch hub closed".to_owned(),
+        })
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let Some(hub) = self.hub.upgrade() else {
+            return;
+        };
+        let mut state = hub.lock();
+        if state.watches.remove(&self.id).is_some() {
+            if let Some(stream) = &state.stream {
+                let _ = stream.unbounded_send(cancel(self.id));
+            }
+        }
+    }
+}
+
+impl WatchHub {
+    pub(crate) fn new(client: Arc<Client>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                client,
+                state: Mutex::default(),
+                next_id: AtomicI64::new(1),
+            }),
+        }
+    }
+
+    /// Open watches right now.
+    pub(crate) fn open(&self) -> usize {
+        self.shared.lock().watches.len()
+    }
+
+    /// Watches `key` (to `range_end`, empty for one key) from `start_revision` on.
+    pub(crate) fn watch(&self, key: Vec<u8>, range_end: Vec<u8>, start_revision: u64) -> Watch {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let registered = Registered {
+            key,
+            range_end,
+            start_revision: i64::try_from(start_revision).unwrap_or(i64::MAX),
+            tx,
+        };
+        self.shared
+            .client
+            .counters
+            .watches
+            .fetch_add(1, Ordering::Relaxed);
+        let mut state = self.shared.lock();
+        if let Some(stream) = &state.stream {
+            let _ = stream.unbounded_send(registered.create(id));
+        }
+        state.watches.insert(id, registered);
+        if !state.running {
+            state.running = true;
+            drop(state);
+            tokio::spawn(run(Arc::clone(&self.shared)));
+        }
+        Watch {
+            id,
+            rx,
+            hub: Arc::downgrade(&self.shared),
+        }
+    }
+}
+
+/// Why a stream ended.
+enum End {
+    /// No watch left: the task has ended (`running` is false).
+    Idle,
+    /// The member failed (or the stream broke).
+    Broken(EtcdError),
+}
+
+/// The stream's task: opens the stream, re-opens it after breaks, ends when no watch is left.
+async fn run(shared: Arc<Shared>) {
+    let client = Arc::clone(&shared.client);
+    let mut failures: u32 = 0;
+    loop {
+        let current = client.current();
+        let opened_at = Instant::now();
+        let (end, answered) = stream_once(&shared, &client, &current).await;
+        let error = match end {
+            End::Idle => return,
+            End::Broken(error) => error,
+        };
+        if answered || opened_at.elapsed() >= STREAM_PROVED {
+            failures = 0;
+        }
+        failures += 1;
+        if error.is_member_failure() {
+            client.member_failed(current.generation);
+        } else {
+            client.forget_token();
+        }
+        {
+            let mut state = shared.lock();
+            state.stream = None;
+            if state.watches.is_empty() {
+                state.running = false;
+                return;
+            }
+            tracing::warn!(%error, failures, watches = state.watches.len(), "etcd watch stream broke; re-creating its watches");
+            if failures as usize > 2 * client.endpoints().len() {
+                shared.fire_all(&mut state, &Outcome::Failed(error));
+                state.running = false;
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50) * failures).await;
+    }
+}
+
+/// Opens one stream on `current`, creates every open watch on it and serves it until it
+/// breaks or no watch is left. Also says whether etcd answered anything on it.
+async fn stream_once(shared: &Shared, client: &Client, current: &Current) -> (End, bool) {
+    let endpoint = client.endpoints()[current.index].clone();
+    let timeout = client.timeout();
+    let mut metadata = match client.metadata(current).await {
+        Ok(metadata) => metadata,
+        Err(error) => return (End::Broken(error), false),
+    };
+    metadata.insert("hasleader", AsciiMetadataValue::from_static("true"));
+    let (tx, rx) = mpsc::unbounded();
+    {
+        let mut state = shared.lock();
+        if state.watches.is_empty() {
+            state.running = false;
+            return (End::Idle, false);
+        }
+        for (id, watch) in &state.watches {
+            let _ = tx.unbounded_send(watch.create(*id));
+        }
+        state.stream = Some(tx);
+    }
+    let mut request = tonic::Request::new(rx);
+    *request.metadata_mut() = metadata;
+    let mut grpc = tonic::client::Grpc::new(current.channel.clone());
+    let open = async {
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(format!("connect: {e}")))?;
+        grpc.streaming(
+            request,
+            PathAndQuery::from_static(pb::path::WATCH),
+            ProstCodec::<WatchRequest, pb::WatchResponse>::default(),
+        )
+        .await
+    };
+    let timed_out = || EtcdError::Timeout {
+        endpoint: endpoint.clone(),
+        timeout,
+    };
+    let mut stream = match tokio::time::timeout(timeout, open).await {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => {
+            return (
+                End::Broken(EtcdError::from_status(&endpoint, &status)),
+                false,
+            );
+        }
+        Err(_) => return (End::Broken(timed_out()), false),
+    };
+    client
+        .counters
+        .watch_streams
+        .fetch_add(1, Ordering::Relaxed);
+    let mut answered = false;
+    let mut probing = false;
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        // Silence for half the timeout: ask for progress (any answer proves the member
+        // alive); silence for the other half too: the member is frozen or cut off.
+        let next = tokio::time::timeout(timeout / 2, stream.message()).await;
+        let idle = {
+            let mut state = shared.lock();
+            if !state.watches.is_empty() {
+                idle_since = None;
+                false
+            } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= LINGER {
+                state.stream = None;
+                state.running = false;
+                return (End::Idle, answered);
+            } else {
+                true
+            }
+        };
+        match next {
+            Ok(Ok(Some(response))) => {
+                answered = true;
+                probing = false;
+                if let Some(error) = handle(shared, client, &endpoint, response) {
+                    return (End::Broken(error), answered);
+                }
+            }
+            Ok(Ok(None)) => {
+                let error = EtcdError::Status {
+                    endpoint: endpoint.clone(),
+                    code: Code::Unavailable,
+                    message: "watch stream ended".to_owned(),
+                };
+                return (End::Broken(error), answered);
+            }
+            Ok(Err(status)) => {
+                return (
+                    End::Broken(EtcdError::from_status(&endpoint, &status)),
+                    answered,
+                );
+            }
+            Err(_) if probing => return (End::Broken(timed_out()), answered),
+            // No watch to keep alive: nothing to probe.
+            Err(_) if idle => {}
+            Err(_) => {
+                probing = true;
+                let progress = WatchRequest {
+                    request_union: Some(RequestUnion::Progress(pb::WatchProgressRequest {})),
+                };
+                if let Some(stream) = &shared.lock().stream {
+                    let _ = stream.unbounded_send(progress);
+                }
+            }
+        }
+    }
+}
+
+/// Hands one answer of the stream to its watch. An error ends the stream.
+fn handle(
+    shared: &Shared,
+    client: &Client,
+    endpoint: &str,
+    response: pb::WatchResponse,
+) -> Option<EtcdError> {
+    let before = client.identity.epoch();
+    let epoch = client.identity.observe(response.header.as_ref());
+    let mut state = shared.lock();
+    if epoch != before {
+        shared.fire_all(&mut state, &Outcome::ClusterChanged);
+        return None;
+    }
+    let id = response.watch_id;
+    if response.canceled {
+        if response.cancel_reason.contains("no leader") {
+            return Some(EtcdError::Status {
+                endpoint: endpoint.to_owned(),
+                code: Code::Unavailable,
+                message: response.cancel_reason,
+            });
+        }
+        if let Some(watch) = state.watches.remove(&id) {
+            let _ = watch.tx.send(Outcome::Canceled {
+                compact_revision: revision(response.compact_revision),
+                reason: response.cancel_reason,
+            });
+        }
+    } else if !response.events.is_empty() {
+        shared.fire(&mut state, id, Outcome::Events(response.events));
+    }
+    None
+}
