@@ -66,7 +66,6 @@ pub struct Config {
     #[arg(long, env = "DEMO_AGENT_ETCD_PASSWORD_FILE", requires = "etcd_user")]
     pub etcd_password_file: Option<PathBuf>,
 
-
     /// Simulated latency added to every upstream operation (Go-style duration: 5ms, 1s).
     #[arg(long, env = "DEMO_AGENT_UPSTREAM_LATENCY", value_parser = parse_duration, default_value = "0s")]
     pub upstream_latency: Duration,
@@ -106,6 +105,16 @@ pub struct Config {
     #[arg(long, env = "DEMO_AGENT_QUIET")]
     pub quiet: bool,
 
+    /// `/v1/agent/ready` answers 503 once the upstream has failed (no answer) for longer
+    /// than this; 200 again as soon as it answers.
+    #[arg(long, env = "DEMO_AGENT_READY_GRACE", value_parser = parse_duration, default_value = "5s")]
+    pub ready_grace: Duration,
+
+    /// Log line format on stderr: `text` (colour only on a terminal) or `json` (one object
+    /// per line). `RUST_LOG` sets the level (default `info`).
+    #[arg(long, env = "DEMO_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Adds `GET /v1/agent/debug/panic`, a handler that panics (to show panic containment).
     #[arg(long, hide = true)]
     pub debug_routes: bool,
@@ -122,39 +131,6 @@ pub enum UpstreamKind {
     Etcd,
 }
 
-/// How cached KV reads are kept fresh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum KvCacheMode {
-    /// A background blocking query per cached key keeps it current.
-    Refresh,
-    /// Values are stored as fetched; `Cache-Control` decides when to fetch again.
-    Simple,
-    /// `/v1/agent/ready` answers 503 once the upstream has failed (no answer) for longer
-    /// than this; 200 again as soon as it answers.
-    #[arg(long, env = "DEMO_AGENT_READY_GRACE", value_parser = parse_duration, default_value = "5s")]
-    pub ready_grace: Duration,
-
-    /// Log line format on stderr: `text` (colour only on a terminal) or `json` (one object
-    /// per line). `RUST_LOG` sets the level (default `info`).
-    #[arg(long, env = "DEMO_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-
-}
-
-impl Default for Config {
-    /// The defaults of every flag.
-    fn default() -> Self {
-        Self::parse_from(["demo-agent"])
-    }
-}
-
-impl Config {
-    /// The defaults, listening on `127.0.0.1:0` (a free port): what tests start.
-    pub fn for_tests() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            quiet: true,
-            ..Self::default()
 /// The format of log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -191,6 +167,29 @@ impl fmt::Display for LogFormat {
     }
 }
 
+/// How cached KV reads are kept fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvCacheMode {
+    /// A background blocking query per cached key keeps it current.
+    Refresh,
+    /// Values are stored as fetched; `Cache-Control` decides when to fetch again.
+    Simple,
+}
+
+impl Default for Config {
+    /// The defaults of every flag.
+    fn default() -> Self {
+        Self::parse_from(["demo-agent"])
+    }
+}
+
+impl Config {
+    /// The defaults, listening on `127.0.0.1:0` (a free port): what tests start.
+    pub fn for_tests() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            quiet: true,
+            ..Self::default()
         }
     }
 }
@@ -235,6 +234,20 @@ mod tests {
         assert_eq!(c.kv_cache, KvCacheMode::Refresh);
         assert_eq!(c.query_timeout, Duration::from_secs(600));
         assert_eq!(c.upstream_latency, Duration::ZERO);
+        assert_eq!(c.ready_grace, Duration::from_secs(5));
+        assert_eq!(c.log_format, LogFormat::Text);
+        let c =
+            Config::try_parse_from(["demo-agent", "--ready-grace", "1s", "--log-format", "json"])
+                .unwrap();
+        assert_eq!(c.ready_grace, Duration::from_secs(1));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(
+            [
+                UpstreamKind::Etcd.to_string(),
+                KvCacheMode::Simple.to_string()
+            ],
+            ["etcd", "simple"]
+        );
     }
 
     #[test]
@@ -258,20 +271,6 @@ mod tests {
         assert!(Config::try_parse_from(["demo-agent", "--query-timeout", "11m"]).is_err());
         assert!(Config::try_parse_from(["demo-agent", "--upstream-latency", "5"]).is_err());
     }
-        assert_eq!(c.ready_grace, Duration::from_secs(5));
-        assert_eq!(c.log_format, LogFormat::Text);
-        let c =
-            Config::try_parse_from(["demo-agent", "--ready-grace", "1s", "--log-format", "json"])
-                .unwrap();
-        assert_eq!(c.ready_grace, Duration::from_secs(1));
-        assert_eq!(c.log_format, LogFormat::Json);
-        assert_eq!(
-            [
-                UpstreamKind::Etcd.to_string(),
-                KvCacheMode::Simple.to_string()
-            ],
-            ["etcd", "simple"]
-        );
 
     #[test]
     fn parses_etcd_flags() {

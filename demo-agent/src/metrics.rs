@@ -65,6 +65,21 @@ fn gauge(
     Ok(())
 }
 
+fn float_gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: Option<f64>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric =
+        encoder.encode_descriptor(name, help, None, ConstGauge::new(0f64).metric_type())?;
+    if let Some(value) = value {
+        let labels: Labels<'_> = Vec::new();
+        ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 fn signed(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -166,6 +181,42 @@ impl Collector for AgentCollector {
             .map(|(l, v)| (l, signed(v)))
             .collect();
         gauge(e, "demo_agent_cache_watches", "Watches running.", &watches)?;
+        let failing: Vec<_> = per_type(|t| t.failing)
+            .into_iter()
+            .map(|(l, v)| (l, signed(v)))
+            .collect();
+        gauge(
+            e,
+            "demo_agent_cache_failing",
+            "Entries whose last fetch failed (backing off until the next attempt).",
+            &failing,
+        )?;
+
+        let contact = self.state.contact();
+        gauge(
+            e,
+            "demo_agent_upstream_reachable",
+            "1 while the upstream answers; 0 once it has failed for 1s without an answer.",
+            &[(vec![], i64::from(contact.reachable))],
+        )?;
+        float_gauge(
+            e,
+            "demo_agent_upstream_last_contact_seconds",
+            "Seconds since the upstream last answered (absent before the first answer).",
+            contact.since_last_contact.map(|d| d.as_secs_f64()),
+        )?;
+        float_gauge(
+            e,
+            "demo_agent_upstream_down_seconds",
+            "Seconds the upstream has been failing without an answer (0 while it answers).",
+            Some(contact.down_for.map_or(0.0, |d| d.as_secs_f64())),
+        )?;
+        counter(
+            e,
+            "demo_agent_upstream_outages",
+            "Outages: the upstream failed for 1s or longer without an answer.",
+            &[(vec![], contact.outages)],
+        )?;
 
         let streams = self.state.inner.sse_streams.load(Ordering::Relaxed);
         gauge(

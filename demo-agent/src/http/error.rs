@@ -53,8 +53,17 @@ impl From<UpstreamError> for ApiError {
     }
 }
 
+/// The message of a 5xx [`ApiError`], kept in the response's extensions so that the log
+/// layer can say why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorCause(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let cause = self
+            .status
+            .is_server_error()
+            .then(|| ErrorCause(self.message.clone()));
         let body = match self.index {
             Some(index) => json!({ "error": self.message, "index": index }),
             None => json!({ "error": self.message }),
@@ -62,6 +71,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, JsonLine(body)).into_response();
         if let Some(index) = self.index {
             super::set_index_headers(response.headers_mut(), index);
+        }
+        if let Some(cause) = cause {
+            response.extensions_mut().insert(cause);
         }
         response
     }

@@ -109,12 +109,39 @@ pub fn app(state: AgentState) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
         ))
-        // A 5xx is logged as a warning: injected upstream failures are expected here.
+        // 5xx answers are logged by `log_server_errors` (with method, path and cause).
         .layer(
             TraceLayer::new_for_http()
-                .on_failure(DefaultOnFailure::new().level(tracing::Level::WARN)),
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
+        .layer(axum::middleware::from_fn(log_server_errors))
         .with_state(state)
+}
+
+/// Logs every 5xx answer at warn with its method, path, status and cause (the message of the
+/// [`ApiError`] behind it, see [`error::ErrorCause`]).
+async fn log_server_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let response = next.run(request).await;
+    let status = response.status();
+    if status.is_server_error() {
+        let cause = response.extensions().get::<error::ErrorCause>().map_or(
+            "no cause recorded (the request timed out, or a layer answered)",
+            |cause| cause.0.as_str(),
+        );
+        tracing::warn!(
+            %method,
+            path = uri.path(),
+            status = status.as_u16(),
+            %cause,
+            "request failed"
+        );
+    }
+    response
 }
 
 async fn not_found(uri: Uri) -> ApiError {

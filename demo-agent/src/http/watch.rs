@@ -4,14 +4,17 @@
 //! Each watch is a `TypedCache::notify` of the KV or the list type into one channel (via
 //! `map_sink` into one enum), told apart by its correlation id (`key:a`, `prefix:c`). Every
 //! event is `event: update` with JSON data
-//! `{"correlation_id": "key:a", "index": N, "value": ..., "error": null}`; a prefix watch's
+//! `{"correlation_id": "key:a", "index": N, "value": ..., "error": null, "failing_since": null}`;
+//! `error` is set only while the watched entry's last fetch failed (a success clears it), and
+//! then `failing_since` (RFC 3339) says since when it has been failing. A prefix watch's
 //! value is its list of `{"key", "value"}`. The stream ends when the client leaves (the watch
 //! handles are dropped with it) or the agent shuts down.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
@@ -25,6 +28,7 @@ use super::error::ApiError;
 use super::params::{self, MAX_WATCHES_PER_STREAM, Params};
 use crate::agent::AgentState;
 use crate::types::{KvRequest, ListRequest, ReadOptions};
+use crate::upstream::rfc3339;
 use crate::upstream::{KeyRead, ListRead, UpstreamError};
 
 /// The events one stream's channel buffers before a slow client slows its own watches.
@@ -113,10 +117,15 @@ pub(super) async fn watch(
         _handles: handles,
         state: state.clone(),
     };
-    let events = futures::stream::unfold((rx, guard), |(rx, guard)| async move {
-        let event = rx.recv().await.ok()?;
-        Some((Ok::<_, Infallible>(sse_event(event)), (rx, guard)))
-    })
+    let failing = FailingSince::default();
+    let events = futures::stream::unfold(
+        (rx, guard, failing),
+        |(rx, guard, mut failing)| async move {
+            let event = rx.recv().await.ok()?;
+            let event = sse_event(event, &mut failing, &guard.state);
+            Some((Ok::<_, Infallible>(event), (rx, guard, failing)))
+        },
+    )
     .take_until(state.shutdown_started());
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
@@ -133,8 +142,36 @@ fn watch_error(error: WatchError) -> ApiError {
     }
 }
 
-fn sse_event(event: WatchEvent) -> Event {
-    let data = match event {
+/// Since when each of a stream's watches has been failing (its events carried an error with
+/// no success since), by correlation id.
+#[derive(Default)]
+struct FailingSince(HashMap<String, SystemTime>);
+
+impl FailingSince {
+    /// The `failing_since` of an event of watch `id`: `None` for a success (which ends the
+    /// failure), else when the failure started: the first error this stream saw for the
+    /// watch, or the start of the upstream's outage if that is earlier (a stream opened
+    /// during an outage).
+    fn update(&mut self, id: &str, failed: bool, state: &AgentState) -> Option<SystemTime> {
+        if !failed {
+            self.0.remove(id);
+            return None;
+        }
+        let since = *self.0.entry(id.to_owned()).or_insert_with(|| {
+            let now = SystemTime::now();
+            state.contact().down_since.map_or(now, |down| down.min(now))
+        });
+        Some(since)
+    }
+}
+
+fn sse_event(event: WatchEvent, failing: &mut FailingSince, state: &AgentState) -> Event {
+    let (id, failed) = match &event {
+        WatchEvent::Key(e) => (&e.correlation_id, e.error.is_some()),
+        WatchEvent::Prefix(e) => (&e.correlation_id, e.error.is_some()),
+    };
+    let failing_since = failing.update(id, failed, state).map(rfc3339);
+    let mut data = match event {
         WatchEvent::Key(e) => json!({
             "correlation_id": e.correlation_id,
             "index": e.meta.index.max(1),
@@ -151,5 +188,6 @@ fn sse_event(event: WatchEvent) -> Event {
             "error": e.error.map(|error| error.to_string()),
         }),
     };
+    data["failing_since"] = json!(failing_since);
     Event::default().event("update").data(data.to_string())
 }
