@@ -26,16 +26,98 @@ async fn bad_query_parameters() {
             ("/v1/kv/k?index=5&wait=10", "invalid wait"),
             ("/v1/kv/k?index=5&wait=soon", "invalid wait"),
             ("/v1/kv/k?index=5&wait=-1s", "negative"),
-            ("/v1/kv/k?cached=maybe", "invalid cached"),
-            ("/v1/kv/?prefix=p&index=x", "invalid index"),
-            ("/v1/kv/k?recurse=sometimes", "invalid recurse"),
+            ("/v1/kv/p/?recurse&index=x", "invalid index"),
+            ("/v1/kv/k?stale&consistent", "conflicting"),
+            ("/v1/kv/k?cached&consistent", "?cached with ?consistent"),
+            ("/v1/kv/k?recurse&keys", "cannot be combined"),
+            ("/v1/kv/k?raw&recurse", "?raw"),
+            ("/v1/kv/k?separator=/", "?separator applies only with ?keys"),
+            ("/v1/kv/", "missing key name"),
+            ("/v1/kv/k?dc=dc2", "dc2"),
+            ("/v1/kv/k?ns=team", "namespace"),
+            ("/v1/kv/k?partition=p1", "partition"),
+            ("/v1/kv/.demo-agent/flags/k", "reserved"),
         ] {
             expect_error(t.get(path).await, StatusCode::BAD_REQUEST, needle).await;
         }
+        let bad_flags = t.put_body("/v1/kv/k?flags=-1", "v").await;
+        expect_error(bad_flags, StatusCode::BAD_REQUEST, "invalid flags").await;
+        let both = t.delete("/v1/kv/k?recurse&cas=1").await;
+        expect_error(both, StatusCode::BAD_REQUEST, "?cas cannot be combined").await;
+        let no_key = t.put_body("/v1/kv/", "v").await;
+        expect_error(no_key, StatusCode::BAD_REQUEST, "missing key name").await;
         let bad_cas = t.put_body("/v1/kv/k?cas=first", "v").await;
         expect_error(bad_cas, StatusCode::BAD_REQUEST, "invalid cas").await;
         let bad_cas = t.delete("/v1/kv/k?cas=99999999999999999999").await;
         expect_error(bad_cas, StatusCode::BAD_REQUEST, "overflows").await;
+        t.shutdown().await;
+    })
+    .await;
+}
+
+/// Every parameter that would change what a request does, and that the agent does not
+/// implement, is a 400 naming it: never a 200 that ignored it.
+#[tokio::test]
+async fn unsupported_parameters_are_refused_by_name() {
+    bounded(async {
+        let t = start_default().await;
+        t.put_body("/v1/kv/k", "v").await;
+        let gets = [
+            "acquire=abc",
+            "release=abc",
+            "filter=Key%20==%20k",
+            "near=_agent",
+            "node-meta=a:b",
+            "peer=other",
+            "bogus=1",
+            "prefix=k",
+            "flags=1",
+            "cas=1",
+        ];
+        for query in gets {
+            let name = query.split('=').next().unwrap();
+            let response = t.get(&format!("/v1/kv/k?{query}")).await;
+            expect_error(response, StatusCode::BAD_REQUEST, &format!("\"{name}\"")).await;
+        }
+        for query in [
+            "acquire=abc",
+            "release=abc",
+            "recurse",
+            "raw",
+            "keys",
+            "index=1",
+            "bogus",
+        ] {
+            let name = query.split('=').next().unwrap();
+            let response = t.put_body(&format!("/v1/kv/k?{query}"), "w").await;
+            expect_error(response, StatusCode::BAD_REQUEST, &format!("\"{name}\"")).await;
+        }
+        for query in ["flags=1", "acquire=x", "keys", "bogus"] {
+            let name = query.split('=').next().unwrap();
+            let response = t.delete(&format!("/v1/kv/k?{query}")).await;
+            expect_error(response, StatusCode::BAD_REQUEST, &format!("\"{name}\"")).await;
+        }
+        // Nothing above changed the key.
+        let raw = t.get("/v1/kv/k?raw").await;
+        assert_eq!(raw.text().await.unwrap(), "v");
+        // Sessions are refused as a whole.
+        for path in [
+            "/v1/session/create",
+            "/v1/session/list",
+            "/v1/session/info/x",
+        ] {
+            let response = t.client.put(t.url(path)).send().await.unwrap();
+            expect_error(response, StatusCode::BAD_REQUEST, "no sessions").await;
+        }
+        // What a Consul client sends for this agent is accepted.
+        let response = t
+            .client
+            .get(t.url("/v1/kv/k?dc=dc1&ns=default&partition=default&token=x&pretty"))
+            .header("X-Consul-Token", "anything")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
         t.shutdown().await;
     })
     .await;
@@ -79,13 +161,16 @@ async fn oversized_keys_and_values_and_non_utf8_values() {
         let response = t.put_body(&format!("/v1/kv/{long_key}"), "v").await;
         expect_error(response, StatusCode::BAD_REQUEST, "the limit is 512").await;
         expect_error(
-            t.get(&format!("/v1/kv/?prefix={long_key}")).await,
+            t.get(&format!("/v1/kv/{long_key}?recurse")).await,
             StatusCode::BAD_REQUEST,
             "prefix is 513 bytes",
         )
         .await;
         // A key of exactly 512 bytes is fine.
-        t.put(&"k".repeat(512), "v").await;
+        let response = t
+            .put_body(&format!("/v1/kv/{}", "k".repeat(512)), "v")
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
 
         let big = vec![b'x'; 512 * 1024 + 1];
         let response = t.put_body("/v1/kv/big", big).await;
@@ -94,7 +179,12 @@ async fn oversized_keys_and_values_and_non_utf8_values() {
         let response = t.put_body("/v1/kv/big", vec![b'x'; 512 * 1024]).await;
         assert_eq!(response.status(), StatusCode::OK);
 
+        // Any bytes are a value on /v1/kv; the agent's own text shape still wants UTF-8.
         let response = t.put_body("/v1/kv/binary", vec![0xff, 0xfe, 0x00]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let response = t
+            .put_body("/v1/agent/kv/binary", vec![0xff, 0xfe, 0x00])
+            .await;
         expect_error(response, StatusCode::BAD_REQUEST, "not valid UTF-8").await;
         // A path that is not UTF-8 once decoded.
         expect_error(

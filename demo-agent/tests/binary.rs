@@ -66,7 +66,7 @@ async fn serves_and_exits_cleanly_on_sigterm() {
 
         let client = reqwest::Client::new();
         let put = client
-            .put(format!("{url}/v1/kv/greeting"))
+            .put(format!("{url}/v1/agent/kv/greeting"))
             .body("hello")
             .send()
             .await
@@ -74,7 +74,7 @@ async fn serves_and_exits_cleanly_on_sigterm() {
         assert_eq!(put.status(), StatusCode::OK);
         let put_json: serde_json::Value = put.json().await.unwrap();
         let get = client
-            .get(format!("{url}/v1/kv/greeting?cached"))
+            .get(format!("{url}/v1/agent/kv/greeting?cached"))
             .send()
             .await
             .unwrap();
@@ -86,7 +86,7 @@ async fn serves_and_exits_cleanly_on_sigterm() {
         let index = put_index(&put_json);
         let poll = {
             let client = client.clone();
-            let url = format!("{url}/v1/kv/greeting?cached&index={index}&wait=5m");
+            let url = format!("{url}/v1/agent/kv/greeting?cached&index={index}&wait=5m");
             tokio::spawn(async move { client.get(url).send().await })
         };
         wait_for_blocking_miss(&client, &url).await;

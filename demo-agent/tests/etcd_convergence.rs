@@ -150,9 +150,9 @@ async fn etcd_compaction_during_watches_neither_stalls_nor_loses_values() {
         config.query_timeout = Duration::from_secs(1);
         let t = common::start(config).await;
         t.put("cp/a", "0").await;
-        let (status, absent_at, _) = read(&t, "/v1/kv/cp/absent?cached").await;
+        let (status, absent_at, _) = read(&t, "/v1/agent/kv/cp/absent?cached").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
-        let (_, list_at, _) = read(&t, "/v1/kv/?prefix=cp/&cached").await;
+        let (_, list_at, _) = read(&t, "/v1/agent/kv/?prefix=cp/&cached").await;
         let watchers = [Watcher::open(&t, "key=cp/a&key=cp/absent&prefix=cp/").await];
         wait_all(&watchers, "initial events", Duration::from_secs(10), |s| {
             s.last.len() == 3
@@ -173,12 +173,12 @@ async fn etcd_compaction_during_watches_neither_stalls_nor_loses_values() {
         // and the current revision, instead of stalling until their wait ends.
         for (path, status, value) in [
             (
-                format!("/v1/kv/cp/absent?index={absent_at}&wait=20s"),
+                format!("/v1/agent/kv/cp/absent?index={absent_at}&wait=20s"),
                 StatusCode::NOT_FOUND,
                 Value::Null,
             ),
             (
-                format!("/v1/kv/?prefix=cp/&index={list_at}&wait=20s"),
+                format!("/v1/agent/kv/?prefix=cp/&index={list_at}&wait=20s"),
                 StatusCode::OK,
                 json!([{"key": "cp/a", "value": "10"}]),
             ),

@@ -62,14 +62,14 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
         t.put("o/k2", "v1").await;
         let stale_at = t.put("o/stale", "v1").await;
         for path in [
-            "/v1/kv/o/k1?cached",
-            "/v1/kv/o/k2?cached",
-            "/v1/kv/o/stale?cached",
+            "/v1/agent/kv/o/k1?cached",
+            "/v1/agent/kv/o/k2?cached",
+            "/v1/agent/kv/o/stale?cached",
         ] {
             assert_eq!(t.get(path).await.status(), StatusCode::OK);
         }
         assert_eq!(
-            t.get("/v1/kv/o/absent?cached").await.status(),
+            t.get("/v1/agent/kv/o/absent?cached").await.status(),
             StatusCode::NOT_FOUND
         );
         let mut watchers = Vec::new();
@@ -92,7 +92,7 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
 
         // Uncached reads and writes fail with a clear 503 JSON error.
         let body = expect_error(
-            t.get("/v1/kv/o/k1").await,
+            t.get("/v1/agent/kv/o/k1").await,
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream unavailable",
         )
@@ -103,12 +103,12 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
             "{message}"
         );
         expect_error(
-            t.get("/v1/kv/o/never-cached?cached").await,
+            t.get("/v1/agent/kv/o/never-cached?cached").await,
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream unavailable",
         )
         .await;
-        let write = t.put_body("/v1/kv/o/k1", "lost").await;
+        let write = t.put_body("/v1/agent/kv/o/k1", "lost").await;
         expect_error(
             write,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -121,19 +121,19 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
         let mut last_age = 0;
         let deadline = Instant::now() + Duration::from_secs(20);
         while last_age < 2 {
-            let (age, value) = age_of(&t, "/v1/kv/o/k1?cached").await;
+            let (age, value) = age_of(&t, "/v1/agent/kv/o/k1?cached").await;
             assert_eq!(value, "v1");
             assert!(age >= last_age, "Age went down: {last_age} -> {age}");
             last_age = age;
             assert!(Instant::now() < deadline, "Age stayed at {age}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let (_, value) = age_of(&t, "/v1/kv/o/k2?cached").await;
+        let (_, value) = age_of(&t, "/v1/agent/kv/o/k2?cached").await;
         assert_eq!(value, "v1");
 
         // A blocking read makes a fetch attempt: its error, or with stale-if-error the value.
         // (On a key nobody watches: each such attempt also lengthens its entry's backoff.)
-        let blocking = format!("/v1/kv/o/stale?cached&index={stale_at}&wait=10s");
+        let blocking = format!("/v1/agent/kv/o/stale?cached&index={stale_at}&wait=10s");
         expect_error(
             t.get(&blocking).await,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -197,7 +197,7 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
         );
         // Age is 0 again once a refresh succeeded.
         common::eventually("Age back to 0", || async {
-            let response = t.get("/v1/kv/o/k1?cached").await;
+            let response = t.get("/v1/agent/kv/o/k1?cached").await;
             let fresh = header(&response, "x-cache") == "HIT"
                 && header(&response, "age") == "0"
                 && x_index(&response) == n1;
@@ -221,7 +221,9 @@ async fn etcd_outage_serves_cached_values_backs_off_and_recovers() {
 async fn put_retrying(t: &TestAgent, key: &str, value: &str) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let response = t.put_body(&format!("/v1/kv/{key}"), value.to_owned()).await;
+        let response = t
+            .put_body(&format!("/v1/agent/kv/{key}"), value.to_owned())
+            .await;
         if response.status() == StatusCode::OK {
             return x_index(&response);
         }
@@ -243,7 +245,7 @@ async fn etcd_member_loss_keeps_reads_and_watches() {
         assert_eq!(etcd_upstream.current_endpoint(), cluster.endpoint(0));
         t.put("f/a", "1").await;
         t.put("f/b", "1").await;
-        for path in ["/v1/kv/f/a?cached", "/v1/kv/f/b?cached"] {
+        for path in ["/v1/agent/kv/f/a?cached", "/v1/agent/kv/f/b?cached"] {
             assert_eq!(t.get(path).await.status(), StatusCode::OK);
         }
         let mut watchers = Vec::new();
@@ -261,7 +263,7 @@ async fn etcd_member_loss_keeps_reads_and_watches() {
         cluster.kill(0);
         let lost = Instant::now();
         let a2 = put_retrying(&t, "f/a", "2").await;
-        let response = t.get("/v1/kv/f/a").await;
+        let response = t.get("/v1/agent/kv/f/a").await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(x_index(&response), a2);
         assert_ne!(etcd_upstream.current_endpoint(), cluster.endpoint(0));
@@ -285,7 +287,7 @@ async fn etcd_member_loss_keeps_reads_and_watches() {
         })
         .await;
         common::eventually("current hits after the loss", || async {
-            let response = t.get("/v1/kv/f/b?cached").await;
+            let response = t.get("/v1/agent/kv/f/b?cached").await;
             let current = header(&response, "x-cache") == "HIT"
                 && header(&response, "age") == "0"
                 && x_index(&response) == b3;
@@ -317,7 +319,10 @@ async fn etcd_replaced_cluster_resets_the_index() {
         for i in 0..20 {
             high = t.put("r/k", &format!("old-{i}")).await;
         }
-        assert_eq!(t.get("/v1/kv/r/k?cached").await.status(), StatusCode::OK);
+        assert_eq!(
+            t.get("/v1/agent/kv/r/k?cached").await.status(),
+            StatusCode::OK
+        );
         let watcher = Watcher::open(&t, "key=r/k&prefix=r/").await;
         let watchers = [watcher];
         wait_all(&watchers, "initial events", Duration::from_secs(10), |s| {
@@ -338,7 +343,7 @@ async fn etcd_replaced_cluster_resets_the_index() {
         })
         .await;
         eprintln!("reset: watcher at the lower index {low} (from {high}) after {took:?}");
-        let response = t.get("/v1/kv/r/k?cached").await;
+        let response = t.get("/v1/agent/kv/r/k?cached").await;
         assert_eq!(x_index(&response), low);
         // After the reset the entry blocks on the new, lower index: the next write arrives.
         let next = new.put("r/k", "newer").await;

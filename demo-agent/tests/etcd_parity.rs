@@ -43,7 +43,7 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     // ----- write, read (uncached and cached), delete -----
     let written = t.put("app/greeting", "hello").await;
     assert!(written >= 1);
-    let response = t.get("/v1/kv/app/greeting").await;
+    let response = t.get("/v1/agent/kv/app/greeting").await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(x_index(&response), written);
     assert_eq!(header(&response, "x-cache"), "");
@@ -56,24 +56,24 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
         ),
         (json!("app/greeting"), json!("hello"), json!(written))
     );
-    let miss = t.get("/v1/kv/app/greeting?cached").await;
+    let miss = t.get("/v1/agent/kv/app/greeting?cached").await;
     assert_eq!(header(&miss, "x-cache"), "MISS");
     assert_eq!(x_index(&miss), written);
-    let hit = t.get("/v1/kv/app/greeting?cached").await;
+    let hit = t.get("/v1/agent/kv/app/greeting?cached").await;
     assert_eq!(header(&hit, "x-cache"), "HIT");
     assert_eq!(x_index(&hit), written);
     assert_eq!(value_of(hit).await, "hello");
 
-    let deleted = t.delete("/v1/kv/app/greeting").await;
+    let deleted = t.delete("/v1/agent/kv/app/greeting").await;
     assert_eq!(deleted.status(), StatusCode::OK);
     let deleted_at = x_index(&deleted);
     assert!(deleted_at > written);
-    let response = t.get("/v1/kv/app/greeting").await;
+    let response = t.get("/v1/agent/kv/app/greeting").await;
     assert_eq!(x_index(&response), deleted_at);
     let body = expect_error(response, StatusCode::NOT_FOUND, "not found").await;
     assert_eq!(body["index"], deleted_at);
     // Never written: a 404 that still carries an index (never 0) to block on.
-    let response = t.get("/v1/kv/never?cached").await;
+    let response = t.get("/v1/agent/kv/never?cached").await;
     let never_at = x_index(&response);
     assert!(never_at >= 1);
     expect_error(response, StatusCode::NOT_FOUND, "not found").await;
@@ -82,7 +82,7 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     let blocking_gets = "demo_agent_upstream_reads_total{op=\"get\",blocking=\"true\"}";
     let index = t.put("k", "v1").await;
     let before = t.metric(blocking_gets).await;
-    let reader = spawn_get(&t, &format!("/v1/kv/k?index={index}&wait=30s"));
+    let reader = spawn_get(&t, &format!("/v1/agent/kv/k?index={index}&wait=30s"));
     t.wait_metric(blocking_gets, before + 1.0).await;
     let written = t.put("k", "v2").await;
     let response = reader.await.unwrap();
@@ -90,10 +90,16 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     assert_eq!(value_of(response).await, "v2");
 
     // Cached: the blocking read joins the entry's fetch.
-    assert_eq!(t.get("/v1/kv/k?cached").await.status(), StatusCode::OK);
+    assert_eq!(
+        t.get("/v1/agent/kv/k?cached").await.status(),
+        StatusCode::OK
+    );
     let misses = "demo_agent_cache_misses_total{type=\"kv\",kind=\"blocking\"}";
     let before = t.metric(misses).await;
-    let reader = spawn_get(&t, &format!("/v1/kv/k?cached&index={written}&wait=30s"));
+    let reader = spawn_get(
+        &t,
+        &format!("/v1/agent/kv/k?cached&index={written}&wait=30s"),
+    );
     t.wait_metric(misses, before + 1.0).await;
     let next = t.put("k", "v3").await;
     let response = reader.await.unwrap();
@@ -103,18 +109,21 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     assert_eq!(value_of(response).await, "v3");
 
     // ----- an absent key blocks until it appears, not on other writes -----
-    let response = t.get("/v1/kv/later?cached").await;
+    let response = t.get("/v1/agent/kv/later?cached").await;
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     let absent_at = x_index(&response);
-    let uncached = spawn_get(&t, &format!("/v1/kv/later?index={absent_at}&wait=30s"));
+    let uncached = spawn_get(
+        &t,
+        &format!("/v1/agent/kv/later?index={absent_at}&wait=30s"),
+    );
     let cached = spawn_get(
         &t,
-        &format!("/v1/kv/later?cached&index={absent_at}&wait=30s"),
+        &format!("/v1/agent/kv/later?cached&index={absent_at}&wait=30s"),
     );
     t.wait_metric(misses, before + 2.0).await;
     t.put("unrelated/1", "x").await;
     t.put("unrelated/2", "y").await;
-    t.delete("/v1/kv/unrelated/1").await;
+    t.delete("/v1/agent/kv/unrelated/1").await;
     tokio::time::sleep(NOT_WOKEN).await;
     assert!(!uncached.is_finished(), "woken by writes to other keys");
     assert!(!cached.is_finished(), "woken by writes to other keys");
@@ -129,8 +138,8 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     // ----- a blocking read answers at its wait with the unchanged index -----
     let index = t.put("still", "v").await;
     for path in [
-        format!("/v1/kv/still?index={index}&wait=300ms"),
-        format!("/v1/kv/still?cached&index={index}&wait=300ms"),
+        format!("/v1/agent/kv/still?index={index}&wait=300ms"),
+        format!("/v1/agent/kv/still?cached&index={index}&wait=300ms"),
     ] {
         let started = Instant::now();
         let response = t.get(&path).await;
@@ -141,7 +150,7 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     t.put("unrelated/3", "z").await;
     let started = Instant::now();
     let response = t
-        .get(&format!("/v1/kv/never?index={never_at}&wait=300ms"))
+        .get(&format!("/v1/agent/kv/never?index={never_at}&wait=300ms"))
         .await;
     assert!(started.elapsed() >= Duration::from_millis(250));
     assert_eq!(x_index(&response), never_at, "an absent key's index stays");
@@ -152,10 +161,10 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     t.put("other", "x").await;
     let index = t.put("list/b", "2").await;
     for path in [
-        "/v1/kv/?prefix=list/",
-        "/v1/kv?prefix=list/",
-        "/v1/kv/list/?recurse",
-        "/v1/kv/?prefix=list/&cached",
+        "/v1/agent/kv/?prefix=list/",
+        "/v1/agent/kv?prefix=list/",
+        "/v1/agent/kv/list/?recurse",
+        "/v1/agent/kv/?prefix=list/&cached",
     ] {
         let response = t.get(path).await;
         assert_eq!(response.status(), StatusCode::OK, "{path}");
@@ -168,7 +177,7 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
             "{path}"
         );
     }
-    let all: Value = t.get("/v1/kv/").await.json().await.unwrap();
+    let all: Value = t.get("/v1/agent/kv/").await.json().await.unwrap();
     let all_keys: Vec<&str> = all["keys"]
         .as_array()
         .unwrap()
@@ -181,7 +190,7 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     let before_list = t.metric(list_misses).await;
     let reader = spawn_get(
         &t,
-        &format!("/v1/kv/?prefix=list/&cached&index={index}&wait=30s"),
+        &format!("/v1/agent/kv/?prefix=list/&cached&index={index}&wait=30s"),
     );
     t.wait_metric(list_misses, before_list + 1.0).await;
     t.put("lists-are-elsewhere", "x").await;
@@ -197,27 +206,32 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     assert_eq!(body["keys"].as_array().unwrap().len(), 3);
 
     // ----- compare-and-set -----
-    let created = t.put_body("/v1/kv/lock?cas=0", "me").await;
+    let created = t.put_body("/v1/agent/kv/lock?cas=0", "me").await;
     assert_eq!(created.status(), StatusCode::OK);
     let lock_at = x_index(&created);
-    let again = t.put_body("/v1/kv/lock?cas=0", "you").await;
+    let again = t.put_body("/v1/agent/kv/lock?cas=0", "you").await;
     let body = expect_error(again, StatusCode::CONFLICT, "cas mismatch").await;
     assert_eq!(body["index"], lock_at);
     let stale = t
-        .put_body(&format!("/v1/kv/lock?cas={}", lock_at + 100), "you")
+        .put_body(&format!("/v1/agent/kv/lock?cas={}", lock_at + 100), "you")
         .await;
     expect_error(stale, StatusCode::CONFLICT, "cas mismatch").await;
     let updated = t
-        .put_body(&format!("/v1/kv/lock?cas={lock_at}"), "still me")
+        .put_body(&format!("/v1/agent/kv/lock?cas={lock_at}"), "still me")
         .await;
     assert_eq!(updated.status(), StatusCode::OK);
     let updated_at = x_index(&updated);
     assert!(updated_at > lock_at);
-    let wrong = t.delete(&format!("/v1/kv/lock?cas={lock_at}")).await;
+    let wrong = t.delete(&format!("/v1/agent/kv/lock?cas={lock_at}")).await;
     expect_error(wrong, StatusCode::CONFLICT, "cas mismatch").await;
-    let deleted = t.delete(&format!("/v1/kv/lock?cas={updated_at}")).await;
+    let deleted = t
+        .delete(&format!("/v1/agent/kv/lock?cas={updated_at}"))
+        .await;
     assert_eq!(deleted.status(), StatusCode::OK);
-    assert_eq!(t.get("/v1/kv/lock").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        t.get("/v1/agent/kv/lock").await.status(),
+        StatusCode::NOT_FOUND
+    );
 
     // ----- server-sent events: several keys and a prefix on one stream -----
     let a_index = t.put("w/a", "1").await;
@@ -256,7 +270,7 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
 
     // Writes nobody watches send nothing: the next event is the next watched write.
     t.put("elsewhere", "x").await;
-    let gone = t.delete("/v1/kv/w/a").await;
+    let gone = t.delete("/v1/agent/kv/w/a").await;
     let gone_at = x_index(&gone);
     let event = events.next().await.unwrap();
     assert_eq!(event.data["correlation_id"], "key:w/a");
@@ -276,10 +290,12 @@ async fn parity(t: TestAgent, mode: KvCacheMode) {
     // ----- simple mode only: a stale hit until Cache-Control asks for more -----
     if mode == KvCacheMode::Simple {
         t.put("s", "v1").await;
-        assert_eq!(value_of(t.get("/v1/kv/s?cached").await).await, "v1");
+        assert_eq!(value_of(t.get("/v1/agent/kv/s?cached").await).await, "v1");
         t.put("s", "v2").await;
-        assert_eq!(value_of(t.get("/v1/kv/s?cached").await).await, "v1");
-        let fresh = t.get_cache_control("/v1/kv/s?cached", "max-age=0").await;
+        assert_eq!(value_of(t.get("/v1/agent/kv/s?cached").await).await, "v1");
+        let fresh = t
+            .get_cache_control("/v1/agent/kv/s?cached", "max-age=0")
+            .await;
         assert_eq!(header(&fresh, "x-cache"), "MISS");
         assert_eq!(value_of(fresh).await, "v2");
     }
@@ -346,7 +362,7 @@ async fn etcd_writes_by_others_reach_cached_reads_and_watches() {
             Some(("from-agent".to_owned(), index))
         );
         assert_eq!(
-            t.get("/v1/kv/shared/k?cached").await.status(),
+            t.get("/v1/agent/kv/shared/k?cached").await.status(),
             StatusCode::OK
         );
         let mut events = open_watch(&t, "key=shared/k&prefix=shared/").await;
@@ -371,7 +387,7 @@ async fn etcd_writes_by_others_reach_cached_reads_and_watches() {
             json!([{"key": "shared/k", "value": "from-etcd"}])
         );
         // The refresh-mode entry followed the external write: a current hit.
-        let hit = t.get("/v1/kv/shared/k?cached").await;
+        let hit = t.get("/v1/agent/kv/shared/k?cached").await;
         assert_eq!(header(&hit, "x-cache"), "HIT");
         assert_eq!(header(&hit, "age"), "0");
         assert_eq!(x_index(&hit), external);

@@ -1,48 +1,130 @@
-//! End-to-end tests of `/v1/kv`: reads (cached and not), blocking reads, coalescing, cache
-//! headers, listings, compare-and-set; and the polling stats endpoint.
+//! End-to-end tests of `/v1/kv` in Consul's shapes: reads (cached and not), blocking reads,
+//! coalescing, cache headers, listings, compare-and-set, flags and binary values, read your
+//! writes, holding blocking reads through an outage; and the polling stats endpoint.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{bounded, expect_error, header, start_default, start_simple, x_index};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::{TestAgent, bounded, header, start_default, start_simple};
 use demo_agent::{Config, KvCacheMode};
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{Value, json};
+
+/// `X-Consul-Index` as a number.
+fn consul_index(response: &reqwest::Response) -> u64 {
+    header(response, "x-consul-index")
+        .parse()
+        .expect("X-Consul-Index header")
+}
+
+/// A Consul PUT of `value` to `key`: expects `200 true` and returns the write's index.
+async fn cput(t: &TestAgent, key: &str, value: &str) -> u64 {
+    let response = t.put_body(&format!("/v1/kv/{key}"), value.to_owned()).await;
+    assert_eq!(response.status(), StatusCode::OK, "PUT {key}");
+    let index = consul_index(&response);
+    assert_eq!(response.text().await.unwrap().trim(), "true");
+    index
+}
+
+/// The value of the first entry of a Consul KV answer, decoded from base64 as text.
+fn value_of(body: &Value) -> String {
+    let entry = if body.is_array() { &body[0] } else { body };
+    match entry["Value"].as_str() {
+        Some(b64) => String::from_utf8(BASE64.decode(b64).unwrap()).unwrap(),
+        None => String::new(),
+    }
+}
 
 #[tokio::test]
 async fn put_get_delete_round_trip() {
     bounded(async {
         let t = start_default().await;
-        let written = t.put("app/greeting", "hello").await;
+        let written = cput(&t, "app/greeting", "hello").await;
         assert!(written >= 2);
 
         let response = t.get("/v1/kv/app/greeting").await;
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(x_index(&response), written);
-        assert_eq!(header(&response, "x-consul-index"), written.to_string());
+        assert_eq!(consul_index(&response), written);
+        assert_eq!(header(&response, "x-consul-knownleader"), "true");
+        assert_eq!(header(&response, "x-consul-lastcontact"), "0");
+        assert_eq!(
+            header(&response, "x-consul-effective-consistency"),
+            "leader"
+        );
         // An uncached read carries no cache headers.
         assert_eq!(header(&response, "x-cache"), "");
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body["key"], "app/greeting");
-        assert_eq!(body["value"], "hello");
-        assert_eq!(body["index"], written);
+        assert_eq!(
+            body,
+            json!([{"LockIndex": 0, "Key": "app/greeting", "Flags": 0, "Value": "aGVsbG8=",
+                    "CreateIndex": written, "ModifyIndex": written}])
+        );
+
+        // ?raw: the bare bytes.
+        let raw = t.get("/v1/kv/app/greeting?raw").await;
+        assert_eq!(raw.status(), StatusCode::OK);
+        assert_eq!(consul_index(&raw), written);
+        assert_eq!(raw.text().await.unwrap(), "hello");
+
+        // An update keeps CreateIndex; flags are stored and returned.
+        let updated = t
+            .put_body("/v1/kv/app/greeting?flags=18446744073709551615", "hi")
+            .await;
+        assert_eq!(updated.status(), StatusCode::OK);
+        let updated_at = consul_index(&updated);
+        let body: Value = t.get("/v1/kv/app/greeting").await.json().await.unwrap();
+        assert_eq!(body[0]["Flags"], u64::MAX);
+        assert_eq!(body[0]["CreateIndex"], written);
+        assert_eq!(body[0]["ModifyIndex"], updated_at);
 
         let deleted = t.delete("/v1/kv/app/greeting").await;
         assert_eq!(deleted.status(), StatusCode::OK);
-        let deleted_at = x_index(&deleted);
-        assert!(deleted_at > written);
+        let deleted_at = consul_index(&deleted);
+        assert!(deleted_at > updated_at);
+        assert_eq!(deleted.text().await.unwrap().trim(), "true");
 
-        // A missing key is a 404 that still carries the index.
+        // A missing key is a 404 with an empty body that still carries the index.
         let response = t.get("/v1/kv/app/greeting").await;
-        assert_eq!(x_index(&response), deleted_at);
-        let body = expect_error(response, StatusCode::NOT_FOUND, "not found").await;
-        assert_eq!(body["index"], deleted_at);
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(consul_index(&response), deleted_at);
+        assert_eq!(response.text().await.unwrap(), "");
 
         // A key never written is at index 1, never 0.
         let response = t.get("/v1/kv/never?cached").await;
-        assert_eq!(x_index(&response), 1);
-        expect_error(response, StatusCode::NOT_FOUND, "not found").await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(consul_index(&response), 1);
+
+        // An empty value reads back as null; keys may arrive percent-encoded.
+        cput(&t, "dir/", "").await;
+        let body: Value = t.get("/v1/kv/dir%2F").await.json().await.unwrap();
+        assert_eq!(
+            (&body[0]["Key"], &body[0]["Value"]),
+            (&json!("dir/"), &Value::Null)
+        );
+        t.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn binary_values_round_trip_byte_for_byte() {
+    bounded(async {
+        let t = start_default().await;
+        let bytes: Vec<u8> = (0..=255).collect();
+        let response = t.put_body("/v1/kv/bin?flags=7", bytes.clone()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let raw = t.get("/v1/kv/bin?raw").await;
+        assert_eq!(header(&raw, "content-type"), "application/octet-stream");
+        assert_eq!(raw.bytes().await.unwrap().to_vec(), bytes);
+        let body: Value = t.get("/v1/kv/bin?cached").await.json().await.unwrap();
+        assert_eq!(
+            BASE64.decode(body[0]["Value"].as_str().unwrap()).unwrap(),
+            bytes
+        );
+        assert_eq!(body[0]["Flags"], 7);
         t.shutdown().await;
     })
     .await;
@@ -52,7 +134,7 @@ async fn put_get_delete_round_trip() {
 async fn cached_reads_report_miss_hit_and_age() {
     bounded(async {
         let t = start_simple().await;
-        t.put("k", "v1").await;
+        cput(&t, "k", "v1").await;
 
         let first = t.get("/v1/kv/k?cached").await;
         assert_eq!(first.status(), StatusCode::OK);
@@ -72,15 +154,11 @@ async fn cached_reads_report_miss_hit_and_age() {
         })
         .await;
 
-        // A write is not seen by a simple-mode hit...
-        t.put("k", "v2").await;
-        let stale: Value = t.get("/v1/kv/k?cached").await.json().await.unwrap();
-        assert_eq!(stale["value"], "v1");
-        // ...until max-age says the value is too old.
+        // Max-age says when the value is too old: it is fetched again.
         let fresh = t.get_cache_control("/v1/kv/k?cached", "max-age=0").await;
         assert_eq!(header(&fresh, "x-cache"), "MISS");
         let fresh: Value = fresh.json().await.unwrap();
-        assert_eq!(fresh["value"], "v2");
+        assert_eq!(value_of(&fresh), "v1");
         // A generous max-age is served from the cache.
         let hit = t.get_cache_control("/v1/kv/k?cached", "max-age=3600").await;
         assert_eq!(header(&hit, "x-cache"), "HIT");
@@ -93,7 +171,7 @@ async fn cached_reads_report_miss_hit_and_age() {
 async fn refresh_mode_keeps_cached_keys_current() {
     bounded(async {
         let t = start_default().await;
-        t.put("k", "v1").await;
+        cput(&t, "k", "v1").await;
         let first = t.get("/v1/kv/k?cached").await;
         assert_eq!(header(&first, "x-cache"), "MISS");
         let second = t.get("/v1/kv/k?cached").await;
@@ -101,13 +179,13 @@ async fn refresh_mode_keeps_cached_keys_current() {
         assert_eq!(header(&second, "age"), "0");
 
         // The background blocking query picks up the write; reads stay hits.
-        let written = t.put("k", "v2").await;
+        let written = cput(&t, "k", "v2").await;
         common::eventually("the cached value to follow the write", || async {
             let response = t.get("/v1/kv/k?cached").await;
             let hit = header(&response, "x-cache") == "HIT";
-            let index = x_index(&response);
+            let index = consul_index(&response);
             let body: Value = response.json().await.unwrap();
-            (hit && index == written && body["value"] == "v2").then_some(())
+            (hit && index == written && value_of(&body) == "v2").then_some(())
         })
         .await;
         t.shutdown().await;
@@ -119,7 +197,7 @@ async fn refresh_mode_keeps_cached_keys_current() {
 async fn uncached_blocking_read_wakes_on_write() {
     bounded(async {
         let t = start_default().await;
-        let index = t.put("k", "v1").await;
+        let index = cput(&t, "k", "v1").await;
         let url = t.url(&format!("/v1/kv/k?index={index}&wait=30s"));
         let client = t.client.clone();
         let started = Instant::now();
@@ -132,12 +210,12 @@ async fn uncached_blocking_read_wakes_on_write() {
         .await;
         t.wait_metric("demo_agent_upstream_blocking_queries", 1.0)
             .await;
-        let written = t.put("k", "v2").await;
+        let written = cput(&t, "k", "v2").await;
         let response = reader.await.unwrap();
         assert!(started.elapsed() < Duration::from_secs(25));
-        assert_eq!(x_index(&response), written);
+        assert_eq!(consul_index(&response), written);
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body["value"], "v2");
+        assert_eq!(value_of(&body), "v2");
         t.shutdown().await;
     })
     .await;
@@ -145,7 +223,7 @@ async fn uncached_blocking_read_wakes_on_write() {
 
 async fn cached_blocking_read_wakes_on_write(mode: KvCacheMode) {
     let t = common::start_with_mode(mode).await;
-    let index = t.put("k", "v1").await;
+    let index = cput(&t, "k", "v1").await;
     // Warm the entry.
     assert_eq!(t.get("/v1/kv/k?cached").await.status(), StatusCode::OK);
     let url = t.url(&format!("/v1/kv/k?cached&index={index}&wait=30s"));
@@ -156,13 +234,13 @@ async fn cached_blocking_read_wakes_on_write(mode: KvCacheMode) {
         1.0,
     )
     .await;
-    let written = t.put("k", "v2").await;
+    let written = cput(&t, "k", "v2").await;
     let response = reader.await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(header(&response, "x-cache"), "MISS");
-    assert_eq!(x_index(&response), written);
+    assert_eq!(consul_index(&response), written);
     let body: Value = response.json().await.unwrap();
-    assert_eq!(body["value"], "v2");
+    assert_eq!(value_of(&body), "v2");
     t.shutdown().await;
 }
 
@@ -182,7 +260,7 @@ async fn missing_key_can_be_blocked_on_until_it_appears() {
         let t = start_default().await;
         let response = t.get("/v1/kv/later?cached").await;
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
-        let absent_at = x_index(&response);
+        let absent_at = consul_index(&response);
         let url = t.url(&format!("/v1/kv/later?cached&index={absent_at}&wait=30s"));
         let client = t.client.clone();
         let reader = tokio::spawn(async move { client.get(url).send().await.unwrap() });
@@ -191,10 +269,10 @@ async fn missing_key_can_be_blocked_on_until_it_appears() {
             1.0,
         )
         .await;
-        let written = t.put("later", "here").await;
+        let written = cput(&t, "later", "here").await;
         let response = reader.await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(x_index(&response), written);
+        assert_eq!(consul_index(&response), written);
         t.shutdown().await;
     })
     .await;
@@ -204,7 +282,7 @@ async fn missing_key_can_be_blocked_on_until_it_appears() {
 async fn blocking_read_answers_at_its_wait_with_the_same_index() {
     bounded(async {
         let t = start_default().await;
-        let index = t.put("k", "v1").await;
+        let index = cput(&t, "k", "v1").await;
         for path in [
             format!("/v1/kv/k?index={index}&wait=300ms"),
             format!("/v1/kv/k?cached&index={index}&wait=300ms"),
@@ -213,7 +291,7 @@ async fn blocking_read_answers_at_its_wait_with_the_same_index() {
             let response = t.get(&path).await;
             assert!(started.elapsed() >= Duration::from_millis(250), "{path}");
             assert_eq!(response.status(), StatusCode::OK, "{path}");
-            assert_eq!(x_index(&response), index, "{path}");
+            assert_eq!(consul_index(&response), index, "{path}");
         }
         t.shutdown().await;
     })
@@ -227,7 +305,7 @@ async fn concurrent_cached_reads_coalesce_into_one_upstream_read() {
         // A slow upstream keeps the first fetch in flight while the others arrive.
         config.upstream_latency = Duration::from_millis(300);
         let t = common::start(config).await;
-        t.put("hot", "value").await;
+        cput(&t, "hot", "value").await;
         let sample = "demo_agent_upstream_reads_total{op=\"get\",blocking=\"false\"}";
         assert_eq!(t.metric(sample).await, 0.0);
 
@@ -239,7 +317,7 @@ async fn concurrent_cached_reads_coalesce_into_one_upstream_read() {
                 let response = client.get(url).send().await.unwrap();
                 assert_eq!(response.status(), StatusCode::OK);
                 let body: Value = response.json().await.unwrap();
-                assert_eq!(body["value"], "value");
+                assert_eq!(value_of(&body), "value");
             }));
         }
         for reader in readers {
@@ -258,36 +336,71 @@ async fn concurrent_cached_reads_coalesce_into_one_upstream_read() {
 }
 
 #[tokio::test]
-async fn prefix_listing_and_blocking_listing() {
+async fn recurse_keys_and_blocking_listing() {
     bounded(async {
         let t = start_default().await;
-        t.put("app/a", "1").await;
-        t.put("other", "x").await;
-        let index = t.put("app/b", "2").await;
+        cput(&t, "app/a", "1").await;
+        cput(&t, "other", "x").await;
+        cput(&t, "app/sub/x", "3").await;
+        let index = cput(&t, "app/b", "2").await;
 
         for path in [
-            "/v1/kv/?prefix=app/",
-            "/v1/kv?prefix=app/",
             "/v1/kv/app/?recurse",
-            "/v1/kv/?prefix=app/&cached",
+            "/v1/kv/app/?recurse=false",
+            "/v1/kv/app/?recurse&cached",
+            "/v1/kv/app/?recurse&stale",
+            "/v1/kv/app/?recurse&consistent",
         ] {
             let response = t.get(path).await;
             assert_eq!(response.status(), StatusCode::OK, "{path}");
-            assert_eq!(x_index(&response), index, "{path}");
+            assert_eq!(consul_index(&response), index, "{path}");
             let body: Value = response.json().await.unwrap();
-            assert_eq!(body["prefix"], "app/", "{path}");
-            assert_eq!(
-                body["keys"],
-                serde_json::json!([{"key": "app/a", "value": "1"}, {"key": "app/b", "value": "2"}]),
-                "{path}"
-            );
+            let keys: Vec<&str> = body
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["Key"].as_str().unwrap())
+                .collect();
+            assert_eq!(keys, ["app/a", "app/b", "app/sub/x"], "{path}");
         }
-        let all: Value = t.get("/v1/kv/").await.json().await.unwrap();
-        assert_eq!(all["keys"].as_array().unwrap().len(), 3);
+        let consistency = |r: &reqwest::Response| header(r, "x-consul-effective-consistency");
+        assert_eq!(
+            consistency(&t.get("/v1/kv/app/?recurse&stale").await),
+            "stale"
+        );
+        assert_eq!(
+            consistency(&t.get("/v1/kv/app/?recurse&consistent").await),
+            "consistent"
+        );
+        // Keys, with and without a separator; the root lists everything.
+        let keys: Value = t.get("/v1/kv/app/?keys").await.json().await.unwrap();
+        assert_eq!(keys, json!(["app/a", "app/b", "app/sub/x"]));
+        let keys: Value = t
+            .get("/v1/kv/app/?keys=True&separator=/")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(keys, json!(["app/a", "app/b", "app/sub/"]));
+        let keys: Value = t
+            .get("/v1/kv/?keys&separator=/")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(keys, json!(["app/", "other"]));
+        let all: Value = t.get("/v1/kv?recurse").await.json().await.unwrap();
+        assert_eq!(all.as_array().unwrap().len(), 4);
+        // Nothing under a prefix: 404, empty body.
+        for path in ["/v1/kv/none/?recurse", "/v1/kv/none/?keys"] {
+            let response = t.get(path).await;
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+            assert_eq!(response.text().await.unwrap(), "", "{path}");
+        }
 
         // A blocking listing wakes on a write under the prefix.
         let url = t.url(&format!(
-            "/v1/kv/?prefix=app/&cached&index={index}&wait=30s"
+            "/v1/kv/app/?recurse&cached&index={index}&wait=30s"
         ));
         let client = t.client.clone();
         let reader = tokio::spawn(async move { client.get(url).send().await.unwrap() });
@@ -296,41 +409,56 @@ async fn prefix_listing_and_blocking_listing() {
             1.0,
         )
         .await;
-        let written = t.put("app/c", "3").await;
+        let written = cput(&t, "app/c", "3").await;
         let response = reader.await.unwrap();
-        assert_eq!(x_index(&response), written);
+        assert_eq!(consul_index(&response), written);
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body["keys"].as_array().unwrap().len(), 3);
+        assert_eq!(body.as_array().unwrap().len(), 4);
+
+        // A recursive delete removes the prefix, nothing else.
+        let deleted = t.delete("/v1/kv/app/?recurse").await;
+        assert_eq!(deleted.text().await.unwrap().trim(), "true");
+        assert_eq!(
+            t.get("/v1/kv/app/?recurse").await.status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(t.get("/v1/kv/other").await.status(), StatusCode::OK);
         t.shutdown().await;
     })
     .await;
 }
 
 #[tokio::test]
-async fn compare_and_set_writes() {
+async fn compare_and_set_answers_true_or_false() {
     bounded(async {
         let t = start_default().await;
+        let body = |r: reqwest::Response| async move { r.text().await.unwrap().trim().to_owned() };
         // cas=0: create only.
         let created = t.put_body("/v1/kv/lock?cas=0", "me").await;
         assert_eq!(created.status(), StatusCode::OK);
-        let index = x_index(&created);
+        let index = consul_index(&created);
+        assert_eq!(body(created).await, "true");
         let again = t.put_body("/v1/kv/lock?cas=0", "you").await;
-        let body = expect_error(again, StatusCode::CONFLICT, "cas mismatch").await;
-        assert_eq!(body["index"], index);
+        assert_eq!(again.status(), StatusCode::OK);
+        assert_eq!(body(again).await, "false");
         let stale = t
             .put_body(&format!("/v1/kv/lock?cas={}", index + 100), "you")
             .await;
-        expect_error(stale, StatusCode::CONFLICT, "cas mismatch").await;
+        assert_eq!(body(stale).await, "false");
         let updated = t
             .put_body(&format!("/v1/kv/lock?cas={index}"), "still me")
             .await;
-        assert_eq!(updated.status(), StatusCode::OK);
-        let updated_at = x_index(&updated);
+        let updated_at = consul_index(&updated);
+        assert_eq!(body(updated).await, "true");
+        let value: Value = t.get("/v1/kv/lock").await.json().await.unwrap();
+        assert_eq!(value_of(&value), "still me");
 
         let wrong = t.delete(&format!("/v1/kv/lock?cas={index}")).await;
-        expect_error(wrong, StatusCode::CONFLICT, "cas mismatch").await;
+        assert_eq!(body(wrong).await, "false");
+        assert_eq!(t.get("/v1/kv/lock").await.status(), StatusCode::OK);
         let deleted = t.delete(&format!("/v1/kv/lock?cas={updated_at}")).await;
-        assert_eq!(deleted.status(), StatusCode::OK);
+        assert_eq!(body(deleted).await, "true");
+        assert_eq!(t.get("/v1/kv/lock").await.status(), StatusCode::NOT_FOUND);
         t.shutdown().await;
     })
     .await;
@@ -352,7 +480,7 @@ async fn stats_are_served_by_a_polling_cache_type() {
         assert_eq!(body["kind"], "embedded");
 
         // The refresh timer picks up a write without any read asking for it.
-        let written = t.put("k", "v").await;
+        let written = cput(&t, "k", "v").await;
         common::eventually("the stats to show the write", || async {
             let response = t.get("/v1/agent/upstream/stats").await;
             let hit = header(&response, "x-cache") == "HIT";
@@ -380,7 +508,7 @@ async fn health_and_metrics() {
         let body: Value = health.json().await.unwrap();
         assert_eq!(body, serde_json::json!({"status": "ok"}));
 
-        t.put("k", "v").await;
+        cput(&t, "k", "v").await;
         t.get("/v1/kv/k?cached").await;
         t.get("/v1/kv/k?cached").await;
         let text = t.metrics().await;

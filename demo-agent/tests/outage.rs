@@ -13,23 +13,25 @@ async fn stale_if_error_serves_the_last_value_during_an_outage() {
     bounded(async {
         let t = start_simple().await;
         let index = t.put("k", "before").await;
-        let warm = t.get("/v1/kv/k?cached").await;
+        let warm = t.get("/v1/agent/kv/k?cached").await;
         assert_eq!(warm.status(), StatusCode::OK);
 
         t.set_fail(true).await;
         // Straight to the upstream: fails.
         expect_error(
-            t.get("/v1/kv/k").await,
+            t.get("/v1/agent/kv/k").await,
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream unavailable",
         )
         .await;
         // Writes fail too.
-        let write = t.put_body("/v1/kv/k", "x").await;
+        let write = t.put_body("/v1/agent/kv/k", "x").await;
         expect_error(write, StatusCode::SERVICE_UNAVAILABLE, "injected outage").await;
 
         // Revalidation without stale-if-error reports the failure.
-        let strict = t.get_cache_control("/v1/kv/k?cached", "max-age=0").await;
+        let strict = t
+            .get_cache_control("/v1/agent/kv/k?cached", "max-age=0")
+            .await;
         assert_eq!(header(&strict, "x-cache"), "MISS");
         expect_error(
             strict,
@@ -40,7 +42,7 @@ async fn stale_if_error_serves_the_last_value_during_an_outage() {
 
         // With stale-if-error the last value is served instead.
         let stale = t
-            .get_cache_control("/v1/kv/k?cached", "max-age=0, stale-if-error=60")
+            .get_cache_control("/v1/agent/kv/k?cached", "max-age=0, stale-if-error=60")
             .await;
         assert_eq!(stale.status(), StatusCode::OK);
         assert_eq!(x_index(&stale), index);
@@ -52,17 +54,21 @@ async fn stale_if_error_serves_the_last_value_during_an_outage() {
             ("must-revalidate", StatusCode::SERVICE_UNAVAILABLE),
             ("must-revalidate, stale-if-error=60", StatusCode::OK),
         ] {
-            let response = t.get_cache_control("/v1/kv/k?cached", cache_control).await;
+            let response = t
+                .get_cache_control("/v1/agent/kv/k?cached", cache_control)
+                .await;
             assert_eq!(response.status(), status, "{cache_control}");
         }
 
         // A plain cached read still hits.
-        let hit = t.get("/v1/kv/k?cached").await;
+        let hit = t.get("/v1/agent/kv/k?cached").await;
         assert_eq!(header(&hit, "x-cache"), "HIT");
 
         t.set_fail(false).await;
         let written = t.put("k", "after").await;
-        let fresh = t.get_cache_control("/v1/kv/k?cached", "max-age=0").await;
+        let fresh = t
+            .get_cache_control("/v1/agent/kv/k?cached", "max-age=0")
+            .await;
         assert_eq!(x_index(&fresh), written);
         assert!(
             t.metric("demo_agent_upstream_injected_failures_total")
@@ -80,7 +86,10 @@ async fn refresh_mode_serves_cached_values_during_an_outage() {
     bounded(async {
         let t = start_default().await;
         let index = t.put("k", "before").await;
-        assert_eq!(t.get("/v1/kv/k?cached").await.status(), StatusCode::OK);
+        assert_eq!(
+            t.get("/v1/agent/kv/k?cached").await.status(),
+            StatusCode::OK
+        );
         // Wait for the background blocking query to be open, then cut the upstream.
         t.wait_metric("demo_agent_upstream_blocking_queries", 1.0)
             .await;
@@ -93,7 +102,7 @@ async fn refresh_mode_serves_cached_values_during_an_outage() {
 
         // Fail static: hits keep coming, and Age grows since contact was lost.
         common::eventually("Age >= 1 during the outage", || async {
-            let response = t.get("/v1/kv/k?cached").await;
+            let response = t.get("/v1/agent/kv/k?cached").await;
             assert_eq!(response.status(), StatusCode::OK);
             assert_eq!(header(&response, "x-cache"), "HIT");
             let age: u64 = header(&response, "age").parse().unwrap();
@@ -102,7 +111,7 @@ async fn refresh_mode_serves_cached_values_during_an_outage() {
         .await;
 
         // A blocking read makes a fetch attempt: the error, or with stale-if-error the value.
-        let blocking = format!("/v1/kv/k?cached&index={index}&wait=10s");
+        let blocking = format!("/v1/agent/kv/k?cached&index={index}&wait=10s");
         expect_error(
             t.get(&blocking).await,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -131,7 +140,7 @@ async fn fail_rate_flag_and_runtime_switches() {
         config.upstream_fail_rate = 1.0;
         let t = common::start(config).await;
         expect_error(
-            t.get("/v1/kv/k").await,
+            t.get("/v1/agent/kv/k").await,
             StatusCode::SERVICE_UNAVAILABLE,
             "random failure",
         )
@@ -148,7 +157,10 @@ async fn fail_rate_flag_and_runtime_switches() {
         let settings: Value = changed.json().await.unwrap();
         assert_eq!(settings["fail_rate"], 0.0);
         assert_eq!(settings["latency"], "1ms");
-        assert_eq!(t.get("/v1/kv/k").await.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            t.get("/v1/agent/kv/k").await.status(),
+            StatusCode::NOT_FOUND
+        );
 
         for (query, needle) in [
             ("fail=maybe", "invalid fail"),

@@ -14,13 +14,16 @@ async fn shutdown_answers_open_long_polls() {
         let t = start_default().await;
         let index = t.put("k", "v").await;
         // Warm the cache entry, so the cached long-poll counts as a blocking miss.
-        assert_eq!(t.get("/v1/kv/k?cached").await.status(), StatusCode::OK);
+        assert_eq!(
+            t.get("/v1/agent/kv/k?cached").await.status(),
+            StatusCode::OK
+        );
 
         // Two long-polls (cached and straight to the upstream) that would wait 5 minutes.
         let mut polls = Vec::new();
         for path in [
-            format!("/v1/kv/k?cached&index={index}&wait=5m"),
-            format!("/v1/kv/k?index={index}&wait=5m"),
+            format!("/v1/agent/kv/k?cached&index={index}&wait=5m"),
+            format!("/v1/agent/kv/k?index={index}&wait=5m"),
         ] {
             let client = t.client.clone();
             let url = t.url(&path);

@@ -315,6 +315,8 @@ async fn consul_read(
             state.inner.writes.seen(&key, true, held.outcome.index);
         }
         held.respond(cached, |list, index| {
+            // A cached read reports the entry's index; a pass-through read its own.
+            let index = if cached { index } else { list.index.max(1) };
             let mut response = match shape {
                 Shape::Keys { separator } => {
                     let keys = consul::list_keys(&list.entries, &key, separator);
@@ -345,6 +347,7 @@ async fn consul_read(
                 .seen(&request.key, false, held.outcome.index);
         }
         held.respond(cached, |read, index| {
+            let index = if cached { index } else { read.index.max(1) };
             let mut response = match &read.entry {
                 None => not_found(),
                 Some(entry) if raw => raw_response(&entry.value),

@@ -105,7 +105,7 @@ impl TestAgent {
     /// Writes `value` to `key` through the agent, expects 200, and returns the write's index.
     pub async fn put(&self, key: &str, value: &str) -> u64 {
         let response = self
-            .put_body(&format!("/v1/kv/{key}"), value.to_owned())
+            .put_body(&format!("/v1/agent/kv/{key}"), value.to_owned())
             .await;
         assert_eq!(response.status(), StatusCode::OK, "PUT {key}");
         let body: Value = response.json().await.unwrap();

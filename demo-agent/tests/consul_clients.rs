@@ -1,0 +1,191 @@
+//! Real Consul clients against the agent, on both upstreams: py-consul (PyPI `py-consul`)
+//! runs `tests/clients/py_consul_test.py` the way its users call it (get, put with flags, cas,
+//! delete, recurse, keys with a separator, raw, a blocking get woken by another client, an
+//! index that goes backwards); on etcd, values also cross over to and from `etcdctl`.
+//!
+//! The client is found through `DEMO_AGENT_CLIENT_PYTHON` (a python with py-consul; `.ci/run`
+//! makes a venv at `target/client-venv` and sets it), else `target/client-venv/bin/python`.
+//! Without one the tests print `SKIP` and pass, unless `DEMO_AGENT_REQUIRE_CLIENTS` is set
+//! (CI), where a missing client fails them.
+
+mod common;
+#[path = "common/etcd.rs"]
+mod etcd;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use common::{TestAgent, bounded};
+use demo_agent::KvCacheMode;
+use etcd::EtcdCluster;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+/// The python with py-consul, if any: `$DEMO_AGENT_CLIENT_PYTHON`, else the venv `.ci/run`
+/// makes (`target/client-venv`), if it can import `consul`.
+fn client_python() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let candidate = std::env::var_os("DEMO_AGENT_CLIENT_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/client-venv/bin/python"));
+    let works = std::process::Command::new(&candidate)
+        .args(["-c", "import consul"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    works.then_some(candidate)
+}
+
+/// Whether py-consul is available for `test`; prints a loud SKIP line when it is not (or
+/// panics when `DEMO_AGENT_REQUIRE_CLIENTS` is set).
+fn py_consul(test: &str) -> Option<PathBuf> {
+    if let Some(python) = client_python() {
+        return Some(python);
+    }
+    let how = "create it with `python3 -m venv target/client-venv && \
+               target/client-venv/bin/pip install py-consul==1.8.0` (what .ci/run does) or set \
+               DEMO_AGENT_CLIENT_PYTHON=/path/to/python";
+    if std::env::var_os("DEMO_AGENT_REQUIRE_CLIENTS").is_some_and(|v| !v.is_empty() && v != "0") {
+        panic!(
+            "{test}: py-consul is required (DEMO_AGENT_REQUIRE_CLIENTS is set) but missing: {how}"
+        );
+    }
+    let line = format!("\nSKIP {test}: no python with py-consul; {how}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    None
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/py_consul_test.py")
+}
+
+/// Runs the py-consul script against `t`. On etcd (`cluster` given) its `REPLACE` request
+/// is answered by replacing the cluster with a fresh one (revision 1) behind the same
+/// endpoint, holding `py/w = replaced`: an index reset. Returns the cluster in use at the end.
+async fn run_script(
+    python: &Path,
+    t: &TestAgent,
+    upstream: &str,
+    mut cluster: Option<EtcdCluster>,
+) -> Option<EtcdCluster> {
+    let mut child = Command::new(python)
+        .arg(script())
+        .args(["--url", &t.url, "--upstream", upstream])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the py-consul script");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut transcript = Vec::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if line == "REPLACE" {
+            let mut old = cluster.take().expect("an etcd cluster to replace");
+            let (client_port, peer_port) = old.ports(0);
+            old.kill(0);
+            drop(old);
+            let replacement = EtcdCluster::start_on_ports(client_port, peer_port).await;
+            replacement.put("py/w", "replaced").await;
+            cluster = Some(replacement);
+            stdin.write_all(b"OK\n").await.unwrap();
+            stdin.flush().await.unwrap();
+        }
+        transcript.push(line);
+    }
+    let status = child.wait().await.unwrap();
+    let mut errors = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut errors)
+        .await
+        .unwrap();
+    assert!(
+        status.success() && transcript.last().map(String::as_str) == Some("ALL OK"),
+        "py-consul script failed ({status}):\n{}\n{errors}",
+        transcript.join("\n")
+    );
+    cluster
+}
+
+#[tokio::test]
+async fn py_consul_against_the_embedded_store() {
+    let Some(python) = py_consul("py_consul_against_the_embedded_store") else {
+        return;
+    };
+    bounded(async {
+        let t = common::start_default().await;
+        run_script(&python, &t, "embedded", None).await;
+        t.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn py_consul_against_etcd() {
+    if !etcd::available("py_consul_against_etcd") {
+        return;
+    }
+    let Some(python) = py_consul("py_consul_against_etcd") else {
+        return;
+    };
+    bounded(async {
+        let cluster = EtcdCluster::start(1).await;
+        let t = etcd::start_agent(&cluster, KvCacheMode::Refresh).await;
+        let cluster = run_script(&python, &t, "etcd", Some(cluster)).await;
+        t.shutdown().await;
+        drop(cluster);
+    })
+    .await;
+}
+
+/// Values cross between the agent and `etcdctl` byte for byte; flags written through the
+/// agent read back, and an `etcdctl put` over them resets them to 0.
+#[tokio::test]
+async fn etcd_values_cross_over_to_etcdctl() {
+    if !etcd::available_with_etcdctl("etcd_values_cross_over_to_etcdctl") {
+        return;
+    }
+    bounded(async {
+        let cluster = EtcdCluster::start(1).await;
+        let t = etcd::start_agent(&cluster, KvCacheMode::Refresh).await;
+        // Written with etcdctl: its own bytes, flags 0.
+        cluster.etcdctl(&["put", "x/from-etcdctl", "plain text"]);
+        let raw = t.get("/v1/kv/x/from-etcdctl?raw").await;
+        assert_eq!(raw.status(), StatusCode::OK);
+        assert_eq!(raw.text().await.unwrap(), "plain text");
+        let body: Value = t.get("/v1/kv/x/from-etcdctl").await.json().await.unwrap();
+        assert_eq!(body[0]["Flags"], 0);
+
+        // Written through the agent (not UTF-8, with flags): etcdctl sees the bytes.
+        let bytes = vec![0xde, 0xad, 0xbe, 0xef, 0x00, 0xff];
+        let put = t
+            .put_body("/v1/kv/x/from-agent?flags=9", bytes.clone())
+            .await;
+        assert_eq!(put.status(), StatusCode::OK);
+        let seen = cluster.etcdctl(&["get", "x/from-agent", "--print-value-only"]);
+        assert_eq!(seen.strip_suffix(b"\n").unwrap_or(&seen), &bytes[..]);
+        let body: Value = t.get("/v1/kv/x/from-agent").await.json().await.unwrap();
+        assert_eq!(body[0]["Flags"], 9);
+        // The flags' companion never shows in a listing.
+        let keys: Value = t.get("/v1/kv/?keys").await.json().await.unwrap();
+        assert_eq!(
+            keys,
+            serde_json::json!(["x/from-agent", "x/from-etcdctl"]),
+            "{keys}"
+        );
+        // etcdctl overwrites the value: flags read 0 again.
+        cluster.etcdctl(&["put", "x/from-agent", "over"]);
+        common::eventually("the etcdctl write to show", || async {
+            let body: Value = t.get("/v1/kv/x/from-agent").await.json().await.unwrap();
+            (body[0]["Flags"] == 0).then_some(())
+        })
+        .await;
+        t.shutdown().await;
+    })
+    .await;
+}
