@@ -37,6 +37,14 @@ pub(crate) fn run(root: &Path) -> ExitCode {
     if !etcd_skipped.is_empty() {
         eprint!("{}", etcd_notice(&etcd_skipped));
     }
+    let clients_skipped = if client_python(root) {
+        Vec::new()
+    } else {
+        client_tests(root)
+    };
+    if !clients_skipped.is_empty() {
+        eprint!("{}", clients_notice(&clients_skipped));
+    }
 
     steps.push(run_cargo(
         root,
@@ -83,9 +91,19 @@ pub(crate) fn run(root: &Path) -> ExitCode {
             took: Duration::ZERO,
         });
     }
+    if !clients_skipped.is_empty() {
+        steps.push(Step {
+            name: format!("Consul client tests ({})", clients_skipped.len()),
+            outcome: Outcome::Skipped("no python with py-consul"),
+            took: Duration::ZERO,
+        });
+    }
     print!("{}", report(&steps));
     if !etcd_skipped.is_empty() {
         print!("{}", etcd_notice(&etcd_skipped));
+    }
+    if !clients_skipped.is_empty() {
+        print!("{}", clients_notice(&clients_skipped));
     }
     if steps.iter().any(|step| step.outcome == Outcome::Failed) {
         ExitCode::FAILURE
@@ -120,6 +138,49 @@ fn run_cargo(root: &Path, name: &str, args: &[&str], envs: &[(&str, &str)]) -> S
         outcome,
         took: start.elapsed(),
     }
+}
+
+/// Whether the demo agent's Consul client tests find their client: a python that can import
+/// py-consul, `$DEMO_AGENT_CLIENT_PYTHON` or `target/client-venv/bin/python` (the lookup of
+/// `demo-agent/tests/consul_clients.rs`).
+fn client_python(root: &Path) -> bool {
+    let python = std::env::var_os("DEMO_AGENT_CLIENT_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/client-venv/bin/python"));
+    Command::new(python)
+        .args(["-c", "import consul"])
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+/// The tests that skip without py-consul: every `py_consul("NAME")` in
+/// `demo-agent/tests/consul_clients.rs`.
+fn client_tests(root: &Path) -> Vec<String> {
+    const CALL: &str = "py_consul(\"";
+    let text = std::fs::read_to_string(root.join("demo-agent/tests/consul_clients.rs"))
+        .unwrap_or_default();
+    text.match_indices(CALL)
+        .filter_map(|(at, _)| {
+            let rest = &text[at + CALL.len()..];
+            rest.find('"').map(|end| rest[..end].to_owned())
+        })
+        .collect()
+}
+
+/// The loud notice printed when the Consul client tests are skipped.
+fn clients_notice(skipped: &[String]) -> String {
+    let rule = "!".repeat(78);
+    let mut out = format!(
+        "\n{rule}\n!! SKIPPED: {} demo-agent tests need py-consul and found no python with it\n",
+        skipped.len()
+    );
+    for name in skipped {
+        out += &format!("!!   - {name}\n");
+    }
+    out += "!! To run them: python3 -m venv target/client-venv && \\\n";
+    out += "!!   target/client-venv/bin/pip install py-consul==1.8.0   (what .ci/run does)\n";
+    out += &format!("{rule}\n");
+    out
 }
 
 /// The etcd binary the demo agent's tests would use: `$ETCD_BIN`, else `etcd` on `PATH`
