@@ -14,8 +14,9 @@
 //!   200 ms) and cold keys (never change; a blocking fetch waits the whole 10 min
 //!   `query_timeout`), plus polled watches (`max_age` 500 ms) on the churn type. They end in
 //!   every way a user ends them: handle and receiver dropped after a few events; receiver
-//!   dropped with the handle detached (the watch must end by itself); receiver dropped while
-//!   the handle is kept (in a ring of 256 that drops the oldest); a `WatchStream` dropped;
+//!   dropped after the first event, with the handle detached (the watch must end by itself,
+//!   though its cold key's fetch blocks for 10 min); receiver dropped while the handle is kept
+//!   (in a ring of 256 that drops the oldest); a `WatchStream` dropped;
 //! - **blocking gets** on hot keys with a `min_index`, most of them dropped after 30 ms;
 //! - **index resets**: every 7 s the upstream's index goes back to 1;
 //! - **re-registrations**: every 15 s the churn and failing types are registered again, every
@@ -897,11 +898,13 @@ impl Load {
             match n % 6 {
                 // Read up to 3 events, then drop receiver and handle.
                 0 => self.open(hot, n, 3, End::Drop),
-                // Receiver dropped at once, handle detached: the watch must end by itself.
-                1 => self.open(cold, n, 0, End::Detach),
+                // The first event read, then the receiver dropped while the watch waits for
+                // a change that does not come; handle detached: the watch must end by itself.
+                1 => self.open(cold, n, 1, End::Detach),
                 // Receiver dropped at once, handle kept (in the ring).
                 2 => self.open(hot, n, 0, End::Keep),
-                3 => self.open(cold, n, 0, End::Keep),
+                // The first event read, then the receiver dropped; handle kept (in the ring).
+                3 => self.open(cold, n, 1, End::Keep),
                 // A polled watch on the churn type: two events, then receiver dropped.
                 4 => {
                     let mut req = Req::key(format!("p/{}", n as usize % POLLED_KEYS));

@@ -364,7 +364,7 @@ pub fn run(mode: Mode) -> Vec<Figure> {
     let mut figures = vec![
         Figure::new("agent/cached GET /v1/kv/{key}", median(&s[0]), "req/s")
             .baseline("bare axum handler, constant body", median(&s[1]))
-            .goal(Goal::RatioAtLeast(0.8))
+            .goal(Goal::RatioAtLeast(0.9))
             .note(format!(
                 "{conns} keep-alive connections, one request in flight each, {} s per sample, \
                  own HTTP/1.1 driver on one thread; both servers in-process on a {}-worker \

@@ -112,6 +112,14 @@ pub fn run(mode: Mode) -> Vec<Figure> {
             OVERHEAD.as_millis()
         )),
         Figure::new(
+            format!("storm/{tasks} gets, wall time vs moka"),
+            median(&s[0]),
+            "ms",
+        )
+        .baseline("moka get_with", median(&s[1]))
+        .goal(Goal::RatioAtMost(0.8))
+        .note("the same rounds as above; goal (issue 14): ≤ 0.8× moka get_with's wall time"),
+        Figure::new(
             "storm/fetches per storm (max over rounds)",
             max_ours,
             "fetches",
