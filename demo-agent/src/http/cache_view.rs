@@ -25,9 +25,10 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
-use cache_core::{Metrics, TypeMetrics};
+use cache_core::{EntryInfo, EntryPage, EntryQuery, EntrySort, Metrics, TypeMetrics};
 use serde::Serialize;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::JsonLine;
@@ -45,6 +46,10 @@ pub const DEFAULT_PAGE: usize = 100;
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// How many samples are kept: five minutes at one per second.
 pub const HISTORY_LEN: usize = 300;
+/// Listings that may scan a table at once (across the process); more wait their turn, so
+/// many open pages over a large cache cannot take every core.
+const CONCURRENT_LISTINGS: usize = 2;
+static LISTINGS: Semaphore = Semaphore::const_new(CONCURRENT_LISTINGS);
 /// Rates per second are measured over (about) this window.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// The recent hit ratio is measured over (about) this window.
@@ -215,8 +220,8 @@ struct TypeRow {
     name: String,
     entries: u64,
     watches: u64,
-    /// Entries whose last fetch failed (in backoff); `null` when the engine does not say.
-    failing: Option<u64>,
+    /// Entries whose last fetch failed (in backoff).
+    failing: u64,
     hits: u64,
     misses: u64,
     fetches: u64,
@@ -270,7 +275,7 @@ fn type_rows(metrics: &Metrics, samples: &[Sample], now: Instant) -> Vec<TypeRow
                 name: short_type_name(&t.name).to_owned(),
                 entries: t.entries,
                 watches: t.watches,
-                failing: failing(t),
+                failing: t.failing,
                 hits: live.hits,
                 misses: live.misses,
                 fetches: live.fetches,
@@ -281,11 +286,6 @@ fn type_rows(metrics: &Metrics, samples: &[Sample], now: Instant) -> Vec<TypeRow
             }
         })
         .collect()
-}
-
-/// Entries in backoff, once the engine counts them.
-fn failing(_t: &TypeMetrics) -> Option<u64> {
-    None
 }
 
 /// The history as per-second series (oldest first), summed over every type.
@@ -311,9 +311,11 @@ fn history_json(samples: &[Sample]) -> Value {
     })
 }
 
-/// The upstream: kind, endpoints, fault settings, and contact as far as it is known.
+/// The upstream: kind, endpoints, contact (from the agent's contact tracker) and the fault
+/// settings in force. Durations are milliseconds.
 fn upstream_json(state: &AgentState) -> Value {
     let faults = state.faults().get();
+    let contact = state.contact();
     let (kind, endpoints, current) = match state.etcd() {
         Some(etcd) => (
             "etcd",
@@ -326,9 +328,12 @@ fn upstream_json(state: &AgentState) -> Value {
         "kind": kind,
         "endpoints": endpoints,
         "current_endpoint": current,
-        "reachable": Value::Null,
-        "last_contact_ms": Value::Null,
-        "down_for_ms": Value::Null,
+        "reachable": contact.reachable,
+        "last_contact_ms": contact.since_last_contact.map(millis),
+        "down_for_ms": contact.down_for.map(millis),
+        "last_error": contact.last_error,
+        "last_outage_ms": contact.last_outage.map(millis),
+        "outages": contact.outages,
         "faults": {
             "fail": faults.fail,
             "fail_rate": faults.fail_rate,
@@ -359,6 +364,15 @@ impl Sort {
                 )));
             }
         })
+    }
+
+    fn engine(self) -> EntrySort {
+        match self {
+            Self::Key => EntrySort::Key,
+            Self::Index => EntrySort::Index,
+            Self::Age => EntrySort::Age,
+            Self::Ttl => EntrySort::TtlLeft,
+        }
     }
 
     fn name(self) -> &'static str {
@@ -430,8 +444,56 @@ impl PageQuery {
     }
 }
 
-/// One page of one type's entries.
-fn entries_json(_state: &AgentState, query: &PageQuery) -> Value {
+/// One entry as the view shows it; durations in milliseconds.
+#[derive(Debug, Serialize)]
+struct EntryRow<'a> {
+    key: &'a str,
+    datacenter: &'a str,
+    index: u64,
+    has_value: bool,
+    age_ms: Option<u64>,
+    /// The last fetch's error, while the entry is failing.
+    error: Option<&'a str>,
+    failing_for_ms: Option<u64>,
+    watchers: usize,
+    in_backoff: bool,
+    fetching: bool,
+    ttl_left_ms: Option<u64>,
+}
+
+impl<'a> EntryRow<'a> {
+    fn of(e: &'a EntryInfo) -> Self {
+        Self {
+            key: &e.key,
+            datacenter: &e.datacenter,
+            index: e.index,
+            has_value: e.has_value,
+            age_ms: e.age.map(millis),
+            error: e.error.as_deref(),
+            failing_for_ms: e.failing_for.map(millis),
+            watchers: e.watchers,
+            in_backoff: e.in_backoff,
+            fetching: e.fetching,
+            ttl_left_ms: e.ttl_left.map(millis),
+        }
+    }
+}
+
+/// One page of one type's entries: one pass over the type's table (see the module docs).
+fn list_entries(state: &AgentState, query: &PageQuery) -> EntryPage {
+    let engine_query = EntryQuery::new()
+        .prefix(query.prefix.clone())
+        .sort(query.sort.engine(), query.descending)
+        .page(query.offset, query.limit);
+    let inner = &state.inner;
+    match query.type_name {
+        "kv_list" => inner.list.entries(&engine_query),
+        "upstream_stats" => inner.stats.entries(&engine_query),
+        _ => inner.kv.entries(&engine_query),
+    }
+}
+
+fn entries_json(query: &PageQuery, page: &EntryPage) -> Value {
     json!({
         "type": query.type_name,
         "prefix": query.prefix,
@@ -439,8 +501,8 @@ fn entries_json(_state: &AgentState, query: &PageQuery) -> Value {
         "order": if query.descending { "desc" } else { "asc" },
         "offset": query.offset,
         "limit": query.limit,
-        "total": Value::Null,
-        "items": [],
+        "total": page.total,
+        "items": page.entries.iter().map(EntryRow::of).collect::<Vec<_>>(),
     })
 }
 
@@ -451,6 +513,20 @@ pub(super) async fn cache_view(
 ) -> Result<JsonLine<Value>, ApiError> {
     let params = Params::parse(query.as_deref());
     let page = PageQuery::parse(&params)?;
+    let entries = {
+        // The semaphore is never closed.
+        let _permit = LISTINGS.acquire().await.ok();
+        // The scan takes milliseconds for 100 000 entries: off the async workers.
+        let (state, query) = (state.clone(), page.clone());
+        tokio::task::spawn_blocking(move || list_entries(&state, &query))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("listing entries failed: {e}"),
+                )
+            })?
+    };
     let now = Instant::now();
     let metrics = state.cache().metrics();
     let samples = state.inner.history.snapshot();
@@ -463,7 +539,7 @@ pub(super) async fn cache_view(
         "sse_streams": state.inner.sse_streams.load(Ordering::Relaxed),
         "types": types,
         "history": history_json(&samples),
-        "entries": entries_json(&state, &page),
+        "entries": entries_json(&page, &entries),
     })))
 }
 

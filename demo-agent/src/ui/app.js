@@ -120,7 +120,10 @@ function renderUpstream(up) {
     status.removeAttribute("title");
   }
   $("up-contact").textContent = up.last_contact_ms === null ? "never" : fmtDuration(up.last_contact_ms) + " ago";
-  $("up-outage").textContent = up.down_for_ms === null ? "none" : "down for " + fmtDuration(up.down_for_ms);
+  let outage = "none";
+  if (up.down_for_ms !== null) outage = "down for " + fmtDuration(up.down_for_ms);
+  else if (up.last_outage_ms) outage = "none (" + up.outages + " so far, the last lasted " + fmtDuration(up.last_outage_ms) + ")";
+  $("up-outage").textContent = outage;
   const f = up.faults;
   const faults = [];
   if (f.fail) faults.push("outage injected");
