@@ -295,10 +295,11 @@ async fn consul_read(
         mode,
     };
     let is_prefix = !matches!(shape, Shape::Key { .. });
-    let written = read
-        .cached
-        .then(|| state.inner.writes.floor(&key, is_prefix))
-        .unwrap_or(0);
+    let written = if read.cached {
+        state.inner.writes.floor(&key, is_prefix)
+    } else {
+        0
+    };
     if written > 0 && read.min_index < written - 1 {
         // Read your writes: the cache must hold this agent's last write (index >= it).
         read.min_index = written - 1;
