@@ -170,6 +170,12 @@ impl AgentState {
             .or_else(|| inner.etcd.as_ref().map(|etcd| etcd.counters()))
     }
 
+    /// The embedded store, when the agent runs on it: tests write to it directly, as another
+    /// client of the store would (bypassing the agent's cache).
+    pub fn memory(&self) -> Option<&Arc<MemoryUpstream>> {
+        self.inner.memory.as_ref()
+    }
+
     /// The etcd upstream, when the agent runs on one (for its endpoints and traffic).
     pub fn etcd(&self) -> Option<&Arc<EtcdUpstream>> {
         self.inner.etcd.as_ref()

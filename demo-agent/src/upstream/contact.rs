@@ -418,15 +418,17 @@ impl ContactTracker {
         &'a self,
         call: BoxFuture<'a, Result<T, UpstreamError>>,
     ) -> BoxFuture<'a, Result<T, UpstreamError>> {
-        let outer = ACCEPTED.try_with(Clone::clone).ok();
-        let shared = self.shared.clone();
-        let signal = Connected::new(move || {
-            shared.record_success();
-            if let Some(outer) = &outer {
-                outer.notify();
-            }
-        });
         async move {
+            // Read inside the future: the caller's `with_accepted` scope is entered when the
+            // future is polled, not when it is built.
+            let outer = ACCEPTED.try_with(Clone::clone).ok();
+            let shared = self.shared.clone();
+            let signal = Connected::new(move || {
+                shared.record_success();
+                if let Some(outer) = &outer {
+                    outer.notify();
+                }
+            });
             let result = ACCEPTED.scope(signal, call).await;
             self.observe(&result);
             result
