@@ -63,6 +63,7 @@ pub const REGISTRY: &[Scenario] = &[
     ("fanout", scenarios::fanout::run),
     ("runtimes", scenarios::runtimes::run),
     ("agent", scenarios::agent::run),
+    ("etcd", scenarios::etcd::run),
 ];
 
 /// The scenario names, in report order.

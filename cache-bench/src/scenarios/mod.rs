@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod churn;
+pub mod etcd;
 pub mod fanout;
 pub mod hit;
 pub mod many;

@@ -168,7 +168,7 @@ impl EtcdSettings {
 }
 
 /// The environment variable holding the etcd password when no password file is given.
-pub const PASSWORD_ENV: &str = "DEMO_AGENT_ETCD_PASSWORD";
+pub(crate) const PASSWORD_ENV: &str = "DEMO_AGENT_ETCD_PASSWORD";
 
 /// Counters of the etcd client's traffic (see [`EtcdUpstream::traffic`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -412,6 +412,17 @@ impl EtcdCluster {
         }
     }
 
+    /// Restarts member `i` on its data dir with another client port (its peer port stays),
+    /// and waits until it is healthy.
+    pub async fn restart_on_client_port(&mut self, i: usize, client_port: u16) {
+        self.kill(i);
+        self.specs[i].client_port = client_port;
+        self.spawn_member(i);
+        if let Err(error) = self.wait_ready().await {
+            panic!("etcd member {i} did not restart on port {client_port}: {error}");
+        }
+    }
+
     /// Freezes member `i` (SIGSTOP): its process and sockets stay, it answers nothing.
     pub fn freeze(&self, i: usize) {
         self.signal(i, "STOP");
@@ -506,6 +517,28 @@ impl EtcdCluster {
             )
             .await;
         int64(&body["header"]["revision"])
+    }
+
+    /// Writes `key` directly through member `member`, retrying for up to 20 s while the
+    /// cluster cannot take it (an election after a member froze or died).
+    pub async fn put_via_retrying(&self, member: usize, key: &str, value: &str) -> u64 {
+        let url = format!("{}/v3/kv/put", self.specs[member].client_url());
+        let body = json!({"key": BASE64.encode(key), "value": BASE64.encode(value)});
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(response) = self.http.post(&url).json(&body).send().await {
+                if response.status().is_success() {
+                    if let Ok(body) = response.json::<Value>().await {
+                        return int64(&body["header"]["revision"]);
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd member {member} kept refusing a put"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Writes `key` directly through the first running member.
