@@ -32,7 +32,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use cache_core::{BoxFuture, Runtime, Timer};
+use cache_core::{BoxFuture, CoarseClock, Runtime, Timer};
 
 /// A [`Runtime`] backed by async-std's global executor.
 ///
@@ -62,6 +62,11 @@ impl Runtime for AsyncStdRuntime {
 
     fn now(&self) -> Instant {
         Instant::now()
+    }
+
+    fn coarse_clock(&self) -> Option<CoarseClock> {
+        // A real clock: hits may read the cheap coarse one.
+        Some(CoarseClock::system())
     }
 }
 

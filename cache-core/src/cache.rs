@@ -17,7 +17,7 @@ use crate::get::{GetOutcome, Response};
 use crate::inspect::{EntryPage, EntryQuery};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimit;
-use crate::runtime::SharedRuntime;
+use crate::runtime::{CoarseClock, SharedRuntime};
 use crate::store::{ErasedStore, Store};
 use crate::watch::{EventSink, UpdateEvent, WatchError, WatchHandle};
 
@@ -26,6 +26,9 @@ pub(crate) struct Shared {
     pub(crate) rt: SharedRuntime,
     /// The origin of the entries' last-read timestamps.
     pub(crate) epoch: Instant,
+    /// The runtime's coarse clock, if it has one, with its reading at `epoch` less its
+    /// resolution (so hit-path times are never behind the precise time).
+    hit_clock: Option<(CoarseClock, u64)>,
     closed: AtomicBool,
     pub(crate) close_event: Event,
     pub(crate) backoff: BackoffPolicy,
@@ -43,6 +46,22 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Nanoseconds since `epoch` for the hit path: the coarse clock where the runtime has one
+    /// (a few ns, at most a few ms ahead of the precise time), else the runtime's exact `now`.
+    #[inline]
+    pub(crate) fn hit_nanos(&self) -> u64 {
+        match &self.hit_clock {
+            Some((clock, origin)) => clock.read().saturating_sub(*origin),
+            None => u64::try_from(
+                self.rt
+                    .now()
+                    .saturating_duration_since(self.epoch)
+                    .as_nanos(),
+            )
+            .unwrap_or(u64::MAX),
+        }
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -124,9 +143,14 @@ impl CacheBuilder {
     /// Builds the cache and starts its expiry task on the runtime.
     pub fn build(self) -> Cache {
         let epoch = self.rt.now();
+        let hit_clock = self.rt.coarse_clock().map(|clock| {
+            let lag = u64::try_from(clock.resolution().as_nanos()).unwrap_or(u64::MAX);
+            (clock, clock.read().saturating_sub(lag))
+        });
         let shared = Arc::new(Shared {
             rt: self.rt,
             epoch,
+            hit_clock,
             closed: AtomicBool::new(false),
             close_event: Event::new(),
             backoff: self.backoff,

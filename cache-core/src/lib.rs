@@ -92,5 +92,5 @@ pub use get::{GetOutcome, Response, ResultMeta};
 pub use inspect::{EntryInfo, EntryPage, EntryQuery, EntrySort, MAX_PAGE};
 pub use metrics::{Metrics, TypeMetrics};
 pub use ratelimit::RateLimit;
-pub use runtime::{BoxFuture, Runtime, SharedRuntime, Sleep, Timer};
+pub use runtime::{BoxFuture, CoarseClock, Runtime, SharedRuntime, Sleep, Timer};
 pub use watch::{EventSink, UpdateEvent, WatchError, WatchHandle, WatchStream};

@@ -29,7 +29,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use cache_core::{BoxFuture, Runtime, Timer};
+use cache_core::{BoxFuture, CoarseClock, Runtime, Timer};
 
 /// A [`Runtime`] backed by smol's global executor.
 ///
@@ -60,6 +60,11 @@ impl Runtime for SmolRuntime {
 
     fn now(&self) -> Instant {
         Instant::now()
+    }
+
+    fn coarse_clock(&self) -> Option<CoarseClock> {
+        // A real clock: hits may read the cheap coarse one.
+        Some(CoarseClock::system())
     }
 }
 

@@ -27,16 +27,22 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use cache_core::{BoxFuture, Runtime, Timer};
+use cache_core::{BoxFuture, CoarseClock, Runtime, Timer};
 use tokio::runtime::Handle;
 
 /// A [`Runtime`] backed by a tokio runtime, reached through its [`Handle`].
 ///
 /// The tokio runtime must have its time driver enabled (`enable_time` or `enable_all`; the
 /// `#[tokio::main]` and `#[tokio::test]` macros do this).
+///
+/// Hits read a cheap coarse clock ([`CoarseClock::system`]) unless the runtime's clock was
+/// paused when the adapter was made (`#[tokio::test(start_paused = true)]`): then every read
+/// follows tokio's paused clock exactly. A test that pauses the clock later should build its
+/// adapter with [`TokioRuntime::with_exact_clock`].
 #[derive(Debug, Clone)]
 pub struct TokioRuntime {
     handle: Handle,
+    exact_clock: bool,
 }
 
 // ===== impl TokioRuntime =====
@@ -63,7 +69,18 @@ impl TokioRuntime {
 
     /// The adapter for the runtime behind `handle`; usable from threads outside that runtime.
     pub fn from_handle(handle: Handle) -> Self {
-        Self { handle }
+        let exact_clock = clock_is_paused(&handle);
+        Self {
+            handle,
+            exact_clock,
+        }
+    }
+
+    /// The same adapter, reading tokio's exact clock on every cache hit (for tests that pause
+    /// the clock after building the cache).
+    pub fn with_exact_clock(mut self) -> Self {
+        self.exact_clock = true;
+        self
     }
 
     /// The tokio handle this adapter spawns onto.
@@ -90,6 +107,25 @@ impl Runtime for TokioRuntime {
         // tokio's clock, not `std`'s, so a paused clock is honoured.
         tokio::time::Instant::now().into_std()
     }
+
+    fn coarse_clock(&self) -> Option<CoarseClock> {
+        (!self.exact_clock).then(CoarseClock::system)
+    }
+}
+
+/// Whether the clock of the runtime behind `handle` stands still (paused, as with
+/// `start_paused`): real time passes, tokio's does not. A paused clock only moves when the
+/// runtime is idle, never during this short spin.
+fn clock_is_paused(handle: &Handle) -> bool {
+    let _guard = handle.enter();
+    let before = tokio::time::Instant::now();
+    #[allow(clippy::disallowed_methods)] // real time, to compare tokio's clock against
+    let spin = std::time::Instant::now();
+    #[allow(clippy::disallowed_methods)]
+    while spin.elapsed() < std::time::Duration::from_micros(20) {
+        std::hint::spin_loop();
+    }
+    tokio::time::Instant::now() == before
 }
 
 // ===== impl TokioTimer =====
