@@ -135,7 +135,7 @@ async fn log_server_errors(
         );
         tracing::warn!(
             %method,
-            path = uri.path(),
+            path = %uri.path(),
             status = status.as_u16(),
             %cause,
             "request failed"
