@@ -3,8 +3,11 @@
 use std::any::TypeId;
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use event_listener::Event;
@@ -470,6 +473,18 @@ impl Cache {
     }
 }
 
+/// [`TypedCache::get`]'s future: the get's outcome as a `Result`.
+struct IntoResult<F>(F);
+
+impl<V, E, F: Future<Output = GetOutcome<V, E>> + Unpin> Future for IntoResult<F> {
+    type Output = Result<Response<V>, GetError<E>>;
+
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(GetOutcome::into_result)
+    }
+}
+
 /// The typed handle of one registered type: get, prepopulate, notify and watch without naming
 /// the type at each call, and without a registry lookup.
 pub struct TypedCache<T: CacheType> {
@@ -513,11 +528,12 @@ impl<T: CacheType> TypedCache<T> {
     ///
     /// Dropping the future returns at once and never cancels the shared fetch, which runs in a
     /// task owned by the cache.
-    pub async fn get(
-        &self,
-        request: &T::Request,
-    ) -> Result<Response<T::Value>, GetError<T::Error>> {
-        self.store.get(request).await.into_result()
+    pub fn get<'a>(
+        &'a self,
+        request: &'a T::Request,
+    ) -> impl Future<Output = Result<Response<T::Value>, GetError<T::Error>>> + Send + 'a {
+        // Not an `async fn`: a hit is a ready future, with no state machine around it.
+        IntoResult(self.store.get(request))
     }
 
     /// Like [`TypedCache::get`], but returns value, meta and error together, so the last good
@@ -526,8 +542,11 @@ impl<T: CacheType> TypedCache<T> {
     /// # Cancel safety
     ///
     /// As [`TypedCache::get`].
-    pub async fn get_outcome(&self, request: &T::Request) -> GetOutcome<T::Value, T::Error> {
-        self.store.get(request).await
+    pub fn get_outcome<'a>(
+        &'a self,
+        request: &'a T::Request,
+    ) -> impl Future<Output = GetOutcome<T::Value, T::Error>> + Send + 'a {
+        self.store.get(request)
     }
 
     /// Stores a value without fetching (Consul's `Prepopulate`).
