@@ -315,6 +315,9 @@ pub fn short_type_name(rust_name: &str) -> &str {
 #[derive(Debug, Default)]
 pub struct RecentWrites {
     writes: Mutex<std::collections::VecDeque<Write>>,
+    /// How many records there are, so that reads skip the lock when there are none (the
+    /// common case: a cached read of a key nobody wrote through this agent lately).
+    pending: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -356,10 +359,15 @@ impl RecentWrites {
             prefix,
             index,
         });
+        self.pending
+            .store(writes.len(), std::sync::atomic::Ordering::Release);
     }
 
     /// The highest index of a remembered write that a read of `key` covers (0: none).
     pub fn floor(&self, key: &str, prefix: bool) -> u64 {
+        if self.pending.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return 0;
+        }
         let writes = self.lock();
         if writes.is_empty() {
             return 0;
@@ -374,6 +382,9 @@ impl RecentWrites {
 
     /// A read of `key` saw index `index`: forget the writes it covers up to that index.
     pub fn seen(&self, key: &str, prefix: bool, index: u64) {
+        if self.pending.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return;
+        }
         let mut writes = self.lock();
         if !writes.is_empty() {
             writes.retain(|w| {
@@ -384,6 +395,33 @@ impl RecentWrites {
                 };
                 !(covered && w.index <= index)
             });
+            self.pending
+                .store(writes.len(), std::sync::atomic::Ordering::Release);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RecentWrites;
+
+    #[test]
+    fn recent_writes_cover_keys_and_prefixes_until_seen() {
+        let w = RecentWrites::default();
+        assert_eq!(w.floor("a", false), 0);
+        w.record("app/a", false, 5);
+        w.record("app/", true, 7);
+        assert_eq!(w.floor("app/a", false), 7);
+        assert_eq!(w.floor("app/b", false), 7);
+        assert_eq!(w.floor("other", false), 0);
+        assert_eq!(w.floor("ap", true), 7);
+        assert_eq!(w.floor("app/a/x", true), 7);
+        // A read of the key forgets only the key's own write.
+        w.seen("app/a", false, 7);
+        assert_eq!(w.floor("app/a", false), 7);
+        // A read of the prefix at or above both forgets both.
+        w.seen("app/", true, 7);
+        assert_eq!(w.floor("app/a", false), 0);
+        assert_eq!(w.floor("", true), 0);
     }
 }

@@ -142,11 +142,12 @@ fn put_request(path: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The `index` field of a JSON response body.
+/// The index of a JSON response body: the bare baseline's `index` field, or the
+/// `ModifyIndex` of the first entry of the agent's Consul-shaped answer.
 fn index_of(body: &[u8]) -> u64 {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v["index"].as_u64())
+        .and_then(|v| v["index"].as_u64().or_else(|| v[0]["ModifyIndex"].as_u64()))
         .unwrap_or_else(|| panic!("no index in {}", String::from_utf8_lossy(body)))
 }
 
