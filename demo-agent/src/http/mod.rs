@@ -3,10 +3,12 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `GET /v1/kv/{key}` | one key; `?cached`, `?index=&wait=`, `?recurse` (list under it) |
-//! | `PUT /v1/kv/{key}` | write the body; `?cas=N` |
-//! | `DELETE /v1/kv/{key}` | delete; `?cas=N` |
-//! | `GET /v1/kv/?prefix=p` (or `/v1/kv?prefix=p`) | list keys under a prefix |
+//! | `GET /v1/kv/{key}` | Consul's KV read: `?recurse`, `?keys&separator=`, `?raw`, `?cached`, `?index=&wait=`, `?stale`/`?consistent` (see `kv`) |
+//! | `PUT /v1/kv/{key}` | Consul's KV write: the body is the value; `?flags=N`, `?cas=N`; `true`/`false` |
+//! | `DELETE /v1/kv/{key}` | Consul's KV delete: `?recurse`, `?cas=N`; `true`/`false` |
+//! | `GET /v1/status/leader`, `/v1/status/peers`, `/v1/agent/self` | the probes Consul clients call first |
+//! | `/v1/session/*` | 400: sessions are not implemented |
+//! | `GET`/`PUT`/`DELETE /v1/agent/kv/{key}`, `GET /v1/agent/kv/?prefix=p` | the agent's own text shape `{"key","value","index"}` |
 //! | `GET /v1/watch?key=a&prefix=c` | server-sent events, several watches on one stream |
 //! | `GET /v1/agent/metrics` | Prometheus text |
 //! | `GET /v1/agent/health` | liveness: `{"status":"ok"}` while the process serves |
