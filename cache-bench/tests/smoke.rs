@@ -60,7 +60,11 @@ fn the_soak_runs_samples_and_tears_down() {
     // Judges nothing (the run is too short and the build is debug): it only proves the soak's
     // load, sampling and teardown work, so `cargo xtask soak` does not rot.
     let report = cache_bench::soak::run(&cache_bench::soak::Config::smoke());
-    assert!(report.samples.len() >= 4, "{} samples", report.samples.len());
+    assert!(
+        report.samples.len() >= 4,
+        "{} samples",
+        report.samples.len()
+    );
     assert!(report.spawned > 0, "the engine spawned nothing");
     assert!(
         report.samples.iter().any(|s| s.entries > 0.0),
