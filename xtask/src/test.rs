@@ -45,6 +45,14 @@ pub(crate) fn run(root: &Path) -> ExitCode {
     if !clients_skipped.is_empty() {
         eprint!("{}", clients_notice(&clients_skipped));
     }
+    let browser_skipped = if browser_binaries() {
+        Vec::new()
+    } else {
+        browser_tests(root)
+    };
+    if !browser_skipped.is_empty() {
+        eprint!("{}", browser_notice(&browser_skipped));
+    }
 
     steps.push(run_cargo(
         root,
@@ -98,12 +106,22 @@ pub(crate) fn run(root: &Path) -> ExitCode {
             took: Duration::ZERO,
         });
     }
+    if !browser_skipped.is_empty() {
+        steps.push(Step {
+            name: format!("browser tests ({})", browser_skipped.len()),
+            outcome: Outcome::Skipped("no chromium/chromedriver"),
+            took: Duration::ZERO,
+        });
+    }
     print!("{}", report(&steps));
     if !etcd_skipped.is_empty() {
         print!("{}", etcd_notice(&etcd_skipped));
     }
     if !clients_skipped.is_empty() {
         print!("{}", clients_notice(&clients_skipped));
+    }
+    if !browser_skipped.is_empty() {
+        print!("{}", browser_notice(&browser_skipped));
     }
     if steps.iter().any(|step| step.outcome == Outcome::Failed) {
         ExitCode::FAILURE
@@ -179,6 +197,55 @@ fn clients_notice(skipped: &[String]) -> String {
     }
     out += "!! To run them: python3 -m venv target/client-venv && \\\n";
     out += "!!   target/client-venv/bin/pip install py-consul==1.8.0   (what .ci/run does)\n";
+    out += &format!("{rule}\n");
+    out
+}
+
+/// A program named by `$var`, else the first of `names` on `PATH`.
+fn program(var: &str, names: &[&str]) -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(bin));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|dir| names.iter().map(move |name| dir.join(name)))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Whether the web view's browser tests find Chromium and chromedriver (the lookup of
+/// `demo-agent/tests/ui_browser.rs`: `$CHROMIUM_BIN`/`$CHROMEDRIVER_BIN`, else `PATH`).
+fn browser_binaries() -> bool {
+    program("CHROMIUM_BIN", &["chromium", "chromium-browser"]).is_some()
+        && program("CHROMEDRIVER_BIN", &["chromedriver"]).is_some()
+}
+
+/// The tests that skip without a browser: every `browser::available("NAME")` in
+/// `demo-agent/tests/ui_browser.rs`.
+fn browser_tests(root: &Path) -> Vec<String> {
+    const CALL: &str = "browser::available(\"";
+    let text =
+        std::fs::read_to_string(root.join("demo-agent/tests/ui_browser.rs")).unwrap_or_default();
+    text.match_indices(CALL)
+        .filter_map(|(at, _)| {
+            let rest = &text[at + CALL.len()..];
+            rest.find('"').map(|end| rest[..end].to_owned())
+        })
+        .collect()
+}
+
+/// The loud notice printed when the browser tests are skipped.
+fn browser_notice(skipped: &[String]) -> String {
+    let rule = "!".repeat(78);
+    let mut out = format!(
+        "\n{rule}\n!! SKIPPED: {} demo-agent tests need chromium and chromedriver and found them not\n",
+        skipped.len()
+    );
+    for name in skipped {
+        out += &format!("!!   ui_browser: {name}\n");
+    }
+    out += "!! They printed SKIP and passed without testing anything. To run them:\n";
+    out += "!!   sudo apt-get install -y chromium chromium-driver    (Debian; what .ci/run does)\n";
+    out += "!!   or CHROMIUM_BIN=... CHROMEDRIVER_BIN=... cargo xtask test\n";
     out += &format!("{rule}\n");
     out
 }
@@ -325,6 +392,9 @@ async fn other() { if !etcd::available("member_loss") { return; } }
         assert!(notice.contains("apt-get install -y etcd-server"));
         // The real tests are found (this crate's tests run from the workspace).
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let browser = browser_tests(root);
+        assert!(browser.iter().any(|t| t.contains("outage")), "{browser:?}");
+        assert!(browser_notice(&browser).contains("chromium-driver"));
         let found = etcd_tests(root);
         assert!(
             found.iter().any(|t| t.starts_with("etcd_parity: ")),

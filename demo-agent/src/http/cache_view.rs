@@ -334,6 +334,8 @@ fn upstream_json(state: &AgentState) -> Value {
         "last_error": contact.last_error,
         "last_outage_ms": contact.last_outage.map(millis),
         "outages": contact.outages,
+        // The upstream's own counters (index, keys, blocking reads open), read locally.
+        "counters": state.upstream_counters(),
         "faults": {
             "fail": faults.fail,
             "fail_rate": faults.fail_rate,

@@ -130,6 +130,10 @@ function renderUpstream(up) {
   if (f.fail_rate > 0) faults.push("fail rate " + f.fail_rate);
   if (f.latency && f.latency !== "0s") faults.push("latency " + f.latency);
   $("up-faults").textContent = faults.length ? faults.join(", ") : "none";
+  const c = up.counters;
+  $("up-blocking").textContent = c ? fmtInt(c.blocking_open) : "–";
+  $("up-index").textContent = c ? fmtInt(c.index) : "–";
+  $("up-keys").textContent = c ? fmtInt(c.keys) : "–";
 }
 
 function renderTypes(types) {
@@ -155,29 +159,33 @@ function renderTypes(types) {
   $("types-body").replaceChildren(rows);
 }
 
+// Draws `series` (oldest first, one per second) right-aligned in a 300×40 chart; returns
+// the peak it was scaled to.
+function drawLine(id, series, peak) {
+  const width = 300;
+  const height = 40;
+  const x0 = width - series.length;
+  const y = (v) => (height - 1 - (v / peak) * (height - 4)).toFixed(1);
+  $(id).setAttribute("points", series.map((v, i) => x0 + i + "," + y(v)).join(" "));
+  return y;
+}
+
 function renderHistory(h) {
-  const n = h.hits.length;
   const last = (xs) => (xs.length ? xs[xs.length - 1] : 0);
+  const peakOf = (...all) => Math.max(1, ...all.flat());
   $("rate-hits").textContent = fmtRate(last(h.hits));
   $("rate-fetches").textContent = fmtRate(last(h.fetches));
   $("rate-errors").textContent = fmtRate(last(h.errors));
-  const width = 300;
-  const height = 60;
-  let max = 1;
-  for (let i = 0; i < n; i++) max = Math.max(max, h.hits[i], h.fetches[i], h.errors[i]);
-  $("spark-max").textContent = fmtRate(max);
-  // The newest sample sits at the right edge; one x unit per sample.
-  const x0 = width - n;
-  const y = (v) => (height - 1 - (v / max) * (height - 3)).toFixed(1);
-  const line = (xs) => xs.map((v, i) => x0 + i + "," + y(v)).join(" ");
-  $("spark-hits").setAttribute("points", line(h.hits));
-  $("spark-fetches").setAttribute("points", line(h.fetches));
+  const hitsPeak = peakOf(h.hits);
+  $("peak-hits").textContent = fmtRate(hitsPeak);
+  drawLine("spark-hits", h.hits, hitsPeak);
+  const fetchPeak = peakOf(h.fetches, h.errors);
+  $("peak-fetches").textContent = fmtRate(fetchPeak);
+  const y = drawLine("spark-fetches", h.fetches, fetchPeak);
   let bars = "";
-  for (let i = 0; i < n; i++) {
-    if (h.errors[i] > 0) {
-      const top = y(h.errors[i]);
-      bars += "M" + (x0 + i) + "," + height + "V" + top + "h1V" + height + "z";
-    }
+  const x0 = 300 - h.errors.length;
+  for (let i = 0; i < h.errors.length; i++) {
+    if (h.errors[i] > 0) bars += "M" + (x0 + i) + ",40V" + y(h.errors[i]) + "h1V40z";
   }
   $("spark-errors").setAttribute("d", bars);
 }
