@@ -154,11 +154,19 @@ async fn cached_reads_report_miss_hit_and_age() {
         })
         .await;
 
-        // Max-age says when the value is too old: it is fetched again.
+        // Read your writes: a write through this agent is seen by the next cached read.
+        let written = cput(&t, "k", "v2").await;
+        let after = t.get("/v1/kv/k?cached").await;
+        assert_eq!(header(&after, "x-cache"), "MISS");
+        assert_eq!(consul_index(&after), written);
+        let after: Value = after.json().await.unwrap();
+        assert_eq!(value_of(&after), "v2");
+        // Then the value ages again: hits, until max-age says it is too old.
+        assert_eq!(header(&t.get("/v1/kv/k?cached").await, "x-cache"), "HIT");
         let fresh = t.get_cache_control("/v1/kv/k?cached", "max-age=0").await;
         assert_eq!(header(&fresh, "x-cache"), "MISS");
         let fresh: Value = fresh.json().await.unwrap();
-        assert_eq!(value_of(&fresh), "v1");
+        assert_eq!(value_of(&fresh), "v2");
         // A generous max-age is served from the cache.
         let hit = t.get_cache_control("/v1/kv/k?cached", "max-age=3600").await;
         assert_eq!(header(&hit, "x-cache"), "HIT");

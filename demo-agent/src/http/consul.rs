@@ -53,7 +53,8 @@ pub struct ConsulQuery {
 }
 
 impl ConsulQuery {
-    /// Parses `raw` and checks that every parameter is one of `allowed` or [`COMMON`], and
+    /// Parses `raw` and checks that every parameter is one of `allowed` or common to every route
+    /// (`dc`, `ns`, `partition`, `token`, `pretty`), and
     /// that `dc`, `ns` and `partition` name this agent.
     ///
     /// # Errors
