@@ -5,9 +5,11 @@
 //! 1. stop accepting connections;
 //! 2. tell open long-polls to answer now (with the data as it is, as if their wait had
 //!    passed) and end `/v1/watch` streams;
-//! 3. close the cache (ends background refresh and watches) and the upstream (answers its
-//!    open blocking reads);
-//! 4. wait for in-flight responses to finish.
+//! 3. give those answers up to 2 s to be read from the cache (closing it first would fail
+//!    them);
+//! 4. close the cache (ends background refresh and watches) and the upstream (answers its
+//!    open blocking reads, e.g. uncached long-polls);
+//! 5. wait for in-flight responses to finish.
 
 use std::io;
 use std::net::SocketAddr;
@@ -32,6 +34,8 @@ use crate::upstream::{
 
 /// How long shutdown waits for in-flight responses before it gives up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown lets long-polls answer from the cache before it closes the cache.
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
 
 /// Everything a request handler needs; cheap to clone.
 #[derive(Clone)]
@@ -357,12 +361,18 @@ impl RunningAgent {
     pub async fn wait(self) -> io::Result<()> {
         let mut shutdown = self.state.inner.shutdown.clone();
         let _ = shutdown.wait_for(|stop| *stop).await;
-        // Handlers saw the signal first (they hold the same receiver); now end background
-        // work and the upstream's open blocking reads.
+        // Cached long-polls answer from the cache now: let them, before it closes (a read of
+        // a closed cache fails). Uncached long-polls wait for the upstream's close below.
+        let mut server = self.server;
+        let early = tokio::time::timeout(ANSWER_GRACE, &mut server).await.ok();
+        // Now end background work and the upstream's open blocking reads.
         self.state.inner.cache.close();
         self.state.inner.upstream.close();
-        let mut server = self.server;
-        match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
+        let drained = match early {
+            Some(done) => Ok(done),
+            None => tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await,
+        };
+        match drained {
             Ok(Ok(result)) => result,
             Ok(Err(join_error)) => Err(io::Error::other(join_error)),
             Err(_) => {
