@@ -121,7 +121,10 @@ function renderUpstream(up) {
   }
   $("up-contact").textContent = up.last_contact_ms === null ? "never" : fmtDuration(up.last_contact_ms) + " ago";
   let outage = "none";
-  if (up.down_for_ms !== null) outage = "down for " + fmtDuration(up.down_for_ms);
+  if (up.down_for_ms !== null) {
+    // Calls fail, but not yet for long enough to count as an outage.
+    outage = (reachable === "false" ? "down for " : "calls failing for ") + fmtDuration(up.down_for_ms);
+  }
   else if (up.last_outage_ms) outage = "none (" + up.outages + " so far, the last lasted " + fmtDuration(up.last_outage_ms) + ")";
   $("up-outage").textContent = outage;
   const f = up.faults;
