@@ -415,6 +415,90 @@ async fn cached_read(t: &TestAgent, key: &str) {
     );
 }
 
+/// Without a browser: the page and its assets are served, `/` sends only browsers to it, and
+/// the JSON endpoint answers one bounded page and rejects bad parameters.
+#[tokio::test]
+async fn the_page_and_its_endpoint_over_plain_http() {
+    bounded_browser(async {
+        let t = start_simple().await;
+        for (path, content_type, needle) in [
+            ("/ui/", "text/html", "<table"),
+            ("/ui/app.js", "text/javascript", "/v1/agent/cache"),
+            ("/ui/style.css", "text/css", "table.grid"),
+        ] {
+            let response = t.get(path).await;
+            assert_eq!(response.status(), reqwest::StatusCode::OK, "{path}");
+            assert!(common::header(&response, "content-type").starts_with(content_type));
+            assert!(response.text().await.unwrap().contains(needle), "{path}");
+        }
+        let no_redirects = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let browser_root = no_redirects
+            .get(t.url("/"))
+            .header("accept", "text/html,application/xhtml+xml,*/*;q=0.8")
+            .send()
+            .await
+            .unwrap();
+        assert!(browser_root.status().is_redirection());
+        assert_eq!(common::header(&browser_root, "location"), "/ui/");
+        let script_root = t.get("/").await;
+        assert_eq!(script_root.status(), reqwest::StatusCode::NOT_FOUND);
+        assert!(common::header(&script_root, "content-type").starts_with("application/json"));
+
+        for i in 0..700 {
+            cached_read(&t, &format!("bulk/{i:04}")).await;
+        }
+        let view: Value = t
+            .get("/v1/agent/cache?limit=100000")
+            .await
+            .json()
+            .await
+            .unwrap();
+        let entries = &view["entries"];
+        assert_eq!(entries["total"], 700);
+        assert_eq!(entries["limit"], 500, "the page size is capped");
+        assert_eq!(entries["items"].as_array().unwrap().len(), 500);
+        assert_eq!(entries["items"][0]["key"], "bulk/0000");
+        let kv = view["types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["name"] == "kv")
+            .expect("a kv row");
+        assert_eq!(kv["entries"], 700);
+        assert_eq!(view["upstream"]["reachable"], true);
+        let last: Value = t
+            .get("/v1/agent/cache?sort=key&order=desc&offset=699&limit=10")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(last["entries"]["items"][0]["key"], "bulk/0000");
+        let far: Value = t
+            .get("/v1/agent/cache?offset=18446744073709551615")
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(far["entries"]["items"], json!([]));
+        for bad in [
+            "type=nope",
+            "sort=size",
+            "order=up",
+            "limit=-1",
+            "offset=x",
+            "limit=99999999999999999999999",
+        ] {
+            let response = t.get(&format!("/v1/agent/cache?{bad}")).await;
+            assert_eq!(response.status(), reqwest::StatusCode::BAD_REQUEST, "{bad}");
+        }
+        t.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_page_shows_entries_and_the_upstream_through_an_outage() {
     if !browser::available("the_page_shows_entries_and_the_upstream_through_an_outage") {
@@ -692,6 +776,14 @@ async fn the_page_under_traffic_with_a_screenshot() {
     } else {
         (3, 2, 3)
     };
+    let bound = BROWSER_TEST_TIMEOUT + Duration::from_secs(before + outage + after);
+    tokio::time::timeout(bound, under_traffic(path, before, outage, after))
+        .await
+        .expect("the traffic test exceeded its time bound");
+}
+
+/// The body of [`the_page_under_traffic_with_a_screenshot`]: phases in seconds.
+async fn under_traffic(path: Option<PathBuf>, before: u64, outage: u64, after: u64) {
     let t = Arc::new(start_default().await);
     let keys = [
         "config/billing/feature-flags",
