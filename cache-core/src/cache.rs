@@ -325,7 +325,7 @@ impl Cache {
         })
     }
 
-    /// Gets the value for `request` of type `T` (SPEC §4). See [`TypedCache::get`].
+    /// Gets the value for `request` of type `T` (docs/contract.md#get). See [`TypedCache::get`].
     ///
     /// # Errors
     ///
@@ -511,7 +511,7 @@ impl<T: CacheType> fmt::Debug for TypedCache<T> {
 }
 
 impl<T: CacheType> TypedCache<T> {
-    /// Gets the value for `request` (SPEC §4): from a valid entry (a hit), or by joining or
+    /// Gets the value for `request` (docs/contract.md#get): from a valid entry (a hit), or by joining or
     /// starting the entry's single in-flight fetch and waiting for it.
     ///
     /// A get makes one fetch attempt: if it fails, the error is returned (use

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Opaque per-entry state a type keeps between fetches (SPEC §5).
+/// Opaque per-entry state a type keeps between fetches (contract: Fetch 2).
 ///
 /// It is handed back to the next fetch in [`LastResult::state`] and dropped when the entry is
 /// evicted, so cleanup belongs in its `Drop` impl.
@@ -50,7 +50,7 @@ pub trait CacheType: Send + Sync + 'static {
     /// The error a fetch can fail with.
     type Error: std::error::Error + Send + Sync + 'static;
 
-    /// Registration options for this type (SPEC §3). Called once, at registration.
+    /// Registration options for this type (docs/contract.md#options). Called once, at registration.
     fn register_options(&self) -> RegisterOptions {
         RegisterOptions::default()
     }
@@ -101,7 +101,7 @@ pub trait CacheRequest {
     fn cache_info(&self) -> RequestInfo<'_>;
 }
 
-/// Per-request information (SPEC §2).
+/// Per-request information (docs/contract.md#terms).
 ///
 /// Strings are borrowed where the request already holds them, so a cache hit allocates nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -179,7 +179,7 @@ impl<'a> RequestInfo<'a> {
     }
 }
 
-/// How a type is cached (SPEC §3); returned by [`CacheType::register_options`].
+/// How a type is cached (docs/contract.md#options); returned by [`CacheType::register_options`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RegisterOptions {

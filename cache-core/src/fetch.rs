@@ -1,4 +1,4 @@
-//! The fetch chain (SPEC §5–§7): one task per entry at a time runs the single-flight fetch,
+//! The fetch chain (docs/contract.md: Fetch, Backoff, Refresh): one task per entry at a time runs the single-flight fetch,
 //! stores its result, wakes waiters, offers it to watches, and — for refresh types and watched
 //! entries — fetches again after backoff, the refresh timer or the polling interval.
 
@@ -294,7 +294,7 @@ impl<T: CacheType> Store<T> {
         (opts, connected_timer)
     }
 
-    /// Stores a fetch's outcome in the entry (SPEC §5). `fatal`: the type classified the
+    /// Stores a fetch's outcome in the entry (contract: Fetch 3–6). `fatal`: the type classified the
     /// error as fatal (asked before the lock was taken).
     fn apply(
         &self,

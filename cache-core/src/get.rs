@@ -1,4 +1,4 @@
-//! The get path (SPEC §4): the hit path, the slow path that joins or starts the entry's fetch,
+//! The get path (docs/contract.md#get): the hit path, the slow path that joins or starts the entry's fetch,
 //! timeouts, the one-attempt error rule and stale-if-error.
 
 use std::future::Future;
@@ -82,7 +82,7 @@ impl<V> Response<V> {
 // ===== impl Store: get =====
 
 impl<T: CacheType> Store<T> {
-    /// Whether the entry answers `info` without a fetch (SPEC §4.2).
+    /// Whether the entry answers `info` without a fetch (contract: Get 2).
     fn is_valid(
         &self,
         st: &EntryState<T>,
@@ -142,7 +142,7 @@ impl<T: CacheType> Store<T> {
         Some(outcome)
     }
 
-    /// `Cache::get` for this type (SPEC §4).
+    /// `Cache::get` for this type (docs/contract.md#get).
     ///
     /// A hit is answered without allocating; a miss boxes the waiting part. No `RequestInfo`
     /// is held across an await: its `Cow`s trip the compiler's higher-ranked `Send` check, and
@@ -230,7 +230,7 @@ impl<T: CacheType> Store<T> {
                 let st = &slot.st;
                 let resets = *seen_resets.get_or_insert(st.resets);
                 // An index that went backwards wakes a blocked get with the new value,
-                // whatever min index it waited for (SPEC §9, index reset).
+                // whatever min index it waited for (contract: Fetch 5).
                 let reset = st.resets > resets && st.value.is_some();
                 // The attempt this get waited for failed: its error comes first, even when the
                 // old value would now count as valid (a failed revalidation is a failure).

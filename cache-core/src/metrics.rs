@@ -1,4 +1,4 @@
-//! Counters per cache type (SPEC §10), exposed as a plain snapshot.
+//! Counters per cache type (docs/contract.md#metrics), exposed as a plain snapshot.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -1,4 +1,4 @@
-//! The per-entry fetch rate limit: a pure token bucket (SPEC §3).
+//! The per-entry fetch rate limit: a pure token bucket (contract: Options 3).
 
 use std::time::{Duration, Instant};
 

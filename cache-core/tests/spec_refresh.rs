@@ -1,4 +1,4 @@
-//! SPEC §6–§8 on the virtual-time runtime: background refresh, backoff, give-up, TTL expiry,
+//! The contract's Backoff, Refresh and Lifecycle rules (docs/contract.md) on the virtual-time runtime: background refresh, backoff, give-up, TTL expiry,
 //! capacity, rate limit, close.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -36,7 +36,7 @@
 //!    (a delete from the event, anything else by ranging again, for the flags), or the wait
 //!    ends and the unchanged data answers with its old index.
 //!
-//! Index resets (SPEC §5): compacted history answers the current data at the current
+//! Index resets (contract: Fetch 5): compacted history answers the current data at the current
 //! revision; a store whose revision is below `min_index` answers its lower index; and a
 //! **different cluster** behind the endpoints (a new cluster id in any answer's header)
 //! answers index 1 to every open blocking read and to the first blocking read of every key
