@@ -19,14 +19,11 @@
 //!
 //! # Known defects
 //!
-//! [`KNOWN_DEFECTS`] lists the defects of issue 10 that are not fixed yet. For each, the model
-//! mirrors the engine's current behaviour instead of SPEC's, so the rest is still checked:
-//! - 2: entries without a value (failing fetches) are not evicted for capacity;
-//! - 9: a watch whose receiver is gone stays on its entry until the entry's next fetch
-//!   completes. Fixed, the engine's sweep task (one per cache, while watches exist) removes
-//!   it at its next one-second tick, which the model follows.
-//!
-//! Remove a number once its defect is fixed: the model then holds the engine to SPEC.
+//! [`KNOWN_DEFECTS`] lists the defects of issue 10 that are not fixed yet (none today). For
+//! each listed defect the model mirrors the engine's current behaviour instead of the contract
+//! (docs/contract.md), so the rest is still checked. Remove a number once its defect is fixed:
+//! the model then holds the engine to the contract. (A watch whose receiver is gone is removed
+//! by the engine's sweep task at its next one-second tick, which the model follows.)
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -170,7 +167,7 @@ enum Answer {
     },
 }
 
-/// A delivered watch event (its `hit` flag is left out: SPEC says only "may be a hit").
+/// A delivered watch event (its `hit` flag is left out: the contract says only "possibly a hit", Watch 3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Obs {
     value: Option<u64>,
@@ -792,7 +789,7 @@ impl Model {
         }
     }
 
-    /// SPEC §9's delivery rule for a blocking watch.
+    /// The delivery rule of a blocking watch (contract: Watch 3).
     fn offer(&mut self, w: usize, snap: &Obs, resets: u64) {
         let watch = &mut self.watches[w];
         let reset = resets > watch.last_resets && snap.value.is_some();
@@ -1254,7 +1251,7 @@ impl Run {
         Ok(true)
     }
 
-    /// SPEC §8: after close no watch stays open, a new watch is refused, and once the
+    /// Contract, Lifecycle 6: after close no watch stays open, a new watch is refused, and once the
     /// in-flight fetches and waiting gets are done nothing of the cache runs any more.
     fn after_close(&mut self) -> Result<(), String> {
         let refused = self.sut.typed.notify(
