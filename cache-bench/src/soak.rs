@@ -38,7 +38,9 @@
 //!   the metrics' watch gauge alongside;
 //! - **tasks**: the engine's spawned futures not yet finished, counted by a wrapping
 //!   [`Runtime`] (tokio's own count of alive tasks, which includes the soak's consumers, is
-//!   printed alongside), and its live timers.
+//!   printed alongside), and its live timers; and, printed only, the upstream reads in
+//!   progress (fetches the engine started that have not returned: an evicted entry's blocking
+//!   fetch may run on until its `query_timeout`, contract: Fetch 7).
 //!
 //! # The verdict
 //!
@@ -270,6 +272,25 @@ struct UpState {
     down: bool,
 }
 
+/// Reads in progress at every [`Upstream`] (blocking fetches waiting for a change).
+static READS: AtomicI64 = AtomicI64::new(0);
+
+/// Counts one read in [`READS`] while it exists.
+struct Reading;
+
+impl Reading {
+    fn start() -> Self {
+        READS.fetch_add(1, Ordering::SeqCst);
+        Self
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        READS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A server answering blocking reads: keys starting with `hot/` are at the shared hot index,
 /// every other key stays at index 1 forever.
 #[derive(Debug)]
@@ -311,6 +332,7 @@ impl Upstream {
         min_index: u64,
         timeout: Duration,
     ) -> Result<FetchResult<Arc<u64>>, SoakError> {
+        let _reading = Reading::start();
         let mut rx = self.state.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -477,6 +499,8 @@ pub struct Sample {
     pub timers: f64,
     /// tokio's alive tasks (the engine's and the soak's own).
     pub tokio_tasks: f64,
+    /// Upstream reads in progress (fetches the engine started and that have not returned).
+    pub reads: f64,
 }
 
 /// A judged quantity: its name, how to read it from a sample, and its fixed slack.
@@ -513,9 +537,20 @@ impl Verdict {
     }
 }
 
+/// The means of `f` over the second and the last third of the run; `None` with fewer than two
+/// samples in either.
+pub fn thirds(samples: &[Sample], duration: Duration, f: fn(&Sample) -> f64) -> Option<(f64, f64)> {
+    let v = judge_with(samples, duration, &[("", f, 0.0)])?;
+    Some((v[0].second, v[0].last))
+}
+
 /// Judges every quantity over `samples` (taken over `duration`): mean of the last third
 /// against the mean of the second third. `None` with fewer than two samples in a third.
 pub fn judge(samples: &[Sample], duration: Duration) -> Option<Vec<Verdict>> {
+    judge_with(samples, duration, &JUDGED)
+}
+
+fn judge_with(samples: &[Sample], duration: Duration, judged: &[Judged]) -> Option<Vec<Verdict>> {
     let third = duration.as_secs_f64() / 3.0;
     let in_range = |lo: f64, hi: f64| -> Vec<&Sample> {
         samples.iter().filter(|s| s.t >= lo && s.t < hi).collect()
@@ -529,7 +564,7 @@ pub fn judge(samples: &[Sample], duration: Duration) -> Option<Vec<Verdict>> {
         set.iter().map(|s| f(s)).sum::<f64>() / set.len() as f64
     };
     Some(
-        JUDGED
+        judged
             .iter()
             .map(|&(quantity, f, slack)| {
                 let second = mean(&second, f);
@@ -580,6 +615,8 @@ pub struct Report {
     pub bytes_after_teardown: f64,
     /// Engine futures spawned over the run.
     pub spawned: u64,
+    /// Upstream reads in progress, mean over the second and the last third.
+    pub reads: Option<(f64, f64)>,
 }
 
 impl Report {
@@ -590,14 +627,21 @@ impl Report {
             None => out.push("too few samples to judge growth (run longer)".to_owned()),
             Some(verdicts) => {
                 for v in verdicts.iter().filter(|v| v.grew()) {
-                    out.push(format!(
+                    let mut line = format!(
                         "{} grows without bound: mean {} over the last third against {} over \
                          the second third (limit {})",
                         v.quantity,
                         show(v.quantity, v.last),
                         show(v.quantity, v.second),
                         show(v.quantity, v.limit)
-                    ));
+                    );
+                    if let (true, Some((second, last))) = (v.quantity == "tasks", self.reads) {
+                        line += &format!(
+                            "; of them, fetches still reading from the upstream: {last:.0} \
+                             against {second:.0}"
+                        );
+                    }
+                    out.push(line);
                 }
             }
         }
@@ -695,7 +739,7 @@ pub fn run(config: &Config) -> Report {
             config.side_every.as_secs_f64()
         );
         println!(
-            "{:>6} {:>11} {:>9} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6} | {:>9} {:>8} {:>7} {:>5}",
+            "{:>6} {:>11} {:>9} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6} {:>6} | {:>9} {:>8} {:>7} {:>5}",
             "t s",
             "live",
             "rss",
@@ -706,6 +750,7 @@ pub fn run(config: &Config) -> Report {
             "tasks",
             "timers",
             "tokio",
+            "reads",
             "keys",
             "failing",
             "watched",
@@ -730,11 +775,12 @@ pub fn run(config: &Config) -> Report {
             tasks: counts.live_tasks() as f64,
             timers: counts.live_timers() as f64,
             tokio_tasks: rt.metrics().num_alive_tasks() as f64,
+            reads: READS.load(Ordering::SeqCst) as f64,
         };
         if config.print {
             let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
             println!(
-                "{:>6.1} {:>11} {:>9} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6} | {:>9} {:>8} {:>7} {:>5}",
+                "{:>6.1} {:>11} {:>9} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6} {:>6} {:>6} | {:>9} {:>8} {:>7} {:>5}",
                 sample.t,
                 mib(sample.live_bytes),
                 format!("{:.0} MiB", sample.rss / (1024.0 * 1024.0)),
@@ -745,6 +791,7 @@ pub fn run(config: &Config) -> Report {
                 sample.tasks,
                 sample.timers,
                 sample.tokio_tasks,
+                sample.reads,
                 n(&ops.churned),
                 n(&ops.failing),
                 n(&ops.watches_opened),
@@ -774,13 +821,14 @@ pub fn run(config: &Config) -> Report {
     let tasks_after = (counts.live_tasks(), counts.live_timers());
     let report = Report {
         verdicts: judge(&samples, config.duration),
-        samples,
         stuck_cycles: ops.stuck.load(Ordering::SeqCst),
         side_cycles: ops.side_cycles.load(Ordering::SeqCst),
         tasks_after_teardown: tasks_after,
         sinks_after_teardown: SINKS.load(Ordering::SeqCst) - start_sinks,
         bytes_after_teardown: crate::alloc::live_bytes() as f64 - start_bytes,
         spawned: counts.spawned(),
+        reads: thirds(&samples, config.duration, |s| s.reads),
+        samples,
     };
     if config.print {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -1194,6 +1242,7 @@ mod tests {
                     tasks: x,
                     timers: 0.0,
                     tokio_tasks: 0.0,
+                    reads: 0.0,
                 }
             })
             .collect()
@@ -1228,6 +1277,7 @@ mod tests {
             sinks_after_teardown: 0,
             bytes_after_teardown: 0.0,
             spawned: 0,
+            reads: None,
         };
         let failures = report.failures();
         assert_eq!(failures.len(), 2, "{failures:?}");
