@@ -476,6 +476,20 @@ async fn the_page_and_its_endpoint_over_plain_http() {
             .await
             .unwrap();
         assert_eq!(last["entries"]["items"][0]["key"], "bulk/0000");
+        // A page in the second half, read from the other end and turned around.
+        let deep: Value = t
+            .get("/v1/agent/cache?offset=400&limit=3")
+            .await
+            .json()
+            .await
+            .unwrap();
+        let keys: Vec<&str> = deep["entries"]["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["bulk/0400", "bulk/0401", "bulk/0402"]);
         let far: Value = t
             .get("/v1/agent/cache?offset=18446744073709551615")
             .await
@@ -631,6 +645,11 @@ async fn the_entries_table_pages_sorts_and_filters() {
         browser
             .wait_for("the last page", RANGE, |v| v == "201–255 of 255")
             .await;
+        // (Read from the other end of the order by the agent, and turned around.)
+        let keys = strings(&browser.eval(ROW_KEYS).await);
+        assert_eq!(keys.len(), 55);
+        assert_eq!(keys[0], "page/k195");
+        assert_eq!(keys[54], "page/k249");
 
         // Highest index first.
         browser.click("th[data-sort=index]").await;

@@ -482,17 +482,53 @@ impl<'a> EntryRow<'a> {
 }
 
 /// One page of one type's entries: one pass over the type's table (see the module docs).
+///
+/// The engine keeps the first `offset + limit` entries of the order while it scans, so a page
+/// deep in a large table costs more than the first. A page in the second half of an unfiltered
+/// listing is therefore read from the other end (the reverse order, a small offset) and turned
+/// around; should the table change size between the count and the scan, it is read forwards.
 fn list_entries(state: &AgentState, query: &PageQuery) -> EntryPage {
-    let engine_query = EntryQuery::new()
-        .prefix(query.prefix.clone())
-        .sort(query.sort.engine(), query.descending)
-        .page(query.offset, query.limit);
     let inner = &state.inner;
-    match query.type_name {
-        "kv_list" => inner.list.entries(&engine_query),
-        "upstream_stats" => inner.stats.entries(&engine_query),
-        _ => inner.kv.entries(&engine_query),
+    let list = |q: &EntryQuery| match query.type_name {
+        "kv_list" => inner.list.entries(q),
+        "upstream_stats" => inner.stats.entries(q),
+        _ => inner.kv.entries(q),
+    };
+    let sort = query.sort.engine();
+    if query.prefix.is_empty() {
+        let held = type_entries(state, query.type_name);
+        if query.offset > held / 2 && query.offset < held {
+            // Forward positions [offset, offset + limit) are reverse positions
+            // (held - offset - limit, held - offset].
+            let end = held - query.offset;
+            let start = end.saturating_sub(query.limit);
+            let reverse = EntryQuery::new()
+                .sort(sort, !query.descending)
+                .page(start, end - start);
+            let mut page = list(&reverse);
+            if page.total == held {
+                page.entries.reverse();
+                return page;
+            }
+        }
     }
+    list(
+        &EntryQuery::new()
+            .prefix(query.prefix.clone())
+            .sort(sort, query.descending)
+            .page(query.offset, query.limit),
+    )
+}
+
+/// The entries a type holds now (its gauge), by its short name.
+fn type_entries(state: &AgentState, short_name: &str) -> usize {
+    state
+        .cache()
+        .metrics()
+        .types
+        .iter()
+        .find(|t| short_type_name(&t.name) == short_name)
+        .map_or(0, |t| usize::try_from(t.entries).unwrap_or(usize::MAX))
 }
 
 fn entries_json(query: &PageQuery, page: &EntryPage) -> Value {
