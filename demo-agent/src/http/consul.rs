@@ -246,7 +246,7 @@ mod tests {
             .map(entry)
             .collect();
         assert_eq!(
-            list_keys(&entries[..5], "app/", Some("/")),
+            list_keys(&entries[..4], "app/", Some("/")),
             ["app/a", "app/b/", "app/e/"]
         );
         assert_eq!(list_keys(&entries, "", Some("/")), ["app/", "apple", "b"]);
