@@ -1,4 +1,5 @@
-//! Notify and watch: change notifications for many consumers (SPEC §9; Consul's `Notify`).
+//! Notify and watch: change notifications for many consumers (Consul's `Notify`; the rules are
+//! in docs/contract.md#watch).
 //!
 //! A watch is not a task. It is a small record on its entry — a correlation id, a sink and the
 //! index it last delivered — and the entry's one fetch chain (the same single-flight fetches
@@ -270,7 +271,7 @@ where
     C: Clone + Send + Sync + 'static,
     S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
 {
-    /// Whether the snapshot is news to this watch (SPEC §9), updating its progress if so.
+    /// Whether the snapshot is news to this watch (contract: Watch 3–5), updating its progress if so.
     fn accept(&self, store: &Store<T>, p: &mut Progress<T::Value, S>, snap: &Snapshot<T>) -> bool {
         let reset = snap.resets > p.last_resets && snap.value.is_some();
         let news = if p.last_index == 0 {

@@ -51,6 +51,38 @@ fn no_ignored_tests() {
 }
 
 #[test]
+fn docs_cite_the_contract_in_the_repository() {
+    // The behaviour contract lives in docs/contract.md; citations of a "SPEC" section named
+    // a page outside the repository. Spelled in two parts so this file does not match itself.
+    let needle = concat!("SPEC", " §").as_bytes();
+    let mut offenders = Vec::new();
+    let mut pending = vec![project_root()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy();
+            if path.is_dir() {
+                if name != "target" && !name.starts_with('.') {
+                    pending.push(path);
+                }
+                continue;
+            }
+            let bytes = fs::read(&path).unwrap_or_default();
+            for (number, line) in bytes.split(|&b| b == b'\n').enumerate() {
+                if line.windows(needle.len()).any(|w| w == needle) {
+                    offenders.push(format!("{}:{}", relative(&path), number + 1));
+                }
+            }
+        }
+    }
+    offenders.sort();
+    assert!(
+        offenders.is_empty(),
+        "cite the contract as `docs/contract.md#section` or `contract: Section N`: {offenders:#?}"
+    );
+}
+
+#[test]
 fn cache_core_depends_on_no_runtime() {
     let manifest = read(&project_root().join("cache-core/Cargo.toml"));
     let found = runtime_dependencies(&manifest);
