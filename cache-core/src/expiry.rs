@@ -1,4 +1,4 @@
-//! TTL expiry: one queue and one task per cache, on the runtime's timers (SPEC §8).
+//! TTL expiry: one queue and one task per cache, on the runtime's timers (contract: Lifecycle 1).
 //!
 //! Reads only store a timestamp in their entry. The queue holds a deadline per entry that may be
 //! early; when it passes, the entry is asked for its real deadline (last read + TTL) and is
