@@ -1,0 +1,107 @@
+//! Minimal regressions for failures the model-based test (`tests/model.rs`) found outside the
+//! twelve defects of issue 10.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use cache_core::sim::SimRuntime;
+use cache_core::testing::{MockRequest, MockServer};
+use cache_core::{Cache, RegisterOptions};
+
+/// The model-based test's harness (its own property test runs here too; it takes well under
+/// a second).
+#[path = "model.rs"]
+mod model;
+
+use model::{Op, run};
+
+/// Runs `f` on its own thread and fails if it has not finished within a generous real-time
+/// bound: a livelocked virtual runtime never returns.
+fn within_real_time(what: &str, f: impl FnOnce() + Send + 'static) {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(()) => {}
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: the check panicked"),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: still running after 20 s of real time (livelock)")
+        }
+    }
+}
+
+/// Found by the model (minimal sequence `Get(d), Notify(b), GetMin(d, timeout 1s), Notify(a),
+/// Get(c)` with a capacity of three, the two watches pinning two slots).
+///
+/// A get blocked on an entry that is evicted for capacity looks again and creates the entry
+/// anew; that insert is over the bound and evicts the least recently read entry, which is now
+/// either the entry it just created or the other new one, both read at this same instant. The
+/// get whose entry went creates it again, and so on: the gets evict each other's entries (or
+/// their own) forever at one instant, and the runtime spins without end.
+///
+/// Expected: both gets answer (the blocked one at the latest at its timeout) and virtual time
+/// moves on.
+#[test]
+fn a_blocked_get_whose_entry_is_evicted_for_capacity_does_not_spin() {
+    within_real_time("capacity eviction of a blocked get's entry", || {
+        let sim = SimRuntime::new(1);
+        let cache = Cache::builder(sim.handle()).max_entries(3).build();
+        let server = MockServer::new(sim.handle(), 7u64, 3);
+        let typed = cache.register(server.blocking_type(RegisterOptions::new()));
+        let tick = Duration::from_millis(1);
+        sim.block_on(async {
+            typed.get(&MockRequest::new("d")).await.unwrap();
+            sim.sleep(tick).await;
+            let (tx_b, _rx_b) = async_channel::bounded(8);
+            let _b = typed.notify(MockRequest::new("b"), "b", tx_b).unwrap();
+            sim.sleep(tick).await;
+            let blocked = {
+                let typed = typed.clone();
+                let (tx, rx) = futures::channel::oneshot::channel();
+                sim.spawn_detached(async move {
+                    let request = MockRequest::new("d")
+                        .min_index(3)
+                        .timeout(Duration::from_secs(1));
+                    let _ = tx.send(typed.get(&request).await.map(|r| r.meta.hit));
+                });
+                rx
+            };
+            sim.sleep(tick).await;
+            let (tx_a, _rx_a) = async_channel::bounded(8);
+            let _a = typed.notify(MockRequest::new("a"), "a", tx_a).unwrap();
+            sim.sleep(tick).await;
+            // A new key over the bound evicts "d", whose get is blocked.
+            let other = typed.get(&MockRequest::new("c")).await.unwrap();
+            assert_eq!(other.value, Some(7));
+            let answer = blocked.await.expect("the blocked get never answered");
+            assert_eq!(answer.ok(), Some(false), "the blocked get answers (a miss)");
+        });
+        // "d" is not evicted while its get waits, and its blocking fetch stays open after the
+        // get answered; the bound is kept again at the next insert once nothing pins it.
+        assert!(
+            cache.len() <= 4,
+            "{} entries over a bound of 3 (+1 pinned)",
+            cache.len()
+        );
+    });
+}
+
+/// The model's minimal sequence for the same defect, replayed through the model's harness
+/// (which counts polls and reports a task that spins at one instant), on 20 runtime seeds.
+#[test]
+fn replay_of_the_capacity_livelock() {
+    let ops = [
+        Op::Get(3),
+        Op::Notify(1),
+        Op::GetMin(3, 1),
+        Op::Notify(0),
+        Op::Get(2),
+    ];
+    for seed in 0..20 {
+        if let Err(report) = run(&ops, seed) {
+            panic!("seed {seed}: {}", report.lines().next().unwrap_or_default());
+        }
+    }
+}
