@@ -5,113 +5,21 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock, Weak};
 use std::task::{Context, Poll};
-use std::time::Instant;
-
-use event_listener::Event;
 
 use crate::backoff::BackoffPolicy;
 use crate::cache_type::{CacheType, RequestInfo};
 use crate::error::{CacheError, GetError};
-use crate::expiry::{self, ExpiryQueue};
-use crate::get::{GetOutcome, Response};
 use crate::inspect::{EntryPage, EntryQuery};
 use crate::metrics::Metrics;
+use crate::outcome::{GetOutcome, Response};
 use crate::ratelimit::RateLimit;
-use crate::runtime::{CoarseClock, SharedRuntime};
-use crate::store::{ErasedStore, Store};
-use crate::watch::{EventSink, UpdateEvent, WatchError, WatchHandle};
-
-/// Cache-wide state shared by every store and background task.
-pub(crate) struct Shared {
-    pub(crate) rt: SharedRuntime,
-    /// The origin of the entries' last-read timestamps.
-    pub(crate) epoch: Instant,
-    /// The runtime's coarse clock, if it has one, with its reading at `epoch` less its
-    /// resolution (so hit-path times are never behind the precise time).
-    hit_clock: Option<(CoarseClock, u64)>,
-    closed: AtomicBool,
-    pub(crate) close_event: Event,
-    pub(crate) backoff: BackoffPolicy,
-    pub(crate) expiry: ExpiryQueue,
-    rate_limit: RwLock<RateLimit>,
-    /// Notified when the rate limit is reloaded, so fetches waiting for a token re-check.
-    pub(crate) limit_changed: Event,
-    max_entries: Option<usize>,
-    entries: AtomicUsize,
-    /// Weak: stores hold the `Shared`, and the registry in `Inner` keeps them alive.
-    stores: RwLock<Vec<Weak<dyn ErasedStore>>>,
-    /// Every watch, for the periodic check of receivers that went away (see `watch.rs`).
-    pub(crate) sweep: std::sync::Mutex<Vec<Weak<dyn crate::watch::Sweep>>>,
-    pub(crate) sweeper_running: AtomicBool,
-}
-
-impl Shared {
-    /// Nanoseconds since `epoch` for the hit path: the coarse clock where the runtime has one
-    /// (a few ns, at most a few ms ahead of the precise time), else the runtime's exact `now`.
-    #[inline]
-    pub(crate) fn hit_nanos(&self) -> u64 {
-        match &self.hit_clock {
-            Some((clock, origin)) => clock.read().saturating_sub(*origin),
-            None => u64::try_from(
-                self.rt
-                    .now()
-                    .saturating_duration_since(self.epoch)
-                    .as_nanos(),
-            )
-            .unwrap_or(u64::MAX),
-        }
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn rate_limit(&self) -> RateLimit {
-        *self.rate_limit.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Counts a new entry; `keep` (the new entry) is never the one evicted for capacity.
-    pub(crate) fn on_insert(&self, keep: *const ()) {
-        let n = self.entries.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some(max) = self.max_entries {
-            if n > max {
-                self.enforce_capacity(max, keep);
-            }
-        }
-    }
-
-    /// Counts an entry removed from its table, and lets the expiry queue drop what it still
-    /// holds of removed entries once they are many (so eviction frees memory at once).
-    pub(crate) fn on_remove(&self) {
-        self.entries.fetch_sub(1, Ordering::Relaxed);
-        self.expiry.removed(self.entries.load(Ordering::Relaxed));
-    }
-
-    /// Evicts least recently read entries until at most `max` remain.
-    fn enforce_capacity(&self, max: usize, keep: *const ()) {
-        while self.entries.load(Ordering::Relaxed) > max {
-            let stores = self
-                .stores
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let oldest = stores
-                .iter()
-                .filter_map(Weak::upgrade)
-                .filter_map(|s| s.least_recently_read(keep))
-                .min_by_key(|(read, _)| *read);
-            match oldest {
-                Some((_, victim)) => {
-                    victim.evict();
-                }
-                None => break,
-            }
-        }
-    }
-}
+use crate::runtime::SharedRuntime;
+use crate::shared::{CacheState, ErasedStore};
+use crate::store::Store;
+use crate::watch::{self, EventSink, UpdateEvent, WatchError, WatchHandle, WatchStream};
 
 /// Builds a [`Cache`] with non-default cache-wide options.
 #[derive(Debug)]
@@ -145,28 +53,9 @@ impl CacheBuilder {
 
     /// Builds the cache and starts its expiry task on the runtime.
     pub fn build(self) -> Cache {
-        let epoch = self.rt.now();
-        let hit_clock = self.rt.coarse_clock().map(|clock| {
-            let lag = u64::try_from(clock.resolution().as_nanos()).unwrap_or(u64::MAX);
-            (clock, clock.read().saturating_sub(lag))
-        });
-        let shared = Arc::new(Shared {
-            rt: self.rt,
-            epoch,
-            hit_clock,
-            closed: AtomicBool::new(false),
-            close_event: Event::new(),
-            backoff: self.backoff,
-            expiry: ExpiryQueue::default(),
-            rate_limit: RwLock::new(self.rate_limit),
-            limit_changed: Event::new(),
-            max_entries: self.max_entries,
-            entries: AtomicUsize::new(0),
-            stores: RwLock::new(Vec::new()),
-            sweep: std::sync::Mutex::new(Vec::new()),
-            sweeper_running: AtomicBool::new(false),
-        });
-        shared.rt.spawn(Box::pin(expiry::run(Arc::clone(&shared))));
+        let state = CacheState::new(self.rt, self.backoff, self.rate_limit, self.max_entries);
+        state.rt.spawn(Box::pin(Arc::clone(&state).run_expiry()));
+        let shared = state;
         Cache {
             inner: Arc::new(Inner {
                 shared,
@@ -177,27 +66,13 @@ impl CacheBuilder {
 }
 
 struct Inner {
-    shared: Arc<Shared>,
+    shared: Arc<CacheState>,
     types: RwLock<HashMap<TypeId, Arc<dyn ErasedStore>>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        close(&self.shared);
-    }
-}
-
-fn close(shared: &Shared) {
-    if !shared.closed.swap(true, Ordering::AcqRel) {
-        shared.close_event.notify(usize::MAX);
-        let stores = shared
-            .stores
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        for store in stores.iter().filter_map(Weak::upgrade) {
-            store.close_watches();
-        }
+        self.shared.close();
     }
 }
 
@@ -437,7 +312,7 @@ impl Cache {
     /// Stops background work: refresh, expiry and watches. Idempotent. Reads keep working
     /// (entries no longer expire); in-flight fetches may finish but start nothing new.
     pub fn close(&self) {
-        close(&self.inner.shared);
+        self.inner.shared.close();
     }
 
     /// Whether [`Cache::close`] was called.
@@ -589,5 +464,79 @@ impl<T: CacheType> TypedCache<T> {
     /// The options the type registered with.
     pub fn options(&self) -> &crate::cache_type::RegisterOptions {
         &self.store.opts
+    }
+}
+
+// ===== Watches =====
+
+impl<T: CacheType> TypedCache<T> {
+    /// Pushes an [`UpdateEvent`] into `sink` each time the result of `request` changes
+    /// (Consul's `Cache.Notify`), until the returned handle is dropped, the sink's receiver is
+    /// gone, or the cache closes.
+    ///
+    /// Blocking types deliver the current value at once (possibly a hit), then each risen (or
+    /// reset) index; errors are delivered only before the first value, later ones are retried
+    /// with backoff. Non-blocking types are polled every `max_age` of the request (required).
+    /// Many watches of one entry share one upstream fetch stream.
+    ///
+    /// # Errors
+    ///
+    /// [`WatchError::EmptyKey`], [`WatchError::MaxAgeRequired`] for a non-blocking type
+    /// without `max_age`, [`WatchError::Closed`] after [`Cache::close`](crate::Cache::close).
+    #[doc(alias = "Notify")]
+    pub fn notify<C, S>(
+        &self,
+        request: T::Request,
+        correlation_id: C,
+        sink: S,
+    ) -> Result<WatchHandle, WatchError>
+    where
+        C: Clone + Send + Sync + 'static,
+        S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
+    {
+        watch::start(&self.store, request, correlation_id, sink)
+    }
+
+    /// Like [`TypedCache::notify`], but the watch runs until `cancel` completes (a shutdown
+    /// signal, a oneshot, a timer), or until its receiver is gone or the cache closes.
+    ///
+    /// # Errors
+    ///
+    /// As [`TypedCache::notify`].
+    pub fn notify_until<C, S, F>(
+        &self,
+        request: T::Request,
+        correlation_id: C,
+        sink: S,
+        cancel: F,
+    ) -> Result<(), WatchError>
+    where
+        C: Clone + Send + Sync + 'static,
+        S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let handle = self.notify(request, correlation_id, sink)?;
+        self.store.shared.rt.spawn(Box::pin(async move {
+            {
+                let cancel = std::pin::pin!(cancel);
+                let ended = std::pin::pin!(handle.ended());
+                futures::future::select(cancel, ended).await;
+            }
+            drop(handle);
+        }));
+        Ok(())
+    }
+
+    /// The same watch as [`TypedCache::notify`], as a [`Stream`] that holds at most one
+    /// undelivered event (a slow reader then receives the latest).
+    ///
+    /// # Errors
+    ///
+    /// As [`TypedCache::notify`].
+    pub fn watch(
+        &self,
+        request: T::Request,
+    ) -> Result<WatchStream<T::Value, T::Error>, WatchError> {
+        watch::start_stream(&self.store, request)
     }
 }

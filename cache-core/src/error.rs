@@ -61,3 +61,24 @@ pub enum CacheError {
     #[error("invalid rate limit: {0}")]
     InvalidRateLimit(&'static str),
 }
+
+/// Why a watch could not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WatchError {
+    /// The type was never registered with this cache.
+    #[error("cache type `{0}` is not registered")]
+    NotRegistered(&'static str),
+    /// A request with an empty key is not cached, so it cannot be watched.
+    #[error("an empty key cannot be watched: it is not cached")]
+    EmptyKey,
+    /// Watching a non-blocking type polls, and the poll interval comes from `max_age`.
+    #[error("watching non-blocking type `{0}` polls every max_age: set RequestInfo::max_age")]
+    MaxAgeRequired(&'static str),
+    /// The cache was closed.
+    #[error("the cache is closed")]
+    Closed,
+    /// The handle belongs to a registration of the type that a newer one replaced.
+    #[error("cache type `{0}` was registered again; this handle is stale")]
+    Replaced(&'static str),
+}

@@ -1,4 +1,4 @@
-//! TTL expiry: one queue and one task per cache, on the runtime's timers (contract: Lifecycle 1).
+//! TTL expiry: the queue of deadlines (its task is `CacheState::run_expiry`).
 //!
 //! Reads only store a timestamp in their entry. The queue holds a deadline per entry that may be
 //! early; when it passes, the entry is asked for its real deadline (last read + TTL) and is
@@ -11,10 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_listener::Event;
-use futures::future::select;
-
-use crate::cache::Shared;
-use crate::runtime::Sleep;
 
 /// An entry the expiry queue can check.
 pub(crate) trait Expirable: Send + Sync {
@@ -66,7 +62,8 @@ struct Heap {
 #[derive(Default)]
 pub(crate) struct ExpiryQueue {
     heap: Mutex<Heap>,
-    earlier: Event,
+    /// Notified when a deadline earlier than every other is scheduled.
+    pub(crate) earlier: Event,
     removed: AtomicUsize,
 }
 
@@ -81,7 +78,7 @@ impl ExpiryQueue {
         }
     }
 
-    fn pop_due(&self, now: Instant) -> Vec<Arc<dyn Expirable>> {
+    pub(crate) fn pop_due(&self, now: Instant) -> Vec<Arc<dyn Expirable>> {
         let mut heap = self.heap.lock().unwrap_or_else(|p| p.into_inner());
         let mut due = Vec::new();
         while heap.items.peek().is_some_and(|top| top.deadline <= now) {
@@ -92,7 +89,7 @@ impl ExpiryQueue {
         due
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         let heap = self.heap.lock().unwrap_or_else(|p| p.into_inner());
         heap.items.peek().map(|top| top.deadline)
     }
@@ -127,46 +124,4 @@ impl ExpiryQueue {
         let items = std::mem::take(&mut self.heap.lock().unwrap_or_else(|p| p.into_inner()).items);
         drop(items);
     }
-}
-
-/// The expiry task: sleeps until the earliest deadline, checks what is due, and stops when the
-/// cache closes.
-pub(crate) async fn run(shared: Arc<Shared>) {
-    let queue = &shared.expiry;
-    let mut sleep: Option<Sleep> = None;
-    loop {
-        let earlier = queue.earlier.listen();
-        let closed = shared.close_event.listen();
-        if shared.is_closed() {
-            break;
-        }
-        let now = shared.rt.now();
-        let due = queue.pop_due(now);
-        if !due.is_empty() {
-            for target in due {
-                if let Some(deadline) = target.check_expiry(now) {
-                    queue.schedule(deadline, target);
-                }
-            }
-            continue;
-        }
-        let wake = select(earlier, closed);
-        match queue.next_deadline() {
-            Some(deadline) => {
-                let timer = match sleep.as_mut() {
-                    Some(timer) => {
-                        timer.reset(deadline);
-                        timer
-                    }
-                    None => sleep.insert(Sleep::until(&*shared.rt, deadline)),
-                };
-                // A fired timer is re-armed by `reset` next time round.
-                select(wake, timer).await;
-            }
-            None => {
-                wake.await;
-            }
-        }
-    }
-    queue.clear();
 }

@@ -324,7 +324,7 @@ impl<T: CacheType> Store<T> {
                     }
                     let index = result.index.max(1);
                     if index < st.index {
-                        st.resets += 1;
+                        st.resets = st.resets.wrapping_add(1);
                     }
                     st.index = index;
                     st.set_fetch_state(result.state);

@@ -14,70 +14,9 @@ use futures::future::{Either, select};
 use crate::cache_type::{CacheRequest, CacheType, FetchOptions, RequestInfo};
 use crate::error::GetError;
 use crate::metrics::bump;
+use crate::outcome::{GetOutcome, ResultMeta};
 use crate::runtime::{BoxFuture, Sleep};
-use crate::store::{EntryState, Store, panic_message};
-
-/// What a get reports about the value it returns (Consul's `ResultMeta`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ResultMeta {
-    /// The value came from a valid entry on the first look.
-    pub hit: bool,
-    /// The entry's index.
-    pub index: u64,
-    /// Refresh types: zero while the background refresh is healthy, else the time since it
-    /// first lost contact. Other types: the time since the value was fetched.
-    pub age: Duration,
-}
-
-/// The full answer to a get: the value, its meta, and the error of the get's fetch attempt.
-///
-/// Unlike `Result`, it can carry the last good value alongside an error (Consul returns both).
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct GetOutcome<V, E> {
-    /// The value: the fresh one, or the last good one when `error` is set (if any).
-    pub value: Option<V>,
-    /// Hit, index and age.
-    pub meta: ResultMeta,
-    /// The error of the fetch attempt this get waited for.
-    pub error: Option<GetError<E>>,
-}
-
-impl<V, E> GetOutcome<V, E> {
-    /// Splits the outcome into a `Result`, dropping the stale value that came with an error.
-    ///
-    /// # Errors
-    ///
-    /// The outcome's error, if it has one.
-    pub fn into_result(self) -> Result<Response<V>, GetError<E>> {
-        match self.error {
-            Some(error) => Err(error),
-            None => Ok(Response {
-                value: self.value,
-                meta: self.meta,
-            }),
-        }
-    }
-}
-
-/// A successful get: the value (none only when a get timed out before any value existed, or a
-/// pass-through fetch returned none) and its meta.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Response<V> {
-    /// The value.
-    pub value: Option<V>,
-    /// Hit, index and age.
-    pub meta: ResultMeta,
-}
-
-impl<V> Response<V> {
-    /// The value, if any.
-    pub fn into_value(self) -> Option<V> {
-        self.value
-    }
-}
+use crate::store::{EntryShared, EntryState, Store, panic_message};
 
 // ===== impl Store: get =====
 
@@ -215,13 +154,18 @@ impl<T: CacheType> Store<T> {
         let mut sleep: Option<Sleep> = None;
         let mut first = true;
         let mut seen_attempts: Option<u64> = None;
-        let mut seen_resets: Option<u64> = None;
+        let mut seen_resets: Option<u32> = None;
         // Set once an attempt this get waited for succeeded without satisfying it (a blocking
         // fetch that saw no change, or one with no value): further attempts respect the entry's
         // backoff, so a type answering index 0 or nothing at once cannot spin the get.
         let mut attempted = false;
         let mut retry_at: Option<Instant> = None;
         let mut retry_sleep: Option<Sleep> = None;
+        // Counts this get among the entry's waiters while it waits (see `EntryState::waiters`).
+        let mut waiting = Waiting {
+            store: self,
+            entry: None,
+        };
         loop {
             let now = self.shared.rt.now();
             let info = request.cache_info();
@@ -289,6 +233,14 @@ impl<T: CacheType> Store<T> {
                     }
                 }
                 seen_attempts = Some(slot.st.attempts);
+                if !waiting
+                    .entry
+                    .as_ref()
+                    .is_some_and(|e| Arc::ptr_eq(e, &slot.entry))
+                {
+                    slot.st.waiters += 1;
+                    waiting.entry = Some(slot.entry.clone());
+                }
                 Ok(slot.entry.changed.listen())
             });
             drop(info);
@@ -368,6 +320,23 @@ impl<T: CacheType> Store<T> {
                 meta: ResultMeta::default(),
                 error: None,
             },
+        }
+    }
+}
+
+/// A get's place among its entry's waiters; leaving it (answer, timeout or cancellation)
+/// counts the get out again.
+struct Waiting<'a, T: CacheType> {
+    store: &'a Store<T>,
+    entry: Option<Arc<EntryShared<T>>>,
+}
+
+impl<T: CacheType> Drop for Waiting<'_, T> {
+    fn drop(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            self.store.with_slot(&entry, |slot| {
+                slot.st.waiters = slot.st.waiters.saturating_sub(1);
+            });
         }
     }
 }

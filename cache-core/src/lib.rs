@@ -72,8 +72,10 @@ mod fetch;
 mod get;
 mod inspect;
 mod metrics;
+mod outcome;
 mod ratelimit;
 pub mod runtime;
+mod shared;
 #[cfg(feature = "test-util")]
 pub mod sim;
 mod store;
@@ -88,9 +90,9 @@ pub use cache_type::{
     RegisterOptions, RequestInfo,
 };
 pub use error::{CacheError, GetError};
-pub use get::{GetOutcome, Response, ResultMeta};
 pub use inspect::{EntryInfo, EntryPage, EntryQuery, EntrySort, MAX_PAGE};
 pub use metrics::{Metrics, TypeMetrics};
+pub use outcome::{GetOutcome, Response, ResultMeta};
 pub use ratelimit::RateLimit;
 pub use runtime::{BoxFuture, CoarseClock, Runtime, SharedRuntime, Sleep, Timer};
 pub use watch::{EventSink, UpdateEvent, WatchError, WatchHandle, WatchStream};

@@ -19,14 +19,13 @@ use event_listener::Event;
 use hashbrown::HashTable;
 
 use crate::backoff::Backoff;
-use crate::cache::Shared;
 use crate::cache_type::{CacheType, FetchState, RegisterOptions, RequestInfo};
 use crate::error::GetError;
 use crate::expiry::Expirable;
-use crate::get::ResultMeta;
 use crate::metrics::{Counters, TypeMetrics, bump};
+use crate::outcome::ResultMeta;
 use crate::ratelimit::TokenBucket;
-use crate::watch::Watcher;
+use crate::shared::{CacheState, ErasedStore, EvictOne};
 
 const SHARDS: usize = 64;
 
@@ -199,8 +198,9 @@ pub(crate) struct EntryState<T: CacheType> {
     pub(crate) generation: u64,
     /// Completed fetch attempts.
     pub(crate) attempts: u64,
-    /// Times the index went backwards (server restore, compaction).
-    pub(crate) resets: u64,
+    /// Times the index went backwards (server restore, compaction); 32 bits keep the slot
+    /// within its budget, and four billion resets of one entry do not happen.
+    pub(crate) resets: u32,
     pub(crate) fetching: bool,
     pub(crate) expiry_scheduled: bool,
     pub(crate) chain_sleeping: bool,
@@ -208,6 +208,9 @@ pub(crate) struct EntryState<T: CacheType> {
     pub(crate) refresh_stopped: bool,
     /// A sleeping chain backing off was asked to retry now (`Cache::retry_now`).
     pub(crate) wake_now: bool,
+    /// Gets waiting on the entry. Such an entry is not evicted for capacity: its gets would
+    /// only create it again and evict another one's (at worst each other's, forever).
+    pub(crate) waiters: u32,
     /// What a healthy entry does not need: allocated on the first error, fetch state or rate
     /// limit, and dropped again once everything in it is back to its default.
     cold: Option<Box<Cold<T>>>,
@@ -265,6 +268,7 @@ impl<T: CacheType> EntryState<T> {
             chain_sleeping: false,
             refresh_stopped: false,
             wake_now: false,
+            waiters: 0,
             cold: None,
         }
     }
@@ -404,13 +408,45 @@ struct Shard<T: CacheType> {
     table: RwLock<HashTable<Box<Slot<T>>>>,
 }
 
+// ===== The entry's view of its watches =====
+
+/// What the entry's fetch chain offers each watcher after a fetch.
+pub(crate) struct Snapshot<T: CacheType> {
+    pub(crate) value: Option<T::Value>,
+    pub(crate) error: Option<GetError<T::Error>>,
+    pub(crate) meta: ResultMeta,
+    pub(crate) resets: u32,
+}
+
+impl<T: CacheType> Clone for Snapshot<T> {
+    fn clone(&self) -> Self {
+        Self {
+            value: self.value.clone(),
+            error: self.error.clone(),
+            meta: self.meta,
+            resets: self.resets,
+        }
+    }
+}
+
+/// A watch as its entry sees it, with the consumer's types erased.
+pub(crate) trait Watcher<T: CacheType>: Send + Sync {
+    fn id(&self) -> u64;
+    /// The poll interval of a watch of a non-blocking type.
+    fn max_age(&self) -> Option<Duration>;
+    /// Offers a fetch's outcome. Returns `false` when the receiver is gone.
+    fn offer(&self, store: &Store<T>, entry: &Arc<EntryShared<T>>, snap: &Snapshot<T>) -> bool;
+    /// Stops any task the watch runs and drops the sink.
+    fn cancel(&self);
+}
+
 // ===== Store =====
 
 /// The entries of one registered type.
 pub(crate) struct Store<T: CacheType> {
     pub(crate) ty: T,
     pub(crate) opts: RegisterOptions,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<CacheState>,
     pub(crate) name: &'static str,
     pub(crate) counters: Counters,
     shards: Box<[Shard<T>]>,
@@ -418,31 +454,6 @@ pub(crate) struct Store<T: CacheType> {
     pub(crate) this: Weak<Self>,
     /// Set when a newer registration of the type replaced this store (see `release_all`).
     retired: std::sync::atomic::AtomicBool,
-}
-
-/// What the cache needs of a store without knowing its type.
-pub(crate) trait ErasedStore: Send + Sync {
-    fn metrics(&self) -> TypeMetrics;
-    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
-    /// The `TypeId` of the cache type the store holds.
-    fn cache_type_id(&self) -> TypeId;
-    /// The least recently read entry other than `keep` (the one being inserted), as (last
-    /// read, a handle that evicts it), for the capacity bound. Exact below [`EXACT_LRU_LIMIT`]
-    /// entries; above it, the oldest of a few random shards (sampled LRU, as Redis does), so an
-    /// insert never scans a million entries.
-    fn least_recently_read(&self, keep: *const ()) -> Option<(u64, Box<dyn EvictOne>)>;
-    /// Ends every watch (the cache is closing).
-    fn close_watches(&self);
-    /// Removes every entry and ends every watch (the type was registered again).
-    fn release_all(&self);
-    /// See [`Store::retry_now`].
-    fn retry_now(&self) -> usize;
-}
-
-/// One entry chosen for capacity eviction.
-pub(crate) trait EvictOne {
-    /// Evicts the entry; `false` if it was already gone.
-    fn evict(&self) -> bool;
 }
 
 struct Victim<T: CacheType> {
@@ -463,7 +474,7 @@ impl<T: CacheType> EvictOne for Victim<T> {
 }
 
 impl<T: CacheType> Store<T> {
-    pub(crate) fn new(ty: T, shared: Arc<Shared>) -> Arc<Self> {
+    pub(crate) fn new(ty: T, shared: Arc<CacheState>) -> Arc<Self> {
         let opts = ty.register_options();
         Arc::new_cyclic(|this| Self {
             ty,
@@ -734,7 +745,7 @@ impl<T: CacheType> Store<T> {
             let st = &mut slot.st;
             let index = index.max(1);
             if st.value.is_some() && index < st.index {
-                st.resets += 1;
+                st.resets = st.resets.wrapping_add(1);
             }
             st.value = Some(value);
             st.index = index;
@@ -786,10 +797,13 @@ impl<T: CacheType> ErasedStore for Store<T> {
         for shard in sampled {
             let table = shard.table.read().unwrap_or_else(|p| p.into_inner());
             for slot in table.iter() {
-                // Watched entries stay, and so does the entry being inserted (or a get could
-                // evict its own entry). Entries without a value count like the others: failing
-                // keys under churn must not grow the cache past its bound.
+                // Watched entries stay, so do entries gets are waiting on, and so does the
+                // entry being inserted (or a get could evict its own entry). Entries without a
+                // value count like the others: failing keys under churn must not grow the
+                // cache past its bound. So the bound holds unless more entries than it are
+                // watched or waited on at once.
                 if slot.entry.watchers.load(Ordering::Relaxed) > 0
+                    || slot.st.waiters > 0
                     || std::ptr::eq(Arc::as_ptr(&slot.entry) as *const (), keep)
                 {
                     continue;

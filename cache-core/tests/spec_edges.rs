@@ -107,16 +107,21 @@ fn notify_racing_close_leaves_no_open_watch() {
         let server = MockServer::new(sim.handle(), 1u64, 1);
         let typed = cache.register(server.blocking_type(RegisterOptions::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(AtomicUsize::new(0));
         let spawn = |n: usize| {
             let typed = typed.clone();
             let stop = stop.clone();
+            let started = started.clone();
             std::thread::spawn(move || {
                 let mut kept = Vec::new();
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) || i < 50 {
                     let (tx, rx) = async_channel::bounded(4);
                     match typed.notify(MockRequest::new(&format!("k{n}-{}", i % 64)), i, tx) {
-                        Ok(handle) => kept.push((handle, rx)),
+                        Ok(handle) => {
+                            started.fetch_add(1, Ordering::Relaxed);
+                            kept.push((handle, rx));
+                        }
                         Err(e) => {
                             assert!(matches!(e, WatchError::Closed));
                             break;
@@ -129,7 +134,10 @@ fn notify_racing_close_leaves_no_open_watch() {
         };
         let a = spawn(0);
         let b = spawn(1);
-        std::thread::sleep(ms(2));
+        // Close while both threads are registering watches.
+        while started.load(Ordering::Relaxed) < 40 {
+            std::hint::spin_loop();
+        }
         cache.close();
         stop.store(true, Ordering::Relaxed);
         for kept in [a.join().unwrap(), b.join().unwrap()] {

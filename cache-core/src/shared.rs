@@ -1,0 +1,227 @@
+//! The cache-wide state every store and background task holds ([`CacheState`]): the runtime,
+//! the clock's origin, close, backoff policy, rate limit, capacity and the registry of stores
+//! it enforces, the expiry queue and its task, and the list of watches the sweep checks.
+//!
+//! It knows stores only through [`ErasedStore`] and watches only through [`Sweep`], so it sits
+//! below both in the module stack.
+
+use std::any::{Any, TypeId};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Instant;
+
+use event_listener::Event;
+use futures::future::select;
+
+use crate::backoff::BackoffPolicy;
+use crate::expiry::ExpiryQueue;
+use crate::metrics::TypeMetrics;
+use crate::ratelimit::RateLimit;
+use crate::runtime::{CoarseClock, SharedRuntime, Sleep};
+
+/// Cache-wide state shared by every store and background task.
+pub(crate) struct CacheState {
+    pub(crate) rt: SharedRuntime,
+    /// The origin of the entries' last-read timestamps.
+    pub(crate) epoch: Instant,
+    /// The runtime's coarse clock, if it has one, with its reading at `epoch` less its
+    /// resolution (so hit-path times are never behind the precise time).
+    hit_clock: Option<(CoarseClock, u64)>,
+    closed: AtomicBool,
+    pub(crate) close_event: Event,
+    pub(crate) backoff: BackoffPolicy,
+    pub(crate) expiry: ExpiryQueue,
+    pub(crate) rate_limit: RwLock<RateLimit>,
+    /// Notified when the rate limit is reloaded, so fetches waiting for a token re-check.
+    pub(crate) limit_changed: Event,
+    max_entries: Option<usize>,
+    pub(crate) entries: AtomicUsize,
+    /// Weak: stores hold the `CacheState`, and the registry in `Inner` keeps them alive.
+    pub(crate) stores: RwLock<Vec<Weak<dyn ErasedStore>>>,
+    /// Every watch, for the periodic check of receivers that went away (see `watch.rs`).
+    pub(crate) sweep: Mutex<Vec<Weak<dyn Sweep>>>,
+    pub(crate) sweeper_running: AtomicBool,
+}
+
+impl CacheState {
+    pub(crate) fn new(
+        rt: SharedRuntime,
+        backoff: BackoffPolicy,
+        rate_limit: RateLimit,
+        max_entries: Option<usize>,
+    ) -> Arc<Self> {
+        let epoch = rt.now();
+        let hit_clock = rt.coarse_clock().map(|clock| {
+            let lag = u64::try_from(clock.resolution().as_nanos()).unwrap_or(u64::MAX);
+            (clock, clock.read().saturating_sub(lag))
+        });
+        Arc::new(Self {
+            rt,
+            epoch,
+            hit_clock,
+            closed: AtomicBool::new(false),
+            close_event: Event::new(),
+            backoff,
+            expiry: ExpiryQueue::default(),
+            rate_limit: RwLock::new(rate_limit),
+            limit_changed: Event::new(),
+            max_entries,
+            entries: AtomicUsize::new(0),
+            stores: RwLock::new(Vec::new()),
+            sweep: Mutex::new(Vec::new()),
+            sweeper_running: AtomicBool::new(false),
+        })
+    }
+
+    /// Nanoseconds since `epoch` for the hit path: the coarse clock where the runtime has one
+    /// (a few ns, at most a few ms ahead of the precise time), else the runtime's exact `now`.
+    #[inline]
+    pub(crate) fn hit_nanos(&self) -> u64 {
+        match &self.hit_clock {
+            Some((clock, origin)) => clock.read().saturating_sub(*origin),
+            None => u64::try_from(
+                self.rt
+                    .now()
+                    .saturating_duration_since(self.epoch)
+                    .as_nanos(),
+            )
+            .unwrap_or(u64::MAX),
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn rate_limit(&self) -> RateLimit {
+        *self.rate_limit.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a new entry; `keep` (the new entry) is never the one evicted for capacity.
+    pub(crate) fn on_insert(&self, keep: *const ()) {
+        let n = self.entries.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(max) = self.max_entries {
+            if n > max {
+                self.enforce_capacity(max, keep);
+            }
+        }
+    }
+
+    /// Counts an entry removed from its table, and lets the expiry queue drop what it still
+    /// holds of removed entries once they are many (so eviction frees memory at once).
+    pub(crate) fn on_remove(&self) {
+        self.entries.fetch_sub(1, Ordering::Relaxed);
+        self.expiry.removed(self.entries.load(Ordering::Relaxed));
+    }
+
+    /// Evicts least recently read entries until at most `max` remain.
+    fn enforce_capacity(&self, max: usize, keep: *const ()) {
+        while self.entries.load(Ordering::Relaxed) > max {
+            let stores = self
+                .stores
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let oldest = stores
+                .iter()
+                .filter_map(Weak::upgrade)
+                .filter_map(|s| s.least_recently_read(keep))
+                .min_by_key(|(read, _)| *read);
+            match oldest {
+                Some((_, victim)) => {
+                    victim.evict();
+                }
+                None => break,
+            }
+        }
+    }
+    /// Closes the cache: stops background work and ends every watch. Idempotent.
+    pub(crate) fn close(&self) {
+        let shared = self;
+        if !shared.closed.swap(true, Ordering::AcqRel) {
+            shared.close_event.notify(usize::MAX);
+            let stores = shared
+                .stores
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            for store in stores.iter().filter_map(Weak::upgrade) {
+                store.close_watches();
+            }
+        }
+    }
+
+    /// The expiry task: sleeps until the earliest deadline, checks what is due, and stops when the
+    /// cache closes.
+    pub(crate) async fn run_expiry(self: Arc<Self>) {
+        let shared = &self;
+        let queue = &shared.expiry;
+        let mut sleep: Option<Sleep> = None;
+        loop {
+            let earlier = queue.earlier.listen();
+            let closed = shared.close_event.listen();
+            if shared.is_closed() {
+                break;
+            }
+            let now = shared.rt.now();
+            let due = queue.pop_due(now);
+            if !due.is_empty() {
+                for target in due {
+                    if let Some(deadline) = target.check_expiry(now) {
+                        queue.schedule(deadline, target);
+                    }
+                }
+                continue;
+            }
+            let wake = select(earlier, closed);
+            match queue.next_deadline() {
+                Some(deadline) => {
+                    let timer = match sleep.as_mut() {
+                        Some(timer) => {
+                            timer.reset(deadline);
+                            timer
+                        }
+                        None => sleep.insert(Sleep::until(&*shared.rt, deadline)),
+                    };
+                    // A fired timer is re-armed by `reset` next time round.
+                    select(wake, timer).await;
+                }
+                None => {
+                    wake.await;
+                }
+            }
+        }
+        queue.clear();
+    }
+}
+
+/// What the cache needs of a store without knowing its type.
+pub(crate) trait ErasedStore: Send + Sync {
+    fn metrics(&self) -> TypeMetrics;
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+    /// The `TypeId` of the cache type the store holds.
+    fn cache_type_id(&self) -> TypeId;
+    /// The least recently read entry other than `keep` (the one being inserted), as (last
+    /// read, a handle that evicts it), for the capacity bound. Exact below [`EXACT_LRU_LIMIT`]
+    /// entries; above it, the oldest of a few random shards (sampled LRU, as Redis does), so an
+    /// insert never scans a million entries.
+    fn least_recently_read(&self, keep: *const ()) -> Option<(u64, Box<dyn EvictOne>)>;
+    /// Ends every watch (the cache is closing).
+    fn close_watches(&self);
+    /// Removes every entry and ends every watch (the type was registered again).
+    fn release_all(&self);
+    /// See [`Store::retry_now`].
+    fn retry_now(&self) -> usize;
+}
+
+/// One entry chosen for capacity eviction.
+pub(crate) trait EvictOne {
+    /// Evicts the entry; `false` if it was already gone.
+    fn evict(&self) -> bool;
+}
+
+/// A watch the sweep can check.
+pub(crate) trait Sweep: Send + Sync {
+    /// Removes the watch if its receiver is gone; `false` once the watch has ended.
+    fn sweep(&self) -> bool;
+}

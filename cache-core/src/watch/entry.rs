@@ -1,0 +1,135 @@
+//! The entry's side of watches: registering and removing records, and offering each completed
+//! fetch to them.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::cache_type::{CacheRequest, CacheType};
+use crate::error::WatchError;
+use crate::store::{EntryShared, EntryState, Snapshot, Store, Watcher, wake_all};
+
+impl<T: CacheType> Store<T> {
+    pub(crate) fn this(&self) -> Option<Arc<Self>> {
+        self.this.upgrade()
+    }
+
+    pub(crate) fn snapshot_of(&self, st: &EntryState<T>, hit: bool, now: Instant) -> Snapshot<T> {
+        Snapshot {
+            value: st.value.clone(),
+            error: st.error().cloned(),
+            meta: self.meta(st, hit, now),
+            resets: st.resets,
+        }
+    }
+
+    /// The entry's current state as a watch event, if it is still cached.
+    pub(crate) fn snapshot(&self, entry: &Arc<EntryShared<T>>) -> Option<Snapshot<T>> {
+        let now = self.shared.rt.now();
+        let table = self.read(entry.hash);
+        let slot = table.find(entry.hash, |s| Arc::ptr_eq(&s.entry, entry))?;
+        Some(self.snapshot_of(&slot.st, false, now))
+    }
+
+    /// Offers a fetch's outcome to every watch of the entry, dropping those whose receiver is
+    /// gone.
+    pub(crate) fn deliver(&self, entry: &Arc<EntryShared<T>>, snap: &Snapshot<T>) {
+        let mut removed = 0;
+        entry
+            .watch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|watcher| {
+                let keep = watcher.offer(self, entry, snap);
+                if !keep {
+                    watcher.cancel();
+                    removed += 1;
+                }
+                keep
+            });
+        if removed > 0 {
+            self.watchers_removed(entry, removed);
+        }
+    }
+
+    /// Registers a watch on the entry of `request` and makes sure something keeps fetching it.
+    ///
+    /// The closed check is made under the table lock after the watch is on its entry, so a
+    /// watch either sees the cache closed (and is not added) or is found by `close`.
+    pub(crate) fn add_watcher(
+        &self,
+        request: T::Request,
+        watcher: Arc<dyn Watcher<T>>,
+    ) -> Result<Arc<EntryShared<T>>, WatchError> {
+        let now = self.shared.rt.now();
+        let info = request.cache_info();
+        let hash = self.hash(&info);
+        let max_age = watcher.max_age();
+        let added = self.with_entry(hash, &info, |slot| {
+            if self.shared.is_closed() {
+                return Err(WatchError::Closed);
+            }
+            if self.is_retired() {
+                return Err(WatchError::Replaced(self.name));
+            }
+            slot.touch(self.nanos(now));
+            slot.entry
+                .watch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(watcher.clone());
+            slot.entry.watchers.fetch_add(1, Ordering::AcqRel);
+            self.counters.watches.fetch_add(1, Ordering::Relaxed);
+            let st = &slot.st;
+            let age = st.fetched_at.map(|t| self.since(t, now));
+            let fresh = st.value.is_some() && max_age.is_none_or(|m| age.is_some_and(|a| a <= m));
+            // The first delivery may be a cache hit.
+            let initial = fresh.then(|| self.snapshot_of(st, true, now));
+            if !st.fetching && !st.chain_sleeping {
+                // Nothing keeps this entry fetching: start the watch loop. A fresh polled
+                // value is next fetched when it reaches max age (never, for a max age too
+                // long to represent).
+                let first_at = match (fresh, max_age, st.fetched_at) {
+                    (true, Some(max_age), Some(at)) => Some(self.at(at).checked_add(max_age)),
+                    _ => None,
+                };
+                self.start_chain(slot, request.clone(), first_at);
+            }
+            Ok((slot.entry.clone(), initial))
+        });
+        drop(info);
+        let (entry, initial) = added?;
+        if let Some(snap) = initial {
+            if !watcher.offer(self, &entry, &snap) {
+                self.remove_watcher(&entry, watcher.id());
+            }
+        }
+        Ok(entry)
+    }
+
+    /// Removes a watch from its entry (cancel, or receiver gone). Idempotent.
+    pub(crate) fn remove_watcher(&self, entry: &Arc<EntryShared<T>>, id: u64) {
+        let removed = {
+            let mut list = entry.watch.lock().unwrap_or_else(|p| p.into_inner());
+            list.iter()
+                .position(|w| w.id() == id)
+                .map(|pos| list.swap_remove(pos))
+        };
+        if let Some(watcher) = removed {
+            watcher.cancel();
+            self.watchers_removed(entry, 1);
+        }
+    }
+
+    pub(crate) fn watchers_removed(&self, entry: &Arc<EntryShared<T>>, n: usize) {
+        let left = entry.watchers.fetch_sub(n, Ordering::AcqRel) - n;
+        self.counters.watches.fetch_sub(n as u64, Ordering::Relaxed);
+        // The TTL counts again from the last watch.
+        let now = self.nanos(self.shared.rt.now());
+        self.read_slot(entry, |slot| slot.touch(now));
+        if left == 0 {
+            // Wake a chain that only ran for the watches, so that it stops now.
+            wake_all(&entry.changed);
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! A watch as its entry keeps it: a [`Record`] with the consumer's sink and the progress of
+//! what it delivered, the rules of what is news (blocking and polled), and the short-lived task
+//! that waits for room in a full sink and then catches up.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use event_listener::Event;
+use futures::future::{Either, select};
+
+use super::handle::{WatchEnd, WatchHandle};
+use super::sink::{EventSink, TrySendError, UpdateEvent};
+use super::sweep::register_sweep;
+use crate::cache_type::{CacheRequest, CacheType};
+use crate::error::WatchError;
+use crate::shared::Sweep;
+use crate::store::{EntryShared, Snapshot, Store, Watcher};
+
+/// A watch's mutable state: its sink and what it has delivered, under one lock, so that
+/// offering a fetch to a watch takes a single lock.
+struct Progress<V, S> {
+    /// `None` once the watch is cancelled: dropping the sink is how its receiver learns.
+    sink: Option<S>,
+    last_index: u64,
+    last_resets: u32,
+    last_value: Option<V>,
+    delivered: bool,
+    /// A task is waiting for room in the sink.
+    pending: bool,
+    /// News arrived while `pending`: the waiting task sends the latest state after its event.
+    dirty: bool,
+}
+
+struct Record<T: CacheType, C, S> {
+    this: Weak<Self>,
+    id: u64,
+    correlation_id: C,
+    max_age: Option<Duration>,
+    polling: bool,
+    progress: Mutex<Progress<T::Value, S>>,
+    cancelled: AtomicBool,
+    cancel_event: Event,
+    /// The store and entry the watch is registered on, for the sweep of dead receivers.
+    home: OnceLock<Home<T>>,
+}
+
+/// Where a watch is registered: its store and its entry.
+type Home<T> = (Weak<Store<T>>, Weak<EntryShared<T>>);
+
+static NEXT_WATCH_ID: AtomicU64 = AtomicU64::new(1);
+
+impl<T, C, S> Record<T, C, S>
+where
+    T: CacheType,
+    C: Clone + Send + Sync + 'static,
+    S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
+{
+    /// Whether the snapshot is news to this watch (contract: Watch 3–5), updating its progress if so.
+    fn accept(&self, store: &Store<T>, p: &mut Progress<T::Value, S>, snap: &Snapshot<T>) -> bool {
+        let reset = snap.resets > p.last_resets && snap.value.is_some();
+        let news = if p.last_index == 0 {
+            // Before the first value everything is news, errors included.
+            !(p.delivered && snap.error.is_none() && snap.value.is_none())
+        } else if reset || snap.meta.index > p.last_index {
+            true
+        } else if self.polling && snap.error.is_none() {
+            match (&p.last_value, &snap.value) {
+                // A type that cannot compare values (the default `value_eq`) leaves it to the
+                // index, which did not rise.
+                (Some(old), Some(new)) => values_differ(&store.ty, old, new).unwrap_or(false),
+                (None, Some(_)) => true,
+                _ => false,
+            }
+        } else {
+            false
+        };
+        if !news {
+            return false;
+        }
+        p.delivered = true;
+        p.last_resets = snap.resets;
+        p.last_index = snap.meta.index;
+        if snap.error.is_none() && p.last_index < 1 {
+            // The loop raises its index 0 → 1 only after a success.
+            p.last_index = 1;
+        }
+        if self.polling {
+            p.last_value.clone_from(&snap.value);
+        }
+        true
+    }
+
+    fn event(&self, snap: &Snapshot<T>) -> UpdateEvent<C, T::Value, T::Error> {
+        UpdateEvent {
+            correlation_id: self.correlation_id.clone(),
+            result: snap.value.clone(),
+            meta: snap.meta,
+            error: snap.error.clone(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress<T::Value, S>> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for room in the sink, sends, and catches up with the entry until the watch has
+    /// delivered the latest index.
+    async fn flush(
+        self: Arc<Self>,
+        store: Arc<Store<T>>,
+        entry: Arc<EntryShared<T>>,
+        mut snap: Snapshot<T>,
+    ) {
+        loop {
+            let send = match self.lock().sink.as_ref() {
+                Some(sink) => sink.send(self.event(&snap)),
+                None => return,
+            };
+            let cancelled = self.cancel_event.listen();
+            if self.cancelled.load(Ordering::Acquire) {
+                return;
+            }
+            match select(send, cancelled).await {
+                Either::Left((Ok(()), _)) => {}
+                Either::Left((Err(_), _)) => {
+                    store.remove_watcher(&entry, self.id);
+                    return;
+                }
+                Either::Right(_) => return,
+            }
+            let latest = store.snapshot(&entry);
+            let mut p = self.lock();
+            match latest {
+                Some(latest) if std::mem::take(&mut p.dirty) => {
+                    // News arrived while we waited (a risen index, a reset, or — for a polled
+                    // watch — a changed value at the same index): send the latest state.
+                    p.last_index = latest.meta.index.max(p.last_index);
+                    p.last_resets = latest.resets;
+                    if self.polling {
+                        p.last_value.clone_from(&latest.value);
+                    }
+                    drop(p);
+                    snap = latest;
+                }
+                _ => {
+                    p.pending = false;
+                    p.dirty = false;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl<T, C, S> Watcher<T> for Record<T, C, S>
+where
+    T: CacheType,
+    C: Clone + Send + Sync + 'static,
+    S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
+{
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn max_age(&self) -> Option<Duration> {
+        self.max_age
+    }
+
+    fn offer(&self, store: &Store<T>, entry: &Arc<EntryShared<T>>, snap: &Snapshot<T>) -> bool {
+        if self.cancelled.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut p = self.lock();
+        if !self.accept(store, &mut p, snap) {
+            return p.sink.as_ref().is_some_and(|s| !s.is_closed());
+        }
+        if p.pending {
+            // A flush task is waiting for room; it sends the latest when it gets some.
+            p.dirty = true;
+            return true;
+        }
+        let Some(sink) = p.sink.as_ref() else {
+            return false;
+        };
+        match sink.try_send(self.event(snap)) {
+            Ok(()) => true,
+            Err(TrySendError::Closed) => false,
+            Err(TrySendError::Full) => {
+                p.pending = true;
+                drop(p);
+                if let (Some(store), Some(this)) = (store.this(), self.this.upgrade()) {
+                    let rt = store.shared.rt.clone();
+                    rt.spawn(Box::pin(this.flush(store, entry.clone(), snap.clone())));
+                }
+                true
+            }
+        }
+    }
+
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        // Not `wake_all`: listeners of this event check the flag without a shared lock.
+        self.cancel_event.notify(usize::MAX);
+        let sink = self.lock().sink.take();
+        drop(sink);
+    }
+}
+
+/// Whether two values differ by the type's `value_eq`; `None` when the type does not compare
+/// values (it kept the default `value_eq`) or its `value_eq` panicked.
+fn values_differ<T: CacheType>(ty: &T, old: &T::Value, new: &T::Value) -> Option<bool> {
+    crate::cache_type::DEFAULT_VALUE_EQ.with(|used| used.set(false));
+    let equal = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ty.value_eq(old, new)));
+    let default = crate::cache_type::DEFAULT_VALUE_EQ.with(|used| used.replace(false));
+    match equal {
+        Ok(_) if default => None,
+        Ok(equal) => Some(!equal),
+        // A panicking comparison is contained; the watch delivers rather than miss a change.
+        Err(_) => Some(true),
+    }
+}
+
+impl<T, C, S> Sweep for Record<T, C, S>
+where
+    T: CacheType,
+    C: Clone + Send + Sync + 'static,
+    S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
+{
+    fn sweep(&self) -> bool {
+        if self.cancelled.load(Ordering::Acquire) {
+            return false;
+        }
+        let closed = self.lock().sink.as_ref().is_none_or(|s| s.is_closed());
+        if !closed {
+            return true;
+        }
+        match self.home.get() {
+            Some((store, entry)) => {
+                if let (Some(store), Some(entry)) = (store.upgrade(), entry.upgrade()) {
+                    store.remove_watcher(&entry, self.id);
+                }
+                self.cancel();
+            }
+            None => self.cancel(),
+        }
+        false
+    }
+}
+
+impl<T: CacheType, C: Send + Sync, S: Send> WatchEnd for Record<T, C, S> {
+    fn ended(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    fn listen(&self) -> event_listener::EventListener {
+        self.cancel_event.listen()
+    }
+}
+
+/// Starts a watch of `request` on `store` that pushes into `sink`: the body of
+/// [`TypedCache::notify`](crate::TypedCache::notify).
+pub(crate) fn start<T, C, S>(
+    store: &Arc<Store<T>>,
+    request: T::Request,
+    correlation_id: C,
+    sink: S,
+) -> Result<WatchHandle, WatchError>
+where
+    T: CacheType,
+    C: Clone + Send + Sync + 'static,
+    S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
+{
+    if store.shared.is_closed() {
+        return Err(WatchError::Closed);
+    }
+    let max_age = {
+        let info = request.cache_info();
+        if info.key.is_empty() {
+            return Err(WatchError::EmptyKey);
+        }
+        if !store.opts.supports_blocking && info.max_age.is_none_or(|a| a.is_zero()) {
+            return Err(WatchError::MaxAgeRequired(store.name));
+        }
+        info.max_age
+    };
+    let record = Arc::new_cyclic(|this| Record::<T, C, S> {
+        this: this.clone(),
+        id: NEXT_WATCH_ID.fetch_add(1, Ordering::Relaxed),
+        correlation_id,
+        max_age: if store.opts.supports_blocking {
+            None
+        } else {
+            max_age
+        },
+        polling: !store.opts.supports_blocking,
+        progress: Mutex::new(Progress {
+            sink: Some(sink),
+            last_index: 0,
+            last_resets: 0,
+            last_value: None,
+            delivered: false,
+            pending: false,
+            dirty: false,
+        }),
+        cancelled: AtomicBool::new(false),
+        cancel_event: Event::new(),
+        home: OnceLock::new(),
+    });
+    let id = record.id;
+    let entry = store.add_watcher(request, record.clone())?;
+    let _ = record
+        .home
+        .set((Arc::downgrade(store), Arc::downgrade(&entry)));
+    let sweepable: Arc<dyn Sweep> = record.clone();
+    register_sweep(&store.shared, Arc::downgrade(&sweepable));
+    let weak_store: Weak<Store<T>> = Arc::downgrade(store);
+    let end: Arc<dyn WatchEnd> = record.clone();
+    Ok(WatchHandle {
+        cancel: Some(Box::new(move || {
+            record.cancel();
+            if let Some(store) = weak_store.upgrade() {
+                store.remove_watcher(&entry, id);
+            }
+        })),
+        end,
+    })
+}

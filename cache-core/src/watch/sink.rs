@@ -1,0 +1,118 @@
+//! Where watches push their events: [`EventSink`] (implemented for `async_channel::Sender`
+//! and [`map_sink`]) and the event itself, [`UpdateEvent`].
+
+use std::fmt;
+
+use crate::error::GetError;
+use crate::outcome::ResultMeta;
+use crate::runtime::BoxFuture;
+
+/// One change of a watched entry (Consul's `UpdateEvent`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct UpdateEvent<C, V, E> {
+    /// The caller's id for the watch, opaque to the cache.
+    pub correlation_id: C,
+    /// The value (with an error: the last good value, if any).
+    pub result: Option<V>,
+    /// Hit, index and age, as a get would report them.
+    pub meta: ResultMeta,
+    /// The fetch error, delivered only before the first value.
+    pub error: Option<GetError<E>>,
+}
+
+/// Why a sink did not take an event at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TrySendError {
+    /// No room now.
+    #[error("the sink is full")]
+    Full,
+    /// The receiving side is gone.
+    #[error("the sink's receiver is gone")]
+    Closed,
+}
+
+/// The receiving side of a sink is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the sink's receiver is gone")]
+pub struct SinkClosed;
+
+/// Where a watch pushes its events: a bounded channel's sending side, supplied by the caller.
+///
+/// Implemented for [`async_channel::Sender`] (runtime-agnostic) and for [`map_sink`]. Events a
+/// sink refuses are dropped: the watch always resends the latest state when room appears.
+pub trait EventSink<Ev>: Send + Sync + 'static {
+    /// Sends without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`TrySendError::Full`] when there is no room, [`TrySendError::Closed`] when the
+    /// receiver is gone.
+    fn try_send(&self, event: Ev) -> Result<(), TrySendError>;
+
+    /// Waits for room and sends.
+    fn send(&self, event: Ev) -> BoxFuture<'static, Result<(), SinkClosed>>;
+
+    /// Whether the receiving side is gone.
+    fn is_closed(&self) -> bool;
+}
+
+impl<Ev: Send + 'static> EventSink<Ev> for async_channel::Sender<Ev> {
+    fn try_send(&self, event: Ev) -> Result<(), TrySendError> {
+        async_channel::Sender::try_send(self, event).map_err(|e| match e {
+            async_channel::TrySendError::Full(_) => TrySendError::Full,
+            async_channel::TrySendError::Closed(_) => TrySendError::Closed,
+        })
+    }
+
+    fn send(&self, event: Ev) -> BoxFuture<'static, Result<(), SinkClosed>> {
+        let tx = self.clone();
+        Box::pin(async move { tx.send(event).await.map_err(|_| SinkClosed) })
+    }
+
+    fn is_closed(&self) -> bool {
+        async_channel::Sender::is_closed(self)
+    }
+}
+
+/// A sink that converts each event with `f` before handing it to `sink`: the way to put
+/// watches of different cache types on one channel of the consumer's own enum.
+pub fn map_sink<A, B, S, F>(sink: S, f: F) -> MapSink<S, F>
+where
+    S: EventSink<B>,
+    F: Fn(A) -> B + Send + Sync + 'static,
+{
+    MapSink { sink, f }
+}
+
+/// The sink returned by [`map_sink`].
+#[derive(Clone)]
+pub struct MapSink<S, F> {
+    sink: S,
+    f: F,
+}
+
+impl<S, F> fmt::Debug for MapSink<S, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MapSink").finish_non_exhaustive()
+    }
+}
+
+impl<A, B, S, F> EventSink<A> for MapSink<S, F>
+where
+    A: Send + 'static,
+    S: EventSink<B>,
+    F: Fn(A) -> B + Send + Sync + 'static,
+{
+    fn try_send(&self, event: A) -> Result<(), TrySendError> {
+        self.sink.try_send((self.f)(event))
+    }
+
+    fn send(&self, event: A) -> BoxFuture<'static, Result<(), SinkClosed>> {
+        self.sink.send((self.f)(event))
+    }
+
+    fn is_closed(&self) -> bool {
+        self.sink.is_closed()
+    }
+}
