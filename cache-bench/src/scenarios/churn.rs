@@ -62,9 +62,39 @@ fn grown(before: &Snapshot) -> f64 {
 }
 
 /// Lets the runtime finish the tasks the last gets left (fetch tasks end after their get
-/// returns), so their memory is not counted.
-fn settle(rt: &BenchRt) {
-    rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+/// returns, a dropped cache's background task ends after it), so that no measurement sees
+/// memory another one is still freeing: waits until live bytes hold still for 50 ms (at most
+/// 5 s; in smoke mode, where other tests allocate in the same process, one 5 ms pause).
+fn settle(rt: &BenchRt, mode: Mode) {
+    let (most, step) = mode.pick((5_000, 50), (5_000, 50), (0, 5));
+    let deadline = std::time::Instant::now() + Duration::from_millis(most);
+    let mut last = crate::alloc::live_bytes();
+    loop {
+        rt.block_on(async { tokio::time::sleep(Duration::from_millis(step)).await });
+        let now = crate::alloc::live_bytes();
+        if now == last || std::time::Instant::now() > deadline {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// Gets every key of `range` through `typed`, `BATCH` at a time (concurrent misses, so the
+/// fetch tasks' wake-ups overlap and a million keys take seconds, not a minute).
+fn get_all<T>(rt: &BenchRt, typed: &cache_core::TypedCache<T>, range: std::ops::Range<usize>)
+where
+    T: CacheType<Request = Key>,
+{
+    const BATCH: usize = 256;
+    rt.block_on(async {
+        let mut at = range.start;
+        while at < range.end {
+            let end = (at + BATCH).min(range.end);
+            let keys: Vec<Key> = (at..end).map(|i| Key(key(i))).collect();
+            futures::future::join_all(keys.iter().map(|k| typed.get(k))).await;
+            at = end;
+        }
+    });
 }
 
 /// Runs the scenario.
@@ -83,30 +113,7 @@ pub fn run(mode: Mode) -> Vec<Figure> {
         }
     };
 
-    // Ours: bytes per entry at the cap, then after every key went through.
-    let before = Snapshot::take();
-    let cache = Cache::builder(rt.shared()).max_entries(cap).build();
-    let ours = cache.register(BenchType::new(rt.shared(), Duration::ZERO));
-    rt.block_on(async {
-        for i in 0..cap {
-            ours.get(&Key(key(i))).await.expect("fetch never fails");
-        }
-    });
-    settle(&rt);
-    let per_entry = grown(&before) / cap as f64;
-    rt.block_on(async {
-        for i in cap..keys {
-            ours.get(&Key(key(i))).await.expect("fetch never fails");
-        }
-    });
-    settle(&rt);
-    let ours_bytes = grown(&before);
-    let ours_len = cache.len();
-    let evicted = cache.metrics().total().evictions_capacity;
-    drop(ours);
-    drop(cache);
-    settle(&rt);
-
+    // The baselines first, then ours: nothing is freed behind a measurement.
     // moka with the same capacity and keys.
     let before = Snapshot::take();
     let moka = moka::future::Cache::new(cap as u64);
@@ -119,6 +126,7 @@ pub fn run(mode: Mode) -> Vec<Figure> {
     let moka_bytes = grown(&before);
     let moka_len = moka.entry_count();
     drop(moka);
+    settle(&rt, mode);
 
     // A bare bounded map: HashMap plus a FIFO of its keys.
     let before = Snapshot::take();
@@ -136,22 +144,36 @@ pub fn run(mode: Mode) -> Vec<Figure> {
     }
     let map_bytes = grown(&before);
     drop((map, fifo));
+    settle(&rt, mode);
+
+    // Ours: bytes per entry at the cap, then after every key went through.
+    let before = Snapshot::take();
+    let cache = Cache::builder(rt.shared()).max_entries(cap).build();
+    let ours = cache.register(BenchType::new(rt.shared(), Duration::ZERO));
+    get_all(&rt, &ours, 0..cap);
+    settle(&rt, mode);
+    let per_entry = grown(&before) / cap as f64;
+    get_all(&rt, &ours, cap..keys);
+    settle(&rt, mode);
+    let ours_bytes = grown(&before);
+    let ours_len = cache.len();
+    let evicted = cache.metrics().total().evictions_capacity;
+    drop(ours);
+    drop(cache);
+    settle(&rt, mode);
 
     // Failing keys through the same bound.
     let before = Snapshot::take();
     let cache = Cache::builder(rt.shared()).max_entries(cap).build();
     let bad = cache.register(Failing);
-    rt.block_on(async {
-        for i in 0..failing {
-            let _ = bad.get(&Key(key(i))).await;
-        }
-    });
-    settle(&rt);
+    get_all(&rt, &bad, 0..failing);
+    settle(&rt, mode);
     let bad_len = cache.len();
     let bad_bytes = grown(&before);
     let bad_evicted = cache.metrics().total().evictions_capacity;
     drop(bad);
     drop(cache);
+    settle(&rt, mode);
 
     vec![
         Figure::new(
