@@ -128,7 +128,7 @@ impl Sample {
 }
 
 /// The last [`HISTORY_LEN`] samples of the cache's counters, one per [`SAMPLE_EVERY`], kept
-/// by a task the agent starts ([`History::spawn_sampler`]).
+/// by a task the agent starts with it.
 #[derive(Debug, Default)]
 pub struct History {
     samples: Mutex<VecDeque<Sample>>,
