@@ -12,8 +12,8 @@
 //! the engine may legitimately do (two candidates for eviction read at the same instant, two
 //! reads racing for one injected failure) the case stops there, counted as passed.
 //!
-//! Runs: `cargo test -p cache-core --test model` runs a fixed, seeded set of cases (64 by
-//! default). `PROPTEST_CASES=5000 MODEL_SEED=7 cargo test -p cache-core --test model` runs a
+//! Runs: `cargo test -p cache-core --test model` runs a fixed, seeded set of cases (256 by
+//! default, under a second). `PROPTEST_CASES=5000 MODEL_SEED=7 cargo test -p cache-core --test model` runs a
 //! long one with another seed. A failure prints the minimal sequence of operations
 //! (`minimal failing input`) and the rule it broke.
 //!
@@ -1328,7 +1328,7 @@ fn config() -> Config {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|c| c.parse().ok())
-        .unwrap_or(64);
+        .unwrap_or(256);
     let seed = std::env::var("MODEL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
