@@ -1,12 +1,15 @@
 //! Real Consul clients against the agent, on both upstreams: py-consul (PyPI `py-consul`)
 //! runs `tests/clients/py_consul_test.py` the way its users call it (get, put with flags, cas,
 //! delete, recurse, keys with a separator, raw, a blocking get woken by another client, an
-//! index that goes backwards); on etcd, values also cross over to and from `etcdctl`.
+//! index that goes backwards); the npm `consul` client runs `tests/clients/npm_consul_test.js`
+//! (the same calls and its `watch`); on etcd, values also cross over to and from `etcdctl`.
 //!
-//! The client is found through `DEMO_AGENT_CLIENT_PYTHON` (a python with py-consul; `.ci/run`
-//! makes a venv at `target/client-venv` and sets it), else `target/client-venv/bin/python`.
-//! Without one the tests print `SKIP` and pass, unless `DEMO_AGENT_REQUIRE_CLIENTS` is set
-//! (CI), where a missing client fails them.
+//! py-consul is found through `DEMO_AGENT_CLIENT_PYTHON` (a python with py-consul; `.ci/run`
+//! makes a venv at `target/client-venv` and sets it), else `target/client-venv/bin/python`;
+//! the npm client through `DEMO_AGENT_CLIENT_NODE_PATH` (a `node_modules` holding `consul`;
+//! `.ci/run` installs it in `target/client-npm`), else `target/client-npm/node_modules`, with
+//! `node` on `PATH`. Without them the tests print `SKIP` and pass, unless
+//! `DEMO_AGENT_REQUIRE_CLIENTS` is set (CI), where a missing client fails them.
 
 mod common;
 #[path = "common/etcd.rs"]
@@ -40,27 +43,82 @@ fn client_python() -> Option<PathBuf> {
     works.then_some(candidate)
 }
 
-/// Whether py-consul is available for `test`; prints a loud SKIP line when it is not (or
-/// panics when `DEMO_AGENT_REQUIRE_CLIENTS` is set).
-fn py_consul(test: &str) -> Option<PathBuf> {
-    if let Some(python) = client_python() {
-        return Some(python);
+/// The `node_modules` holding the npm `consul` client, if `node` can load it from there:
+/// `$DEMO_AGENT_CLIENT_NODE_PATH`, else the one `.ci/run` makes (`target/client-npm`).
+fn client_node_path() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let candidate = std::env::var_os("DEMO_AGENT_CLIENT_NODE_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/client-npm/node_modules"));
+    let works = std::process::Command::new("node")
+        .args(["-e", "require('consul')"])
+        .env("NODE_PATH", &candidate)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    works.then_some(candidate)
+}
+
+/// `found`, or a loud SKIP line naming `test` and `how` to get the client (a panic when
+/// `DEMO_AGENT_REQUIRE_CLIENTS` is set).
+fn required<T>(found: Option<T>, test: &str, client: &str, how: &str) -> Option<T> {
+    if found.is_some() {
+        return found;
     }
-    let how = "create it with `python3 -m venv target/client-venv && \
-               target/client-venv/bin/pip install py-consul==1.8.0` (what .ci/run does) or set \
-               DEMO_AGENT_CLIENT_PYTHON=/path/to/python";
     if std::env::var_os("DEMO_AGENT_REQUIRE_CLIENTS").is_some_and(|v| !v.is_empty() && v != "0") {
         panic!(
-            "{test}: py-consul is required (DEMO_AGENT_REQUIRE_CLIENTS is set) but missing: {how}"
+            "{test}: {client} is required (DEMO_AGENT_REQUIRE_CLIENTS is set) but missing: {how}"
         );
     }
-    let line = format!("\nSKIP {test}: no python with py-consul; {how}\n");
+    let line = format!("\nSKIP {test}: {client} not found; {how}\n");
     let _ = std::io::stderr().write_all(line.as_bytes());
     None
 }
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/py_consul_test.py")
+/// Whether py-consul is available for `test` (see [`required`]).
+fn py_consul(test: &str) -> Option<PathBuf> {
+    let how = "create it with `python3 -m venv target/client-venv && \
+               target/client-venv/bin/pip install py-consul==1.8.0` (what .ci/run does) or set \
+               DEMO_AGENT_CLIENT_PYTHON=/path/to/python";
+    required(client_python(), test, "a python with py-consul", how)
+}
+
+/// Whether the npm `consul` client is available for `test` (see [`required`]).
+fn npm_consul(test: &str) -> Option<PathBuf> {
+    let how = "install node and npm, then `npm install --prefix target/client-npm consul@2.0.1` \
+               (what .ci/run does), or set DEMO_AGENT_CLIENT_NODE_PATH=/path/to/node_modules";
+    required(
+        client_node_path(),
+        test,
+        "node with the npm consul client",
+        how,
+    )
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(name)
+}
+
+/// Runs the npm client's script against `t` and asserts it passed.
+async fn run_npm(node_path: &Path, t: &TestAgent, upstream: &str) {
+    let output = Command::new("node")
+        .arg(script("npm_consul_test.js"))
+        .args(["--url", &t.url, "--upstream", upstream])
+        .env("NODE_PATH", node_path)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("start node");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.trim_end().ends_with("ALL OK"),
+        "npm consul script failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// Runs the py-consul script against `t`. On etcd (`cluster` given) its `REPLACE` request
@@ -73,7 +131,7 @@ async fn run_script(
     mut cluster: Option<EtcdCluster>,
 ) -> Option<EtcdCluster> {
     let mut child = Command::new(python)
-        .arg(script())
+        .arg(script("py_consul_test.py"))
         .args(["--url", &t.url, "--upstream", upstream])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -186,6 +244,37 @@ async fn etcd_values_cross_over_to_etcdctl() {
         })
         .await;
         t.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn npm_consul_against_the_embedded_store() {
+    let Some(node_path) = npm_consul("npm_consul_against_the_embedded_store") else {
+        return;
+    };
+    bounded(async {
+        let t = common::start_default().await;
+        run_npm(&node_path, &t, "embedded").await;
+        t.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn npm_consul_against_etcd() {
+    if !etcd::available("npm_consul_against_etcd") {
+        return;
+    }
+    let Some(node_path) = npm_consul("npm_consul_against_etcd") else {
+        return;
+    };
+    bounded(async {
+        let cluster = EtcdCluster::start(1).await;
+        let t = etcd::start_agent(&cluster, KvCacheMode::Refresh).await;
+        run_npm(&node_path, &t, "etcd").await;
+        t.shutdown().await;
+        drop(cluster);
     })
     .await;
 }

@@ -37,11 +37,13 @@ pub(crate) fn run(root: &Path) -> ExitCode {
     if !etcd_skipped.is_empty() {
         eprint!("{}", etcd_notice(&etcd_skipped));
     }
-    let clients_skipped = if client_python(root) {
-        Vec::new()
-    } else {
-        client_tests(root)
-    };
+    let mut clients_skipped = Vec::new();
+    if !client_python(root) {
+        clients_skipped.extend(client_tests(root, "py_consul"));
+    }
+    if !client_node(root) {
+        clients_skipped.extend(client_tests(root, "npm_consul"));
+    }
     if !clients_skipped.is_empty() {
         eprint!("{}", clients_notice(&clients_skipped));
     }
@@ -94,7 +96,7 @@ pub(crate) fn run(root: &Path) -> ExitCode {
     if !clients_skipped.is_empty() {
         steps.push(Step {
             name: format!("Consul client tests ({})", clients_skipped.len()),
-            outcome: Outcome::Skipped("no python with py-consul"),
+            outcome: Outcome::Skipped("no py-consul or npm consul client"),
             took: Duration::ZERO,
         });
     }
@@ -163,15 +165,28 @@ fn client_python(root: &Path) -> bool {
         .is_ok_and(|output| output.status.success())
 }
 
-/// The tests that skip without py-consul: every `py_consul("NAME")` in
-/// `demo-agent/tests/consul_clients.rs`.
-fn client_tests(root: &Path) -> Vec<String> {
-    const CALL: &str = "py_consul(\"";
+/// Whether `node` loads the npm `consul` client from `$DEMO_AGENT_CLIENT_NODE_PATH` or
+/// `target/client-npm/node_modules` (the lookup of `demo-agent/tests/consul_clients.rs`).
+fn client_node(root: &Path) -> bool {
+    let node_path = std::env::var_os("DEMO_AGENT_CLIENT_NODE_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/client-npm/node_modules"));
+    Command::new("node")
+        .args(["-e", "require('consul')"])
+        .env("NODE_PATH", node_path)
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+/// The tests that skip without a client: every `CHECK("NAME")` (`py_consul`, `npm_consul`)
+/// in `demo-agent/tests/consul_clients.rs`.
+fn client_tests(root: &Path, check: &str) -> Vec<String> {
+    let call = format!("{check}(\"");
     let text = std::fs::read_to_string(root.join("demo-agent/tests/consul_clients.rs"))
         .unwrap_or_default();
-    text.match_indices(CALL)
+    text.match_indices(&call)
         .filter_map(|(at, _)| {
-            let rest = &text[at + CALL.len()..];
+            let rest = &text[at + call.len()..];
             rest.find('"').map(|end| rest[..end].to_owned())
         })
         .collect()
@@ -181,7 +196,7 @@ fn client_tests(root: &Path) -> Vec<String> {
 fn clients_notice(skipped: &[String]) -> String {
     let rule = "!".repeat(78);
     let mut out = format!(
-        "\n{rule}\n!! SKIPPED: {} demo-agent tests need py-consul and found no python with it\n",
+        "\n{rule}\n!! SKIPPED: {} demo-agent tests need a Consul client library and found none\n",
         skipped.len()
     );
     for name in skipped {
@@ -189,6 +204,7 @@ fn clients_notice(skipped: &[String]) -> String {
     }
     out += "!! To run them: python3 -m venv target/client-venv && \\\n";
     out += "!!   target/client-venv/bin/pip install py-consul==1.8.0   (what .ci/run does)\n";
+    out += "!! and (node, npm) npm install --prefix target/client-npm consul@2.0.1\n";
     out += &format!("{rule}\n");
     out
 }
