@@ -172,6 +172,180 @@ fn readme_shows_the_two_commands() {
     }
 }
 
+/// Crates whose modules must stack: every `use crate::…` / `use super::…` points to a module
+/// that does not (directly or through others) import the importing one.
+const LAYERED_CRATES: &[&str] = &["cache-core"];
+
+#[test]
+fn modules_import_without_loops() {
+    for krate in LAYERED_CRATES {
+        let graph = import_graph(&project_root().join(krate).join("src"));
+        let cycles = find_cycles(&graph);
+        assert!(
+            cycles.is_empty(),
+            "{krate}: modules that import each other (directly or around a loop): {cycles:#?}"
+        );
+    }
+}
+
+#[test]
+fn the_import_loop_check_finds_a_loop() {
+    let mut graph = std::collections::BTreeMap::new();
+    graph.insert("a".to_owned(), vec!["b".to_owned()]);
+    graph.insert("b".to_owned(), vec!["c".to_owned()]);
+    graph.insert("c".to_owned(), vec!["a".to_owned()]);
+    graph.insert("d".to_owned(), vec!["a".to_owned()]);
+    assert_eq!(find_cycles(&graph).len(), 1);
+    graph.insert("c".to_owned(), Vec::new());
+    assert!(find_cycles(&graph).is_empty());
+}
+
+/// Module path (`watch::sink`) → the modules its `use crate::`/`use super::` lines name.
+/// `#[cfg(test)]` blocks are left out (test code may reach anywhere).
+fn import_graph(src: &Path) -> std::collections::BTreeMap<String, Vec<String>> {
+    let module_of = |file: &Path| -> String {
+        let rel = file.strip_prefix(src).unwrap_or(file).with_extension("");
+        let mut parts: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        if parts.last().is_some_and(|p| p == "mod") {
+            parts.pop();
+        }
+        parts.join("::")
+    };
+    let files = rust_files(src);
+    let modules: std::collections::BTreeSet<String> = files.iter().map(|f| module_of(f)).collect();
+    let mut graph = std::collections::BTreeMap::new();
+    for file in &files {
+        let me = module_of(file);
+        let text = read(file);
+        let text = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let mut deps = Vec::new();
+        let mut add = |deps: &mut Vec<String>, module: String| {
+            if module != me && module != "lib" && !deps.contains(&module) {
+                deps.push(module);
+            }
+        };
+        for line in text.lines() {
+            let line = line.trim_start();
+            if line.starts_with("//") {
+                continue;
+            }
+            let line = line
+                .strip_prefix("pub(crate) ")
+                .or_else(|| line.strip_prefix("pub "))
+                .unwrap_or(line);
+            // A parent contains the children it declares: `mod x;` is an arrow down to it.
+            if let Some(child) = line.strip_prefix("mod ").and_then(|l| l.strip_suffix(';')) {
+                let child = if me == "lib" || me == "main" {
+                    child.to_owned()
+                } else {
+                    format!("{me}::{child}")
+                };
+                if modules.contains(&child) {
+                    add(&mut deps, child);
+                }
+                continue;
+            }
+            // Paths written inline (`crate::agent::State`) count like `use` lines.
+            for (at, _) in line.match_indices("crate::") {
+                let preceded = line[..at]
+                    .chars()
+                    .next_back()
+                    .is_some_and(|c| c.is_alphanumeric() || c == '_');
+                if preceded {
+                    continue;
+                }
+                let rest: String = line[at + "crate::".len()..]
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+                    .collect();
+                let mut parts: Vec<String> = rest
+                    .split("::")
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                while !parts.is_empty() {
+                    let candidate = parts.join("::");
+                    if modules.contains(&candidate) {
+                        add(&mut deps, candidate);
+                        break;
+                    }
+                    parts.pop();
+                }
+            }
+            let Some(path) = line.strip_prefix("use ") else {
+                continue;
+            };
+            let mut parts: Vec<String> = if let Some(rest) = path.strip_prefix("crate::") {
+                rest.split("::").map(str::to_owned).collect()
+            } else if let Some(rest) = path.strip_prefix("super::") {
+                let mut base: Vec<String> = me.split("::").map(str::to_owned).collect();
+                base.pop();
+                base.extend(rest.split("::").map(str::to_owned));
+                base
+            } else {
+                continue;
+            };
+            // `use crate::a::{b, c}`: the longest prefix that names a module.
+            let parts_clean: Vec<String> = parts
+                .iter()
+                .map(|p| {
+                    p.chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect()
+                })
+                .collect();
+            parts = parts_clean;
+            while !parts.is_empty() {
+                let candidate = parts.join("::");
+                if modules.contains(&candidate) {
+                    add(&mut deps, candidate);
+                    break;
+                }
+                parts.pop();
+            }
+        }
+        graph.insert(me, deps);
+    }
+    graph
+}
+
+/// Every loop in `graph`, each as the modules around it.
+fn find_cycles(graph: &std::collections::BTreeMap<String, Vec<String>>) -> Vec<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &std::collections::BTreeMap<String, Vec<String>>,
+        state: &mut std::collections::BTreeMap<String, u8>,
+        stack: &mut Vec<String>,
+        cycles: &mut Vec<Vec<String>>,
+    ) {
+        state.insert(node.to_owned(), 1);
+        stack.push(node.to_owned());
+        for next in graph.get(node).into_iter().flatten() {
+            match state.get(next.as_str()) {
+                Some(1) => {
+                    let start = stack.iter().position(|m| m == next).unwrap_or(0);
+                    cycles.push(stack[start..].to_vec());
+                }
+                None => visit(next, graph, state, stack, cycles),
+                _ => {}
+            }
+        }
+        stack.pop();
+        state.insert(node.to_owned(), 2);
+    }
+    let mut state = std::collections::BTreeMap::new();
+    let mut cycles = Vec::new();
+    for node in graph.keys() {
+        if !state.contains_key(node.as_str()) {
+            visit(node, graph, &mut state, &mut Vec::new(), &mut cycles);
+        }
+    }
+    cycles
+}
+
 fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

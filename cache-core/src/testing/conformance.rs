@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use futures::future::{Either, select};
 
-use super::{MockError, MockRequest, MockServer, MockType};
+use super::mock::{MockError, MockRequest, MockType};
+use super::server::MockServer;
 use crate::cache::Cache;
 use crate::cache_type::{FetchResult, RegisterOptions};
 use crate::runtime::{SharedRuntime, Sleep};
