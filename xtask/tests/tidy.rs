@@ -222,7 +222,7 @@ fn import_graph(src: &Path) -> std::collections::BTreeMap<String, Vec<String>> {
         let text = read(file);
         let text = text.split("#[cfg(test)]").next().unwrap_or_default();
         let mut deps = Vec::new();
-        let mut add = |deps: &mut Vec<String>, module: String| {
+        let add = |deps: &mut Vec<String>, module: String| {
             if module != me && module != "lib" && !deps.contains(&module) {
                 deps.push(module);
             }
