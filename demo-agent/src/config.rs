@@ -2,6 +2,7 @@
 //! environment variable), parsed with clap.
 
 use std::fmt;
+use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -118,6 +119,24 @@ pub struct Config {
     /// Adds `GET /v1/agent/debug/panic`, a handler that panics (to show panic containment).
     #[arg(long, hide = true)]
     pub debug_routes: bool,
+}
+
+/// Why the agent did not start (see `Agent::start`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A flag combination is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// The kind of upstream store.

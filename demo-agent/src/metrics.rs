@@ -10,7 +10,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::agent::AgentState;
+use crate::http::state::AgentState;
 use crate::types::short_type_name;
 
 /// Renders every metric in the Prometheus (OpenMetrics) text format.

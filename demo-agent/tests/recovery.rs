@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::sse::SseReader;
@@ -173,14 +174,21 @@ async fn backing_off_reads_and_watches_are_current_within_a_second_of_recovery()
         let a = write_upstream(&t, "r/a", "v2").await;
         let b = write_upstream(&t, "r/b", "v2").await;
 
-        // The watch stream: the new value, without an error.
-        let event = loop {
-            let event = next_for(&mut stream, "key:r/a").await;
-            if event["index"] == a {
-                break event;
+        // The watch stream: the new values, without an error. (Events of one watch coalesce:
+        // the latest state is what counts.)
+        let mut latest = HashMap::new();
+        let (key_event, list_event) = loop {
+            let event = stream.next().await.expect("the stream stays open").data;
+            let id = event["correlation_id"].as_str().unwrap().to_owned();
+            latest.insert(id, event);
+            if let (Some(key), Some(list)) = (latest.get("key:r/a"), latest.get("prefix:r/")) {
+                if key["index"] == a && list["index"] == b {
+                    break (key.clone(), list.clone());
+                }
             }
         };
         let watch_took = back.elapsed();
+        let event = key_event;
         assert_eq!(event["value"], "v2");
         assert!(
             event["error"].is_null() && event["failing_since"].is_null(),
@@ -210,12 +218,7 @@ async fn backing_off_reads_and_watches_are_current_within_a_second_of_recovery()
             })
             .await;
         }
-        let list = loop {
-            let event = next_for(&mut stream, "prefix:r/").await;
-            if event["index"] == b {
-                break event;
-            }
-        };
+        let list = list_event;
         let took = back.elapsed();
         assert!(list["error"].is_null(), "{list}");
         eprintln!(

@@ -10,11 +10,11 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCause};
 use super::kv::get_error;
 use super::params::Params;
+use super::state::AgentState;
 use super::{set_cache_headers, set_index_headers};
-use crate::agent::AgentState;
 use crate::config::parse_rate;
 use crate::duration::{GoDuration, parse_duration};
 use crate::types::StatsRequest;
@@ -61,12 +61,22 @@ pub(super) async fn ready(State(state): State<AgentState>) -> Response {
             json!(GoDuration(state.inner.ready_grace).to_string()),
         );
     }
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, JsonLine(body)).into_response()
+    if ready {
+        return JsonLine(body).into_response();
+    }
+    // The cause, for the 5xx log line.
+    let cause = format!(
+        "not ready: the upstream has not answered for {}: {}",
+        GoDuration(Duration::from_millis(
+            contact
+                .down_for
+                .map_or(0, |d| d.as_millis().try_into().unwrap_or(u64::MAX))
+        )),
+        contact.last_error.as_deref().unwrap_or("no error recorded")
+    );
+    let mut response = (StatusCode::SERVICE_UNAVAILABLE, JsonLine(body)).into_response();
+    response.extensions_mut().insert(ErrorCause(cause));
+    response
 }
 
 /// `GET /v1/agent/metrics`: Prometheus text.

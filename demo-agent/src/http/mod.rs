@@ -23,11 +23,12 @@
 //! longest wait (10 min).
 
 mod agent_routes;
-pub mod consul;
 pub mod cache_view;
+pub mod consul;
 pub mod error;
 mod kv;
 pub mod params;
+pub mod state;
 mod status;
 mod ui;
 mod watch;
@@ -45,9 +46,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
-use crate::agent::AgentState;
 use crate::upstream::MAX_WAIT;
 use error::ApiError;
+use state::AgentState;
 
 /// The request timeout: above the longest blocking wait, so no long-poll is cut short.
 pub const REQUEST_TIMEOUT: Duration = MAX_WAIT.saturating_add(Duration::from_secs(60));

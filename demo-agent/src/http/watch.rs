@@ -26,7 +26,7 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::params::{self, MAX_WATCHES_PER_STREAM, Params};
-use crate::agent::AgentState;
+use super::state::AgentState;
 use crate::types::{KvRequest, ListRequest, ReadOptions};
 use crate::upstream::rfc3339;
 use crate::upstream::{KeyRead, ListRead, UpstreamError};
