@@ -25,8 +25,8 @@
 //! And a **side cycle** every 3 s: a new cache (cap 100) with its own upstream gets entries
 //! and 100 watches whose sinks share one channel, then two tasks keep calling `notify`
 //! (detaching the handles) while the main task calls `close()`; then the cache is dropped and
-//! its upstream shut down (in-flight fetches may finish, contract: Lifecycle 6; the upstream answers them,
-//! as a restarting server would). Every watch must end at close: the shared channel must
+//! its upstream shut down (in-flight fetches may finish, contract: Lifecycle 6; the upstream
+//! answers them, as a restarting server would). Every watch must end at close: the shared channel must
 //! close (every sink dropped) within 5 s, else the cycle counts as **stuck**.
 //!
 //! # What is measured

@@ -1,8 +1,9 @@
-//! The pure backoff state machine (docs/contract.md#backoff): fed outcomes, it answers how long to wait.
+//! The pure backoff state machine (docs/contract.md#backoff): fed outcomes, it answers how long
+//! to wait.
 //!
 //! No clock, no runtime and no random source live here: the caller supplies jitter as a number
-//! in `[0, 1)`, so tests are deterministic, and the same machine drives every fetch chain: background
-//! refresh and watches.
+//! in `[0, 1)`, so tests are deterministic, and the same machine drives every fetch chain:
+//! background refresh and watches.
 
 use std::time::Duration;
 

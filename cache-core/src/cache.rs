@@ -386,8 +386,8 @@ impl<T: CacheType> fmt::Debug for TypedCache<T> {
 }
 
 impl<T: CacheType> TypedCache<T> {
-    /// Gets the value for `request` (docs/contract.md#get): from a valid entry (a hit), or by joining or
-    /// starting the entry's single in-flight fetch and waiting for it.
+    /// Gets the value for `request` (docs/contract.md#get): from a valid entry (a hit), or by
+    /// joining or starting the entry's single in-flight fetch and waiting for it.
     ///
     /// A get makes one fetch attempt: if it fails, the error is returned (use
     /// [`TypedCache::get_outcome`] to also receive the last good value). With

@@ -1,6 +1,7 @@
-//! The fetch chain (docs/contract.md: Fetch, Backoff, Refresh): one task per entry at a time runs the single-flight fetch,
-//! stores its result, wakes waiters, offers it to watches, and — for refresh types and watched
-//! entries — fetches again after backoff, the refresh timer or the polling interval.
+//! The fetch chain (docs/contract.md: Fetch, Backoff, Refresh): one task per entry at a time
+//! runs the single-flight fetch, stores its result, wakes waiters, offers it to watches, and —
+//! for refresh types and watched entries — fetches again after backoff, the refresh timer or the
+//! polling interval.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -294,8 +295,8 @@ impl<T: CacheType> Store<T> {
         (opts, connected_timer)
     }
 
-    /// Stores a fetch's outcome in the entry (contract: Fetch 3–6). `fatal`: the type classified the
-    /// error as fatal (asked before the lock was taken).
+    /// Stores a fetch's outcome in the entry (contract: Fetch 3–6). `fatal`: the type classified
+    /// the error as fatal (asked before the lock was taken).
     fn apply(
         &self,
         slot: &mut Slot<T>,

@@ -1,5 +1,5 @@
-//! The get path (docs/contract.md#get): the hit path, the slow path that joins or starts the entry's fetch,
-//! timeouts, the one-attempt error rule and stale-if-error.
+//! The get path (docs/contract.md#get): the hit path, the slow path that joins or starts the
+//! entry's fetch, timeouts, the one-attempt error rule and stale-if-error.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

@@ -167,7 +167,8 @@ enum Answer {
     },
 }
 
-/// A delivered watch event (its `hit` flag is left out: the contract says only "possibly a hit", Watch 3).
+/// A delivered watch event (its `hit` flag is left out: the contract says only "possibly a
+/// hit", Watch 3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Obs {
     value: Option<u64>,

@@ -1,4 +1,5 @@
-//! The contract's Get and Fetch rules (docs/contract.md) on the virtual-time runtime: hit/miss, single-flight, blocking, errors, indexes.
+//! The contract's Get and Fetch rules (docs/contract.md) on the virtual-time runtime: hit/miss,
+//! single-flight, blocking, errors, indexes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -1,5 +1,5 @@
-//! The contract's Backoff, Refresh and Lifecycle rules (docs/contract.md) on the virtual-time runtime: background refresh, backoff, give-up, TTL expiry,
-//! capacity, rate limit, close.
+//! The contract's Backoff, Refresh and Lifecycle rules (docs/contract.md) on the virtual-time
+//! runtime: background refresh, backoff, give-up, TTL expiry, capacity, rate limit, close.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

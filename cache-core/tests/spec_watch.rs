@@ -1,4 +1,5 @@
-//! The contract's Watch rules (docs/contract.md#watch) on the virtual-time runtime: notify/watch loops, sharing, lifecycle, slow consumers.
+//! The contract's Watch rules (docs/contract.md#watch) on the virtual-time runtime: notify/watch
+//! loops, sharing, lifecycle, slow consumers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -56,7 +56,8 @@ where
     C: Clone + Send + Sync + 'static,
     S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
 {
-    /// Whether the snapshot is news to this watch (contract: Watch 3–5), updating its progress if so.
+    /// Whether the snapshot is news to this watch (contract: Watch 3–5), updating its progress
+    /// if so.
     fn accept(&self, store: &Store<T>, p: &mut Progress<T::Value, S>, snap: &Snapshot<T>) -> bool {
         let reset = snap.resets > p.last_resets && snap.value.is_some();
         let news = if p.last_index == 0 {
