@@ -17,7 +17,9 @@ pub struct UpdateEvent<C, V, E> {
     pub result: Option<V>,
     /// Hit, index and age, as a get would report them.
     pub meta: ResultMeta,
-    /// The fetch error, delivered only before the first value.
+    /// The error of the entry's last fetch, set only while that fetch failed (errors are state,
+    /// not history). Before the first value every failed fetch is an event; after it, a failure
+    /// at an unchanged index is retried, not delivered (contract: Watch 3, 5).
     pub error: Option<GetError<E>>,
 }
 
