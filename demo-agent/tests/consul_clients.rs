@@ -278,3 +278,84 @@ async fn npm_consul_against_etcd() {
     })
     .await;
 }
+
+/// `X-Consul-Index` as a number.
+fn consul_index(response: &reqwest::Response) -> u64 {
+    common::header(response, "x-consul-index")
+        .parse()
+        .expect("X-Consul-Index")
+}
+
+/// Cached reads in Consul's shapes, one body on both upstreams: a miss then a hit, a cached
+/// blocking get and a cached blocking listing woken by writes, and a write read back at once.
+async fn cached_consul_reads(t: TestAgent) {
+    let put = |key: &'static str, value: &'static str| {
+        let t = &t;
+        async move {
+            let response = t.put_body(&format!("/v1/kv/{key}"), value).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            consul_index(&response)
+        }
+    };
+    let written = put("c/a", "1").await;
+    let miss = t.get("/v1/kv/c/a?cached").await;
+    assert_eq!(common::header(&miss, "x-cache"), "MISS");
+    assert_eq!(consul_index(&miss), written);
+    let hit = t.get("/v1/kv/c/a?cached").await;
+    assert_eq!(common::header(&hit, "x-cache"), "HIT");
+    let body: Value = hit.json().await.unwrap();
+    assert_eq!(body[0]["ModifyIndex"], written);
+
+    let key_read = {
+        let client = t.client.clone();
+        let url = t.url(&format!("/v1/kv/c/a?cached&index={written}&wait=20s"));
+        tokio::spawn(async move { client.get(url).send().await.unwrap() })
+    };
+    let listing = t.get("/v1/kv/c/?recurse&cached").await;
+    let listed_at = consul_index(&listing);
+    let list_read = {
+        let client = t.client.clone();
+        let url = t.url(&format!("/v1/kv/c/?keys&cached&index={listed_at}&wait=20s"));
+        tokio::spawn(async move { client.get(url).send().await.unwrap() })
+    };
+    t.wait_metric("demo_agent_upstream_blocking_queries", 2.0)
+        .await;
+    let second = put("c/a", "2").await;
+    let response = key_read.await.unwrap();
+    assert_eq!(consul_index(&response), second);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body[0]["Value"], "Mg==");
+    let response = list_read.await.unwrap();
+    assert!(consul_index(&response) >= second);
+    let keys: Value = response.json().await.unwrap();
+    assert_eq!(keys, serde_json::json!(["c/a"]));
+
+    // Read your writes: the next cached read holds the write, whatever the refresh is doing.
+    let third = put("c/b", "3").await;
+    let response = t.get("/v1/kv/c/?recurse&cached").await;
+    assert!(consul_index(&response) >= third);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body.as_array().unwrap().len(), 2, "{body}");
+    t.shutdown().await;
+}
+
+#[tokio::test]
+async fn cached_consul_reads_embedded() {
+    bounded(async {
+        cached_consul_reads(common::start_default().await).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cached_consul_reads_etcd() {
+    if !etcd::available("cached_consul_reads_etcd") {
+        return;
+    }
+    bounded(async {
+        let cluster = EtcdCluster::start(1).await;
+        cached_consul_reads(etcd::start_agent(&cluster, KvCacheMode::Refresh).await).await;
+        drop(cluster);
+    })
+    .await;
+}
