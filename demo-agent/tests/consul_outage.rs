@@ -171,3 +171,32 @@ async fn a_write_is_read_back_while_the_refresh_chain_backs_off() {
     })
     .await;
 }
+
+/// Simple caching through an outage: a read that must revalidate serves the last value under
+/// `stale-if-error`, marked stale (X-Cache: HIT, Age, Warning 110); without it, a 503 with
+/// `Retry-After`.
+#[tokio::test]
+async fn stale_if_error_marks_the_value_stale() {
+    bounded(async {
+        let t = common::start_simple().await;
+        let index = cput(&t, "k", "v1").await;
+        assert_eq!(t.get("/v1/kv/k?cached").await.status(), StatusCode::OK);
+        t.set_fail(true).await;
+        let stale = t
+            .get_cache_control("/v1/kv/k?cached", "max-age=0, stale-if-error=600")
+            .await;
+        assert_eq!(stale.status(), StatusCode::OK);
+        assert_eq!(consul_index(&stale), index);
+        assert_eq!(header(&stale, "x-cache"), "HIT");
+        assert_eq!(header(&stale, "warning"), "110 - \"Response is Stale\"");
+        assert!(header(&stale, "age").parse::<u64>().is_ok());
+        let body: Value = stale.json().await.unwrap();
+        assert_eq!(body[0]["Value"], "djE=");
+        let strict = t.get_cache_control("/v1/kv/k?cached", "max-age=0").await;
+        assert_eq!(strict.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(header(&strict, "retry-after").parse::<u64>().is_ok());
+        t.set_fail(false).await;
+        t.shutdown().await;
+    })
+    .await;
+}
