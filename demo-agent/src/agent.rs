@@ -26,8 +26,6 @@ use crate::http;
 
 pub use crate::config::StartError;
 pub use crate::http::state::AgentState;
-// The path `http/cache_view.rs` imports it by.
-pub(crate) use crate::http::state::StateInner;
 
 /// How long shutdown waits for in-flight responses before it gives up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);

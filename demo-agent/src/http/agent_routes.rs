@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::error::{ApiError, ErrorCause};
-use super::kv::get_error;
 use super::params::Params;
 use super::state::AgentState;
 use super::{set_cache_headers, set_index_headers};
@@ -94,7 +93,7 @@ pub(super) async fn metrics(State(state): State<AgentState>) -> Response {
 pub(super) async fn stats(State(state): State<AgentState>) -> Response {
     let outcome = state.inner.stats.get_outcome(&StatsRequest).await;
     let mut response = match (outcome.error, outcome.value) {
-        (Some(error), _) => get_error(error).into_response(),
+        (Some(error), _) => ApiError::from(error).into_response(),
         (None, None) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no stats yet").into_response()
         }

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use super::JsonLine;
 use super::error::ApiError;
 use super::params::{self, Params};
-use crate::agent::{AgentState, StateInner};
+use super::state::{AgentState, StateInner};
 use crate::duration::GoDuration;
 use crate::types::short_type_name;
 

@@ -6,6 +6,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use cache_core::GetError;
+
 use crate::upstream::UpstreamError;
 
 /// An error response: a status, a message naming the problem, and optionally the index the
@@ -39,6 +41,17 @@ impl ApiError {
     pub fn with_index(mut self, index: u64) -> Self {
         self.index = Some(index);
         self
+    }
+}
+
+/// A cache read's error: the upstream's failure maps as [`UpstreamError`] does (503, 409),
+/// anything else (a panicked fetch, a closed cache) is a 500.
+impl From<GetError<UpstreamError>> for ApiError {
+    fn from(error: GetError<UpstreamError>) -> Self {
+        match error.fetch_error() {
+            Some(upstream) => Self::from(upstream.clone()),
+            None => Self::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+        }
     }
 }
 

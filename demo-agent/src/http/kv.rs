@@ -45,8 +45,8 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::params::{self, CacheControl, Params};
+use super::state::AgentState;
 use super::{set_cache_headers, set_index_headers};
-use crate::agent::AgentState;
 use crate::config::KvCacheMode;
 use crate::types::{KvRequest, ListRequest, ReadOptions};
 use crate::upstream::{KeyRead, ListRead, RESERVED_PREFIX, ReadMode, UpstreamError};

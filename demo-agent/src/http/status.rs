@@ -17,7 +17,7 @@ use serde_json::json;
 use super::JsonLine;
 use super::consul::DATACENTER;
 use super::error::ApiError;
-use crate::agent::AgentState;
+use super::state::AgentState;
 
 /// The version this agent reports.
 pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
