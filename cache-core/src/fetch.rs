@@ -12,6 +12,7 @@ use futures::FutureExt;
 use futures::future::{Either, select};
 
 use crate::cache_type::{CacheType, Connected, FetchOptions, FetchResult, LastResult};
+use crate::chain;
 use crate::error::GetError;
 use crate::metrics::bump;
 use crate::runtime::Sleep;
@@ -39,64 +40,59 @@ impl<T: CacheType> Store<T> {
         let Some(this) = self.this.upgrade() else {
             return;
         };
-        let st = &mut slot.st;
-        st.generation += 1;
-        st.refresh_stopped = false;
-        if std::mem::take(&mut st.chain_sleeping) {
+        let (generation, replaced) = slot.st.chain.start(first_at.is_none());
+        if replaced {
             // Wake the replaced chain so that it stops now, not at its next timer.
             wake_all(&slot.entry.changed);
         }
-        match first_at {
-            None => st.fetching = true,
-            Some(_) => st.chain_sleeping = true,
-        }
-        let chain = this.fetch_chain(slot.entry.clone(), st.generation, request, first_at);
+        let chain = this.fetch_chain(slot.entry.clone(), generation, request, first_at);
         self.shared.rt.spawn(Box::pin(chain));
     }
 
-    /// Whether a chain should keep fetching after a completed fetch: refresh types until
-    /// refresh stops, and any type while it has watchers.
-    fn chain_continues(&self, slot: &Slot<T>) -> bool {
-        if self.shared.is_closed() {
-            return false;
-        }
-        (self.opts.refresh && !slot.st.refresh_stopped)
-            || slot.entry.watchers.load(Ordering::Acquire) > 0
+    /// Whether the entry still needs its chain (see [`chain::needed`]).
+    fn chain_needed(&self, slot: &Slot<T>) -> bool {
+        chain::needed(
+            self.shared.is_closed(),
+            self.opts.refresh && !slot.st.chain.refresh_stopped(),
+            slot.entry.watchers.load(Ordering::Acquire) > 0,
+        )
     }
 
-    /// The pause before a chain's next fetch (saturating: a huge option means "never").
-    fn next_wait(&self, slot: &Slot<T>, now: Instant) -> Duration {
+    /// The pause before the chain's next fetch, or `None` when it ends: the pure decision of
+    /// [`chain::next_fetch`] on this entry's state, with the runtime's jitter.
+    fn next_fetch(&self, slot: &Slot<T>, now: Instant) -> Option<Duration> {
         let st = &slot.st;
-        let backoff = st
-            .backoff()
-            .wait(&self.shared.backoff, self.shared.rt.jitter());
-        if self.opts.refresh && !st.refresh_stopped {
-            return backoff.saturating_add(self.opts.refresh_timer);
-        }
-        if self.opts.supports_blocking || st.backoff().failures() > 0 {
-            return backoff;
-        }
-        // Polling watches: wait `max_age - age`, plus up to a tenth of max_age of jitter.
-        let max_age = slot
-            .entry
-            .watch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(|w| w.max_age())
-            .min()
-            .unwrap_or_default();
-        let age = st.fetched_at.map_or(Duration::ZERO, |t| self.since(t, now));
-        let jitter = Duration::try_from_secs_f64(
-            max_age.as_secs_f64() * self.shared.rt.jitter().clamp(0.0, 1.0) / 10.0,
-        )
-        .unwrap_or(Duration::MAX);
-        max_age.saturating_sub(age).saturating_add(jitter)
+        let watched = slot.entry.watchers.load(Ordering::Acquire) > 0;
+        let poll_every = if watched && !self.opts.supports_blocking {
+            slot.entry
+                .watch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter_map(|w| w.max_age())
+                .min()
+                .unwrap_or_default()
+        } else {
+            Duration::ZERO
+        };
+        let after = chain::After {
+            closed: self.shared.is_closed(),
+            refresh: self.opts.refresh,
+            refresh_stopped: st.chain.refresh_stopped(),
+            watched,
+            blocking: self.opts.supports_blocking,
+            backoff: st.backoff(),
+            refresh_timer: self.opts.refresh_timer,
+            poll_every,
+            age: st.fetched_at.map_or(Duration::ZERO, |t| self.since(t, now)),
+            jitter: self.shared.rt.jitter(),
+        };
+        chain::next_fetch(&self.shared.backoff, &after)
     }
 
     /// The signal a blocking fetch gives when the server accepted its query (see
     /// [`Connected`]): clears the entry's error and lost-contact time at once.
-    fn connected_signal(&self, entry: &Arc<EntryShared<T>>, generation: u64) -> Connected {
+    fn connected_signal(&self, entry: &Arc<EntryShared<T>>, generation: u32) -> Connected {
         let store = self.this.clone();
         let entry = entry.clone();
         Connected::new(move || {
@@ -104,7 +100,7 @@ impl<T: CacheType> Store<T> {
                 return;
             };
             let failing = store.with_slot(&entry, |slot| {
-                if slot.st.generation == generation && slot.st.fetching {
+                if slot.st.chain.owns(generation) && slot.st.chain.is_fetching() {
                     slot.st.connected()
                 } else {
                     0
@@ -120,7 +116,7 @@ impl<T: CacheType> Store<T> {
     async fn fetch_chain(
         self: Arc<Self>,
         entry: Arc<EntryShared<T>>,
-        generation: u64,
+        generation: u32,
         request: T::Request,
         first_at: Option<Option<Instant>>,
     ) {
@@ -136,20 +132,15 @@ impl<T: CacheType> Store<T> {
                     let changed = entry.changed.listen();
                     let closed = self.shared.close_event.listen();
                     let claimed = self.with_slot(&entry, |slot| {
-                        if slot.st.generation != generation || !self.chain_continues(slot) {
-                            if slot.st.generation == generation {
-                                slot.st.chain_sleeping = false;
-                                slot.st.wake_now = false;
-                            }
+                        if !slot.st.chain.owns(generation) {
+                            return Some(false);
+                        }
+                        if !self.chain_needed(slot) {
+                            slot.st.chain.stop(generation);
                             return Some(false);
                         }
                         let due = deadline.is_some_and(|d| rt.now() >= d);
-                        if due || std::mem::take(&mut slot.st.wake_now) {
-                            slot.st.chain_sleeping = false;
-                            slot.st.fetching = true;
-                            return Some(true);
-                        }
-                        None
+                        slot.st.chain.claim(generation, due).then_some(true)
                     });
                     match claimed {
                         None | Some(Some(false)) => return,
@@ -179,7 +170,7 @@ impl<T: CacheType> Store<T> {
                 let changed = entry.changed.listen();
                 let now = rt.now();
                 let step = self.with_slot(&entry, |slot| {
-                    if slot.st.generation != generation {
+                    if !slot.st.chain.owns(generation) {
                         return None;
                     }
                     if limit.per_second.is_some() {
@@ -247,17 +238,15 @@ impl<T: CacheType> Store<T> {
                 _ => false,
             };
             let next = self.with_slot(&entry, |slot| {
-                if slot.st.generation != generation {
+                if !slot.st.chain.owns(generation) {
                     // Replaced by a newer chain while in flight: the newer one owns the entry.
                     return (None, None);
                 }
                 self.apply(slot, result, fatal, now);
                 let snapshot = (slot.entry.watchers.load(Ordering::Acquire) > 0)
                     .then(|| self.snapshot_of(&slot.st, false, now));
-                let wait = self
-                    .chain_continues(slot)
-                    .then(|| self.next_wait(slot, now));
-                slot.st.chain_sleeping = wait.is_some();
+                let wait = self.next_fetch(slot, now);
+                slot.st.chain.fetch_done(wait);
                 (wait, snapshot)
             });
             wake_all(&entry.changed);
@@ -305,7 +294,6 @@ impl<T: CacheType> Store<T> {
         now: Instant,
     ) {
         let st = &mut slot.st;
-        st.fetching = false;
         st.attempts += 1;
         let success = match result {
             Ok(Ok(result)) => {
@@ -368,11 +356,11 @@ impl<T: CacheType> Store<T> {
         }
         let st = &mut slot.st;
         if self.opts.refresh && fatal {
-            st.refresh_stopped = true;
+            st.chain.stop_refresh();
         }
         if let (Some(give_up), Some(since)) = (self.opts.refresh_give_up, st.failing_since()) {
             if self.since(since, now) >= give_up {
-                st.refresh_stopped = true;
+                st.chain.stop_refresh();
             }
         }
     }

@@ -54,7 +54,7 @@ impl<T: CacheType> Store<T> {
             }
             if must_revalidate {
                 // An open fetch means the entry is current: the reference leaves it alone.
-                return st.fetching;
+                return st.chain.is_fetching();
             }
         }
         true
@@ -205,7 +205,7 @@ impl<T: CacheType> Store<T> {
                         bump(&self.counters.misses_new);
                     }
                 }
-                if !slot.st.fetching && self.shared.is_closed() {
+                if !slot.st.chain.is_fetching() && self.shared.is_closed() {
                     // A closed cache starts nothing new: answer at once with what there is.
                     return Err(GetOutcome {
                         value: slot.st.value.clone(),
@@ -213,7 +213,7 @@ impl<T: CacheType> Store<T> {
                         error: Some(GetError::Closed),
                     });
                 }
-                if !slot.st.fetching {
+                if !slot.st.chain.is_fetching() {
                     let backoff = if attempted {
                         slot.st
                             .backoff()

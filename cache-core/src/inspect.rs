@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::cache_type::CacheType;
+use crate::chain::Chain;
 use crate::store::{Slot, Store};
 
 /// The most entries one [`EntryQuery`] returns, whatever its `limit`.
@@ -255,8 +256,9 @@ impl<T: CacheType> Store<T> {
             error: st.error().map(ToString::to_string),
             failing_for: st.failing_since().map(|t| t.until(now_ns)),
             watchers: slot.entry.watchers.load(Ordering::Relaxed),
-            in_backoff: st.backoff().failures() > 0,
-            fetching: st.fetching,
+            in_backoff: matches!(st.chain.chain(), Chain::Sleeping { .. })
+                && st.backoff().failures() > 0,
+            fetching: st.chain.is_fetching(),
             ttl_left: self.ttl_left(slot, now_ns),
         }
     }

@@ -66,6 +66,7 @@
 pub mod backoff;
 mod cache;
 mod cache_type;
+mod chain;
 mod error;
 mod expiry;
 mod fetch;

@@ -20,6 +20,7 @@ use hashbrown::HashTable;
 
 use crate::backoff::Backoff;
 use crate::cache_type::{CacheType, FetchState, RegisterOptions, RequestInfo};
+use crate::chain::ChainState;
 use crate::error::GetError;
 use crate::expiry::Expirable;
 use crate::metrics::{Counters, TypeMetrics, bump};
@@ -194,20 +195,14 @@ pub(crate) struct EntryState<T: CacheType> {
     pub(crate) value: Option<T::Value>,
     pub(crate) index: u64,
     pub(crate) fetched_at: Option<Stamp>,
-    /// Bumped whenever a new fetch chain takes over the entry; an older chain stops.
-    pub(crate) generation: u64,
+    /// The entry's fetch chain: idle, fetching or sleeping, and its generation.
+    pub(crate) chain: ChainState,
     /// Completed fetch attempts.
     pub(crate) attempts: u64,
     /// Times the index went backwards (server restore, compaction); 32 bits keep the slot
     /// within its budget, and four billion resets of one entry do not happen.
     pub(crate) resets: u32,
-    pub(crate) fetching: bool,
     pub(crate) expiry_scheduled: bool,
-    pub(crate) chain_sleeping: bool,
-    /// Background refresh stopped (fatal error or give-up) until a get fetches again.
-    pub(crate) refresh_stopped: bool,
-    /// A sleeping chain backing off was asked to retry now (`Cache::retry_now`).
-    pub(crate) wake_now: bool,
     /// Gets waiting on the entry. Such an entry is not evicted for capacity: its gets would
     /// only create it again and evict another one's (at worst each other's, forever).
     pub(crate) waiters: u32,
@@ -260,14 +255,10 @@ impl<T: CacheType> EntryState<T> {
             value: None,
             index: 0,
             fetched_at: None,
-            generation: 0,
+            chain: ChainState::default(),
             attempts: 0,
             resets: 0,
-            fetching: false,
             expiry_scheduled: false,
-            chain_sleeping: false,
-            refresh_stopped: false,
-            wake_now: false,
             waiters: 0,
             cold: None,
         }
@@ -696,8 +687,8 @@ impl<T: CacheType> Store<T> {
             let mut table = shard.table.write().unwrap_or_else(|p| p.into_inner());
             for slot in table.iter_mut() {
                 let st = &mut slot.st;
-                if st.chain_sleeping && st.backoff().failures() > 0 {
-                    st.wake_now = true;
+                let failures = st.backoff().failures();
+                if st.chain.retry_now(failures) {
                     woken.push(slot.entry.clone());
                 }
             }

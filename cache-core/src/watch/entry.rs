@@ -85,7 +85,7 @@ impl<T: CacheType> Store<T> {
             let fresh = st.value.is_some() && max_age.is_none_or(|m| age.is_some_and(|a| a <= m));
             // The first delivery may be a cache hit.
             let initial = fresh.then(|| self.snapshot_of(st, true, now));
-            if !st.fetching && !st.chain_sleeping {
+            if !st.chain.is_active() {
                 // Nothing keeps this entry fetching: start the watch loop. A fresh polled
                 // value is next fetched when it reaches max age (never, for a max age too
                 // long to represent).
