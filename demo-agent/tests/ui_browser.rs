@@ -599,6 +599,12 @@ async fn the_page_shows_entries_and_the_upstream_through_an_outage() {
             outage.as_str().unwrap().starts_with("none"),
             "no outage shown once contact is back: {outage}"
         );
+        // The entry's retried fetch reaches the upstream: its row is healthy again.
+        browser
+            .wait_for("ui/alpha recovered", &row_script("ui/alpha"), |v| {
+                v["failing"] == false && v["result"] == "ok" && v["backoff"] == "–"
+            })
+            .await;
 
         browser.close().await;
         t.shutdown().await;

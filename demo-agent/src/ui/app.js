@@ -215,9 +215,13 @@ function renderEntries(page) {
     } else {
       result.append(el("span", "tag tag-idle", "none"));
     }
+    // The engine reports the backoff state until the retried fetch completes; a blocking
+    // fetch that the upstream accepted is current, so only a chain that waits is shown.
     const backoff = el("td");
-    if (e.in_backoff) {
+    if (e.in_backoff && !e.fetching) {
       backoff.append(el("span", "tag tag-warn", e.failing_for_ms !== null ? "failing " + fmtDuration(e.failing_for_ms) : "backoff"));
+    } else if (e.in_backoff && e.error) {
+      backoff.append(el("span", "tag tag-warn", "retrying"));
     } else {
       backoff.textContent = "–";
     }
