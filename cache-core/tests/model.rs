@@ -1,16 +1,23 @@
 //! A model-based test of the engine (issue 10): a reference model of the cache — entries,
-//! indexes, TTLs, the capacity bound, in-flight fetches, watches and close — driven by random
-//! sequences of operations on the virtual-time runtime. After every step the engine's answers,
-//! delivered events, entry count (`Cache::len`), watch liveness and live tasks are compared
-//! with the model's.
+//! indexes, TTLs, the capacity bound, in-flight fetches, background refresh, watches and close —
+//! driven by random sequences of operations on the virtual-time runtime. After every step the
+//! engine's answers, delivered events, entry count (`Cache::len`), watch liveness and live
+//! tasks are compared with the model's.
 //!
-//! The cache under test: one blocking, non-refresh type over a per-key upstream, four keys, a
-//! capacity of three entries, backoff without jitter (so waits are exact), and durations with
-//! distinct sub-millisecond offsets so that no two timers of the model ever fall on the same
+//! The cache under test: two blocking types over a per-key upstream — one plain (keys a–d),
+//! one with background refresh and a zero refresh timer (keys ra–rd) — a capacity of five
+//! entries across both, backoff without jitter (so waits are exact), and durations with
+//! distinct sub-millisecond offsets so that no two timers of the model fall on the same
 //! instant. Every step starts one millisecond after the previous one, so reads have distinct
 //! times and the least recently read entry is well defined. Where the model cannot tell what
 //! the engine may legitimately do (two candidates for eviction read at the same instant, two
 //! reads racing for one injected failure) the case stops there, counted as passed.
+//!
+//! Two readings of SPEC the model makes, where the engine's tasks interleave at one instant:
+//! a get answers from the fetch it waited for (an error that began with a later attempt, such
+//! as a refresh failing right after, is not its own: issue 10, defect 10); and when its own
+//! attempt failed but a refresh already succeeded by the time it looks, it answers with that
+//! value (the error is no longer stored).
 //!
 //! Runs: `cargo test -p cache-core --test model` runs a fixed, seeded set of cases (256 by
 //! default, under a second). `PROPTEST_CASES=5000 MODEL_SEED=7 cargo test -p cache-core --test model` runs a
@@ -39,8 +46,8 @@ use cache_core::sim::SimRuntime;
 use cache_core::testing::{MockError, MockRequest, MockType};
 use cache_core::watch::UpdateEvent;
 use cache_core::{
-    BackoffPolicy, BoxFuture, Cache, FetchResult, GetError, GetOutcome, RegisterOptions, Runtime,
-    Sleep, Timer, TypedCache, WatchHandle,
+    BackoffPolicy, BoxFuture, Cache, CacheType, FetchOptions, FetchResult, GetError, GetOutcome,
+    RegisterOptions, Runtime, Sleep, Timer, TypedCache, WatchHandle,
 };
 use event_listener::Event;
 use futures::future::select;
@@ -54,8 +61,16 @@ fn known(defect: u32) -> bool {
     KNOWN_DEFECTS.contains(&defect)
 }
 
-const KEYS: [&str; 4] = ["a", "b", "c", "d"];
-const CAPACITY: usize = 3;
+/// Keys of the blocking type, then keys of the refresh type.
+const KEYS: [&str; 8] = ["a", "b", "c", "d", "ra", "rb", "rc", "rd"];
+/// Keys from here on belong to the refresh type.
+const FIRST_REFRESH_KEY: usize = 4;
+const CAPACITY: usize = 5;
+
+/// Whether `key` belongs to the refresh type (blocking, `refresh`, refresh timer 0).
+fn is_refresh(key: usize) -> bool {
+    key >= FIRST_REFRESH_KEY
+}
 /// The first index of every key upstream (above 1, so that it can go backwards).
 const FIRST_INDEX: u64 = 8;
 
@@ -101,6 +116,8 @@ pub(crate) enum Op {
     Fail(usize),
     /// The key's next read upstream panics.
     Panic(usize),
+    /// The key's next read upstream answers as usual, the one after fails.
+    FailAfter(usize),
     /// Virtual time moves on by this many seconds.
     Advance(u64),
     /// `Cache::close`; the sequence ends with the checks of close.
@@ -119,6 +136,7 @@ impl fmt::Debug for Op {
             Op::Reset(k) => write!(f, "Reset({})", KEYS[*k]),
             Op::Fail(k) => write!(f, "Fail({})", KEYS[*k]),
             Op::Panic(k) => write!(f, "Panic({})", KEYS[*k]),
+            Op::FailAfter(k) => write!(f, "FailAfter({})", KEYS[*k]),
             Op::Advance(s) => write!(f, "Advance({s}s)"),
             Op::Close => write!(f, "Close"),
         }
@@ -136,7 +154,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => key.clone().prop_map(Op::Change),
         1 => key.clone().prop_map(Op::Reset),
         2 => key.clone().prop_map(Op::Fail),
-        1 => key.prop_map(Op::Panic),
+        1 => key.clone().prop_map(Op::Panic),
+        1 => key.prop_map(Op::FailAfter),
         3 => (1..=30u64).prop_map(Op::Advance),
         1 => Just(Op::Close),
     ]
@@ -276,14 +295,32 @@ impl Runtime for CountingRuntime {
 struct UpKey {
     value: u64,
     index: u64,
-    failures: VecDeque<Kind>,
+    /// What the next reads do: `None` answers as usual, `Some` fails.
+    failures: VecDeque<Option<Kind>>,
+}
+
+/// One look of a read at its key: an injected outcome first, else the value once the index
+/// differs from `min_index` (or the read timed out); `None` while it blocks. The engine's
+/// upstream and the model both use it.
+fn read_step(
+    value: u64,
+    index: u64,
+    failures: &mut VecDeque<Option<Kind>>,
+    min_index: u64,
+    timed_out: bool,
+) -> Option<Result<(u64, u64), Kind>> {
+    if let Some(Some(kind)) = failures.pop_front() {
+        return Some(Err(kind));
+    }
+    (index != min_index || timed_out).then_some(Ok((value, index)))
 }
 
 /// The authoritative store: one value and index per key, blocking reads, injected failures.
 struct Upstream {
     rt: SimRuntime,
     keys: Mutex<HashMap<String, UpKey>>,
-    changed: Event,
+    /// One per key: a write wakes only the reads of its key.
+    changed: Vec<Event>,
 }
 
 const PANIC_MESSAGE: &str = "model: injected fetch panic";
@@ -305,13 +342,13 @@ impl Upstream {
         Arc::new(Self {
             rt,
             keys: Mutex::new(keys),
-            changed: Event::new(),
+            changed: KEYS.iter().map(|_| Event::new()).collect(),
         })
     }
 
     fn update(&self, key: usize, f: impl FnOnce(&mut UpKey)) {
         f(self.keys.lock().unwrap().get_mut(KEYS[key]).unwrap());
-        self.changed.notify(usize::MAX);
+        self.changed[key].notify(usize::MAX);
     }
 
     /// A blocking read: answers once the index differs from `min_index`, at `timeout` with
@@ -325,23 +362,18 @@ impl Upstream {
         let deadline = self.rt.now() + timeout;
         let mut sleep: Option<Sleep> = None;
         loop {
-            let listener = self.changed.listen();
+            let k = KEYS.iter().position(|k| *k == key).unwrap();
+            let listener = self.changed[k].listen();
             let timed_out = self.rt.now() >= deadline;
             let step = {
                 let mut keys = self.keys.lock().unwrap();
-                let k = keys.get_mut(&key).unwrap();
-                match k.failures.pop_front() {
-                    Some(kind) => Some(Err(kind)),
-                    None if k.index != min_index || timed_out => {
-                        Some(Ok(FetchResult::new(k.value, k.index)))
-                    }
-                    None => None,
-                }
+                let u = keys.get_mut(&key).unwrap();
+                read_step(u.value, u.index, &mut u.failures, min_index, timed_out)
             };
             match step {
-                Some(Ok(result)) => return Ok(result),
-                Some(Err(Kind::Error | Kind::Closed)) => return Err(MockError::new("injected")),
+                Some(Ok((value, index))) => return Ok(FetchResult::new(value, index)),
                 Some(Err(Kind::Panic)) => panic!("{PANIC_MESSAGE}"),
+                Some(Err(_)) => return Err(MockError::new("injected")),
                 None => {}
             }
             let timer = sleep.get_or_insert_with(|| Sleep::until(&self.rt, deadline));
@@ -352,6 +384,27 @@ impl Upstream {
 
 fn initial_value(key: usize) -> u64 {
     (key as u64 + 1) * 1000
+}
+
+/// The refresh type: a second Rust type (a type registers once per Rust type).
+struct RefreshType(MockType<u64>);
+
+impl CacheType for RefreshType {
+    type Request = MockRequest;
+    type Value = u64;
+    type Error = MockError;
+
+    fn register_options(&self) -> RegisterOptions {
+        self.0.register_options()
+    }
+
+    fn fetch(
+        &self,
+        opts: FetchOptions<u64>,
+        request: &MockRequest,
+    ) -> impl Future<Output = Result<FetchResult<u64>, MockError>> + Send {
+        self.0.fetch(opts, request)
+    }
 }
 
 struct SutWatch {
@@ -366,6 +419,7 @@ struct Sut {
     live: Arc<AtomicUsize>,
     cache: Cache,
     typed: TypedCache<MockType<u64>>,
+    refreshing: TypedCache<RefreshType>,
     up: Arc<Upstream>,
     gets: Vec<Arc<Mutex<Option<Answer>>>>,
     watches: Vec<SutWatch>,
@@ -384,26 +438,31 @@ impl Sut {
             .max_entries(CAPACITY)
             .build();
         let up = Upstream::new(sim.clone());
-        let reader = up.clone();
-        let ty = MockType::new(
-            RegisterOptions::new()
-                .supports_blocking(true)
-                .query_timeout(QUERY_TIMEOUT)
-                .last_get_ttl(TTL),
-            move |opts, req: MockRequest| {
-                let up = reader.clone();
-                async move {
-                    up.read(req.key().to_owned(), opts.min_index, opts.timeout)
-                        .await
-                }
-            },
-        );
-        let typed = cache.register(ty);
+        let mock = |refresh: bool| {
+            let reader = up.clone();
+            MockType::new(
+                RegisterOptions::new()
+                    .supports_blocking(true)
+                    .refresh(refresh)
+                    .query_timeout(QUERY_TIMEOUT)
+                    .last_get_ttl(TTL),
+                move |opts, req: MockRequest| {
+                    let up = reader.clone();
+                    async move {
+                        up.read(req.key().to_owned(), opts.min_index, opts.timeout)
+                            .await
+                    }
+                },
+            )
+        };
+        let typed = cache.register(mock(false));
+        let refreshing = cache.register(RefreshType(mock(true)));
         Self {
             sim,
             live,
             cache,
             typed,
+            refreshing,
             up,
             gets: Vec::new(),
             watches: Vec::new(),
@@ -423,15 +482,38 @@ impl Sut {
         }
     }
 
-    fn get(&mut self, request: MockRequest) {
+    fn get(&mut self, key: usize, request: MockRequest) {
         let slot = Arc::new(Mutex::new(None));
         let done = slot.clone();
-        let typed = self.typed.clone();
-        self.sim.spawn_detached(Budgeted(Box::pin(async move {
-            let outcome = typed.get_outcome(&request).await;
-            *done.lock().unwrap() = Some(answer(outcome));
-        })));
+        let future: BoxFuture<'static, ()> = if is_refresh(key) {
+            let typed = self.refreshing.clone();
+            Box::pin(async move {
+                let outcome = typed.get_outcome(&request).await;
+                *done.lock().unwrap() = Some(answer(outcome));
+            })
+        } else {
+            let typed = self.typed.clone();
+            Box::pin(async move {
+                let outcome = typed.get_outcome(&request).await;
+                *done.lock().unwrap() = Some(answer(outcome));
+            })
+        };
+        self.sim.spawn_detached(Budgeted(future));
         self.gets.push(slot);
+    }
+
+    fn notify(
+        &self,
+        key: usize,
+        id: usize,
+        tx: async_channel::Sender<Ev>,
+    ) -> Result<WatchHandle, cache_core::WatchError> {
+        let request = MockRequest::new(KEYS[key]);
+        if is_refresh(key) {
+            self.refreshing.notify(request, id, tx)
+        } else {
+            self.typed.notify(request, id, tx)
+        }
     }
 
     fn drain(&mut self) {
@@ -463,6 +545,8 @@ struct MEntry {
     last_read: Duration,
     expiry_started: bool,
     failures: u32,
+    /// The attempt that began the current run of failures.
+    failing_from: u64,
     attempts: u64,
     resets: u64,
     fetching: bool,
@@ -517,7 +601,7 @@ enum Work {
 struct Model {
     now: Duration,
     closed: bool,
-    up: Vec<(u64, u64, VecDeque<Kind>)>,
+    up: Vec<(u64, u64, VecDeque<Option<Kind>>)>,
     next_value: u64,
     entries: Vec<Option<MEntry>>,
     next_inc: u64,
@@ -597,6 +681,7 @@ impl Model {
                 last_read: self.now,
                 expiry_started: false,
                 failures: 0,
+                failing_from: 0,
                 attempts: 0,
                 resets: 0,
                 fetching: false,
@@ -668,21 +753,41 @@ impl Model {
         self.begin_read(key, inc, min_index);
     }
 
+    /// The chain fetches again from its own task: a read that answers at once completes
+    /// before any get woken meanwhile looks (they run after the chain's task yields).
+    fn continue_chain(&mut self, key: usize) {
+        let e = self.entry(key);
+        e.sleep_until = None;
+        e.fetching = true;
+        let (inc, min_index) = (e.inc, e.index);
+        let (value, index, failures) = &mut self.up[key];
+        match read_step(*value, *index, failures, min_index, false) {
+            Some(result) => self.complete(key, inc, result),
+            None => {
+                let deadline = self.now + QUERY_TIMEOUT;
+                self.fetches.push(MFetch {
+                    key,
+                    inc,
+                    min_index,
+                    deadline,
+                });
+            }
+        }
+    }
+
     fn begin_read(&mut self, key: usize, inc: u64, min_index: u64) {
         let (value, index, failures) = &mut self.up[key];
-        if let Some(kind) = failures.pop_front() {
-            self.work.push_back(Work::Complete(key, inc, Err(kind)));
-        } else if *index != min_index {
-            self.work
-                .push_back(Work::Complete(key, inc, Ok((*value, *index))));
-        } else {
-            let deadline = self.now + QUERY_TIMEOUT;
-            self.fetches.push(MFetch {
-                key,
-                inc,
-                min_index,
-                deadline,
-            });
+        match read_step(*value, *index, failures, min_index, false) {
+            Some(result) => self.work.push_back(Work::Complete(key, inc, result)),
+            None => {
+                let deadline = self.now + QUERY_TIMEOUT;
+                self.fetches.push(MFetch {
+                    key,
+                    inc,
+                    min_index,
+                    deadline,
+                });
+            }
         }
     }
 
@@ -700,7 +805,9 @@ impl Model {
             let seen_resets = *get.seen_resets.get_or_insert(e.resets);
             let reset = e.resets > seen_resets && e.value.is_some();
             if let Some(seen) = get.seen_attempts {
-                if e.attempts > seen {
+                // The attempt this get waited for failed: its error (SPEC §4.4). An error
+                // that began with a later attempt (a refresh right after) is not its own.
+                if e.attempts > seen && e.failing_from <= seen + 1 {
                     if let Some(kind) = e.error {
                         answer = Some(Answer::Error {
                             kind,
@@ -759,6 +866,9 @@ impl Model {
                 e.failures = 0;
             }
             Err(kind) => {
+                if e.failures == 0 {
+                    e.failing_from = e.attempts;
+                }
                 e.error = Some(kind);
                 e.failures += 1;
             }
@@ -774,7 +884,7 @@ impl Model {
         };
         let resets = e.resets;
         let wait = backoff().base_wait(e.failures);
-        let continues = !self.closed && !e.watchers.is_empty();
+        let continues = !self.closed && (is_refresh(key) || !e.watchers.is_empty());
         if continues {
             e.sleep_until = Some(self.now + wait);
         }
@@ -794,7 +904,7 @@ impl Model {
         }
         let now = self.now;
         if self.entry(key).sleep_until == Some(now) {
-            self.start_fetch(key);
+            self.continue_chain(key);
         }
     }
 
@@ -831,7 +941,10 @@ impl Model {
         let e = self.entry(key);
         e.watchers.retain(|x| *x != w);
         if e.watchers.is_empty() {
-            e.sleep_until = None;
+            if !is_refresh(key) {
+                // A refresh chain goes on for the entry itself.
+                e.sleep_until = None;
+            }
             for g in 0..self.gets.len() {
                 if self.gets[g].key == key && self.gets[g].answer.is_none() {
                     self.work.push_back(Work::Look(g));
@@ -907,33 +1020,25 @@ impl Model {
         }
     }
 
-    /// Upstream's key changes: open reads that waited on another index answer now.
-    fn upstream_changed(&mut self, key: usize) {
-        let (value, index, _) = self.up[key];
-        let (done, open): (Vec<MFetch>, Vec<MFetch>) = std::mem::take(&mut self.fetches)
-            .into_iter()
-            .partition(|f| f.key == key && f.min_index != index);
-        self.fetches = open;
-        for f in done {
-            self.work
-                .push_back(Work::Complete(f.key, f.inc, Ok((value, index))));
-        }
-    }
-
-    fn fail(&mut self, key: usize, kind: Kind) {
+    /// Upstream's key was written: its open reads look again.
+    fn wake_reads(&mut self, key: usize) {
         let open: Vec<usize> = (0..self.fetches.len())
             .filter(|&i| self.fetches[i].key == key)
             .collect();
-        match open[..] {
-            [] => self.up[key].2.push_back(kind),
-            [i] => {
-                let f = self.fetches.remove(i);
-                self.work.push_back(Work::Complete(f.key, f.inc, Err(kind)));
-            }
-            _ => self.ambiguous(format!(
-                "two open reads of {} race for a failure",
+        if open.len() > 1 && !self.up[key].2.is_empty() {
+            self.ambiguous(format!(
+                "two open reads of {} race for an injected outcome",
                 KEYS[key]
-            )),
+            ));
+            return;
+        }
+        for i in open.into_iter().rev() {
+            let f = self.fetches[i].clone();
+            let (value, index, failures) = &mut self.up[key];
+            if let Some(result) = read_step(*value, *index, failures, f.min_index, false) {
+                self.fetches.remove(i);
+                self.work.push_back(Work::Complete(f.key, f.inc, result));
+            }
         }
     }
 
@@ -980,10 +1085,8 @@ impl Model {
                 Timed::QueryTimeout(i) => {
                     let f = self.fetches.remove(i);
                     let (value, index, failures) = &mut self.up[f.key];
-                    let result = match failures.pop_front() {
-                        Some(kind) => Err(kind),
-                        None => Ok((*value, *index)),
-                    };
+                    let result = read_step(*value, *index, failures, f.min_index, true)
+                        .expect("a timed-out read answers");
                     self.work.push_back(Work::Complete(f.key, f.inc, result));
                 }
                 Timed::GetTimeout(g) => {
@@ -1005,8 +1108,8 @@ impl Model {
                     let closed = self.closed;
                     let e = self.entry(k);
                     e.sleep_until = None;
-                    if !closed && !e.watchers.is_empty() {
-                        self.start_fetch(k);
+                    if !closed && (is_refresh(k) || !e.watchers.is_empty()) {
+                        self.continue_chain(k);
                     }
                 }
                 Timed::Expires(k) => self.evict(k),
@@ -1162,7 +1265,7 @@ impl Run {
         self.log.push(format!("{op:?} at {:?}", self.model.now));
         match *op {
             Op::Get(k) => {
-                self.sut.get(MockRequest::new(KEYS[k]));
+                self.sut.get(k, MockRequest::new(KEYS[k]));
                 self.model.get(k, 0, None);
             }
             Op::GetMin(k, secs) => {
@@ -1170,13 +1273,13 @@ impl Run {
                 let request = MockRequest::new(KEYS[k])
                     .min_index(min)
                     .timeout(get_timeout(secs));
-                self.sut.get(request);
+                self.sut.get(k, request);
                 self.model.get(k, min, Some(get_timeout(secs)));
             }
             Op::Notify(k) => {
                 let (tx, rx) = async_channel::bounded(64);
                 let w = self.sut.watches.len();
-                let handle = match self.sut.typed.notify(MockRequest::new(KEYS[k]), w, tx) {
+                let handle = match self.sut.notify(k, w, tx) {
                     Ok(handle) => handle,
                     Err(e) => return Err(self.report(format!("notify refused: {e}"))),
                 };
@@ -1210,7 +1313,7 @@ impl Run {
                 });
                 self.model.up[k].0 = value;
                 self.model.up[k].1 += 1;
-                self.model.upstream_changed(k);
+                self.model.wake_reads(k);
             }
             Op::Reset(k) => {
                 let value = 1_000_000 + self.model.next_value;
@@ -1222,16 +1325,19 @@ impl Run {
                 });
                 self.model.up[k].0 = value;
                 self.model.up[k].1 = index;
-                self.model.upstream_changed(k);
+                self.model.wake_reads(k);
             }
-            Op::Fail(k) | Op::Panic(k) => {
-                let kind = if matches!(op, Op::Fail(_)) {
-                    Kind::Error
-                } else {
-                    Kind::Panic
+            Op::Fail(k) | Op::Panic(k) | Op::FailAfter(k) => {
+                let injected = match op {
+                    Op::Fail(_) => vec![Some(Kind::Error)],
+                    Op::Panic(_) => vec![Some(Kind::Panic)],
+                    _ => vec![None, Some(Kind::Error)],
                 };
-                self.sut.up.update(k, |u| u.failures.push_back(kind));
-                self.model.fail(k, kind);
+                self.sut
+                    .up
+                    .update(k, |u| u.failures.extend(injected.iter().copied()));
+                self.model.up[k].2.extend(injected);
+                self.model.wake_reads(k);
             }
             Op::Advance(secs) => {
                 let until = self.model.now + Duration::from_secs(secs);
