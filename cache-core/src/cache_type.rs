@@ -45,8 +45,10 @@ pub type FetchState = Arc<dyn Any + Send + Sync>;
 pub trait CacheType: Send + Sync + 'static {
     /// What callers ask for; it names its entry through [`CacheRequest::cache_info`].
     type Request: CacheRequest + Clone + Send + Sync + 'static;
-    /// The cached value. Make it cheap to clone (an `Arc`, or a small value): every hit clones it.
-    type Value: Clone + Send + Sync + 'static;
+    /// The cached value. Make it cheap to clone (an `Arc`, or a small value): every hit clones
+    /// it. `PartialEq` lets a polled watch tell a changed value from an unchanged one (see
+    /// [`CacheType::value_eq`]).
+    type Value: Clone + PartialEq + Send + Sync + 'static;
     /// The error a fetch can fail with.
     type Error: std::error::Error + Send + Sync + 'static;
 
@@ -75,24 +77,13 @@ pub trait CacheType: Send + Sync + 'static {
     }
 
     /// Whether two values are the same, for polling watches of non-blocking types, which
-    /// deliver when the index rose or the value changed.
-    ///
-    /// The default compares nothing: a polled watch of a type that keeps it delivers when the
-    /// index rose (or went backwards), never an unchanged value again. A type whose index does
-    /// not move when its data changes (for example one that answers index 0) must override it,
-    /// usually with `a == b`, or its polled watches see only the first value. A panic here is
+    /// deliver when the index rose or the value changed (Consul compares with
+    /// `reflect.DeepEqual`). The default is `==`; override it when another notion of "same"
+    /// fits better (a value with a timestamp that should not count, say). A panic here is
     /// contained: the watch delivers the new value.
     fn value_eq(&self, a: &Self::Value, b: &Self::Value) -> bool {
-        let _ = (a, b);
-        DEFAULT_VALUE_EQ.with(|used| used.set(true));
-        false
+        a == b
     }
-}
-
-thread_local! {
-    /// Set by the default [`CacheType::value_eq`], so that the engine can tell "this type does
-    /// not compare values" from "the values differ" without a second trait method.
-    pub(crate) static DEFAULT_VALUE_EQ: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A request that names a cache entry (Consul's `cache.Request`).

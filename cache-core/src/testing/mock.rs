@@ -171,8 +171,8 @@ impl<V: Clone + Send + Sync + 'static> MockType<V> {
         }
     }
 
-    /// Compares values with `==` (for polling watches); without it the type behaves as one that
-    /// keeps the default `CacheType::value_eq` (polled watches go by the index).
+    /// Compares values with `==` (for polling watches), which is also the default
+    /// `CacheType::value_eq`; kept so that tests can say so explicitly.
     pub fn compare_values(mut self) -> Self
     where
         V: PartialEq,
@@ -187,7 +187,7 @@ impl<V: Clone + Send + Sync + 'static> MockType<V> {
     }
 }
 
-impl<V: Clone + Send + Sync + 'static> CacheType for MockType<V> {
+impl<V: Clone + PartialEq + Send + Sync + 'static> CacheType for MockType<V> {
     type Request = MockRequest;
     type Value = V;
     type Error = MockError;
@@ -212,11 +212,7 @@ impl<V: Clone + Send + Sync + 'static> CacheType for MockType<V> {
     fn value_eq(&self, a: &V, b: &V) -> bool {
         match self.eq {
             Some(eq) => eq(a, b),
-            // Without `compare_values`, behave as a type that keeps the default `value_eq`.
-            None => {
-                crate::cache_type::DEFAULT_VALUE_EQ.with(|used| used.set(true));
-                false
-            }
+            None => a == b,
         }
     }
 }

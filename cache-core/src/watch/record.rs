@@ -67,9 +67,7 @@ where
             true
         } else if self.polling && snap.error.is_none() {
             match (&p.last_value, &snap.value) {
-                // A type that cannot compare values (the default `value_eq`) leaves it to the
-                // index, which did not rise.
-                (Some(old), Some(new)) => values_differ(&store.ty, old, new).unwrap_or(false),
+                (Some(old), Some(new)) => values_differ(&store.ty, old, new),
                 (None, Some(_)) => true,
                 _ => false,
             }
@@ -208,18 +206,11 @@ where
     }
 }
 
-/// Whether two values differ by the type's `value_eq`; `None` when the type does not compare
-/// values (it kept the default `value_eq`) or its `value_eq` panicked.
-fn values_differ<T: CacheType>(ty: &T, old: &T::Value, new: &T::Value) -> Option<bool> {
-    crate::cache_type::DEFAULT_VALUE_EQ.with(|used| used.set(false));
-    let equal = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ty.value_eq(old, new)));
-    let default = crate::cache_type::DEFAULT_VALUE_EQ.with(|used| used.replace(false));
-    match equal {
-        Ok(_) if default => None,
-        Ok(equal) => Some(!equal),
-        // A panicking comparison is contained; the watch delivers rather than miss a change.
-        Err(_) => Some(true),
-    }
+/// Whether two values differ by the type's `value_eq` (`==` unless overridden); a panicking
+/// comparison counts as a change, so the watch delivers rather than miss one.
+fn values_differ<T: CacheType>(ty: &T, old: &T::Value, new: &T::Value) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ty.value_eq(old, new)))
+        .map_or(true, |equal| !equal)
 }
 
 impl<T, C, S> Sweep for Record<T, C, S>
