@@ -13,11 +13,11 @@
 //! the engine may legitimately do (two candidates for eviction read at the same instant, two
 //! reads racing for one injected failure) the case stops there, counted as passed.
 //!
-//! Two readings of the contract (docs/contract.md, Get 4) the model makes, where the engine's tasks interleave at one instant:
-//! a get answers from the fetch it waited for (an error that began with a later attempt, such
-//! as a refresh failing right after, is not its own: issue 10, defect 10); and when its own
-//! attempt failed but a refresh already succeeded by the time it looks, it answers with that
-//! value (the error is no longer stored).
+//! Two readings of the contract (docs/contract.md, Get 4) the model makes, where the engine's
+//! tasks interleave at one instant: a get answers from the fetch it waited for (an error that
+//! began with a later attempt, such as a refresh failing right after, is not its own: issue
+//! 10, defect 10); and when its own attempt failed but a refresh already succeeded by the time
+//! it looks, it answers with that value (the error is no longer stored).
 //!
 //! Runs: `cargo test -p cache-core --test model` runs a fixed, seeded set of cases (256 by
 //! default, under a second). `PROPTEST_CASES=5000 MODEL_SEED=7 cargo test -p cache-core --test model` runs a
