@@ -13,11 +13,11 @@
 //! the engine may legitimately do (two candidates for eviction read at the same instant, two
 //! reads racing for one injected failure) the case stops there, counted as passed.
 //!
-//! Two readings of the contract (docs/contract.md, Get 4) the model makes, where the engine's
-//! tasks interleave at one instant: a get answers from the fetch it waited for (an error that
-//! began with a later attempt, such as a refresh failing right after, is not its own: issue
-//! 10, defect 10); and when its own attempt failed but a refresh already succeeded by the time
-//! it looks, it answers with that value (the error is no longer stored).
+//! Two readings of SPEC the model makes, where the engine's tasks interleave at one instant:
+//! a get answers from the fetch it waited for (an error that began with a later attempt, such
+//! as a refresh failing right after, is not its own: issue 10, defect 10); and when its own
+//! attempt failed but a refresh already succeeded by the time it looks, it answers with that
+//! value (the error is no longer stored).
 //!
 //! Runs: `cargo test -p cache-core --test model` runs a fixed, seeded set of cases (256 by
 //! default, under a second). `PROPTEST_CASES=5000 MODEL_SEED=7 cargo test -p cache-core --test model` runs a
@@ -704,6 +704,9 @@ impl Model {
                 .enumerate()
                 .filter_map(|(k, e)| e.as_ref().map(|e| (k, e)))
                 .filter(|(_, e)| e.watchers.is_empty())
+                // An entry a get waits on stays (else the get creates it anew, over the bound,
+                // and gets evict each other's entries without end).
+                .filter(|(k, _)| !self.gets.iter().any(|g| g.key == *k && g.answer.is_none()))
                 .filter(|(_, e)| !known(2) || e.value.is_some())
                 // Entries gets are waiting on are not evicted (the engine counts a get in from
                 // its first miss until it answers).
@@ -805,7 +808,7 @@ impl Model {
             let seen_resets = *get.seen_resets.get_or_insert(e.resets);
             let reset = e.resets > seen_resets && e.value.is_some();
             if let Some(seen) = get.seen_attempts {
-                // The attempt this get waited for failed: its error (contract: Get 4). An error
+                // The attempt this get waited for failed: its error (SPEC §4.4). An error
                 // that began with a later attempt (a refresh right after) is not its own.
                 if e.attempts > seen && e.failing_from <= seen + 1 {
                     if let Some(kind) = e.error {
