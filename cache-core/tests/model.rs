@@ -47,7 +47,7 @@ use cache_core::testing::{MockError, MockRequest, MockType};
 use cache_core::watch::UpdateEvent;
 use cache_core::{
     BackoffPolicy, BoxFuture, Cache, CacheType, FetchOptions, FetchResult, GetError, GetOutcome,
-    RegisterOptions, Runtime, Sleep, Timer, TypedCache, WatchHandle,
+    RegisterOptions, RequestInfo, Runtime, Sleep, Timer, TypedCache, WatchHandle,
 };
 use event_listener::Event;
 use futures::future::select;
@@ -118,6 +118,8 @@ pub(crate) enum Op {
     Panic(usize),
     /// The key's next read upstream answers as usual, the one after fails.
     FailAfter(usize),
+    /// `prepopulate` with a new value, at upstream's index, or at index 0 when `true`.
+    Prepopulate(usize, bool),
     /// Virtual time moves on by this many seconds.
     Advance(u64),
     /// `Cache::close`; the sequence ends with the checks of close.
@@ -137,6 +139,14 @@ impl fmt::Debug for Op {
             Op::Fail(k) => write!(f, "Fail({})", KEYS[*k]),
             Op::Panic(k) => write!(f, "Panic({})", KEYS[*k]),
             Op::FailAfter(k) => write!(f, "FailAfter({})", KEYS[*k]),
+            Op::Prepopulate(k, zero) => {
+                write!(
+                    f,
+                    "Prepopulate({}, index {})",
+                    KEYS[*k],
+                    if *zero { "0" } else { "upstream's" }
+                )
+            }
             Op::Advance(s) => write!(f, "Advance({s}s)"),
             Op::Close => write!(f, "Close"),
         }
@@ -155,7 +165,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => key.clone().prop_map(Op::Reset),
         2 => key.clone().prop_map(Op::Fail),
         1 => key.clone().prop_map(Op::Panic),
-        1 => key.prop_map(Op::FailAfter),
+        1 => key.clone().prop_map(Op::FailAfter),
+        1 => (key, any::<bool>()).prop_map(|(k, zero)| Op::Prepopulate(k, zero)),
         3 => (1..=30u64).prop_map(Op::Advance),
         1 => Just(Op::Close),
     ]
@@ -1023,6 +1034,44 @@ impl Model {
         }
     }
 
+    /// `prepopulate`: the value is stored without a fetch, waiting gets look again and the
+    /// watches are offered it.
+    fn prepopulate(&mut self, key: usize, value: u64, index: u64) {
+        let index = index.max(1);
+        self.with_entry(key, |m| {
+            let now = m.now;
+            let e = m.entry(key);
+            if e.value.is_some() && index < e.index {
+                e.resets += 1;
+            }
+            e.value = Some(value);
+            e.index = index;
+            e.error = None;
+            e.expiry_started = true;
+            e.last_read = e.last_read.max(now);
+        });
+        let Some(e) = self.entries[key].clone() else {
+            return;
+        };
+        for g in 0..self.gets.len() {
+            if self.gets[g].key == key && self.gets[g].answer.is_none() {
+                self.work.push_back(Work::Look(g));
+            }
+        }
+        let snapshot = Obs {
+            value: e.value,
+            index: e.index,
+            error: None,
+        };
+        for w in e.watchers {
+            if self.watches[w].rx {
+                self.offer(w, &snapshot, e.resets);
+            } else {
+                self.detach(w);
+            }
+        }
+    }
+
     /// Upstream's key was written: its open reads look again.
     fn wake_reads(&mut self, key: usize) {
         let open: Vec<usize> = (0..self.fetches.len())
@@ -1341,6 +1390,21 @@ impl Run {
                     .update(k, |u| u.failures.extend(injected.iter().copied()));
                 self.model.up[k].2.extend(injected);
                 self.model.wake_reads(k);
+            }
+            Op::Prepopulate(k, zero) => {
+                let value = 1_000_000 + self.model.next_value;
+                self.model.next_value += 1;
+                let index = if zero { 0 } else { self.model.up[k].1 };
+                let info = RequestInfo::new(KEYS[k]);
+                let stored = if is_refresh(k) {
+                    self.sut.refreshing.prepopulate(&info, value, index)
+                } else {
+                    self.sut.typed.prepopulate(&info, value, index)
+                };
+                if let Err(e) = stored {
+                    return Err(self.report(format!("prepopulate refused: {e}")));
+                }
+                self.model.prepopulate(k, value, index);
             }
             Op::Advance(secs) => {
                 let until = self.model.now + Duration::from_secs(secs);
