@@ -4,11 +4,12 @@
 //! engine's answers, delivered events, entry count (`Cache::len`), watch liveness and live
 //! tasks are compared with the model's.
 //!
-//! The cache under test: two blocking types over a per-key upstream — one plain (keys a–d),
-//! one with background refresh and a zero refresh timer (keys ra–rd) — a capacity of five
-//! entries across both, backoff without jitter (so waits are exact), and durations with
-//! distinct sub-millisecond offsets so that no two timers of the model fall on the same
-//! instant. Every step starts one millisecond after the previous one, so reads have distinct
+//! The cache under test: three types over a per-key upstream — a plain blocking one (keys
+//! a–d), a blocking one with background refresh and a zero refresh timer (keys ra–rd), and a
+//! polled, non-blocking one with `value_eq` as `==` (keys pa, pb; watched with a `max_age`) —
+//! a capacity of five entries across them, no jitter (backoff and polls are exact), and
+//! durations with distinct sub-millisecond offsets so that no two timers of the model fall on
+//! the same instant. Every step starts one millisecond after the previous one, so reads have distinct
 //! times and the least recently read entry is well defined. Where the model cannot tell what
 //! the engine may legitimately do (two candidates for eviction read at the same instant, two
 //! reads racing for one injected failure) the case stops there, counted as passed.
@@ -61,15 +62,24 @@ fn known(defect: u32) -> bool {
     KNOWN_DEFECTS.contains(&defect)
 }
 
-/// Keys of the blocking type, then keys of the refresh type.
-const KEYS: [&str; 8] = ["a", "b", "c", "d", "ra", "rb", "rc", "rd"];
+/// Keys of the blocking type, of the refresh type, then of the polled type.
+const KEYS: [&str; 10] = ["a", "b", "c", "d", "ra", "rb", "rc", "rd", "pa", "pb"];
 /// Keys from here on belong to the refresh type.
 const FIRST_REFRESH_KEY: usize = 4;
+/// Keys from here on belong to the polled (non-blocking) type.
+const FIRST_POLLED_KEY: usize = 8;
 const CAPACITY: usize = 5;
+/// The `max_age` of watches of the polled type: their poll interval.
+const MAX_AGE: Duration = Duration::from_micros(5_000_007);
 
 /// Whether `key` belongs to the refresh type (blocking, `refresh`, refresh timer 0).
 fn is_refresh(key: usize) -> bool {
-    key >= FIRST_REFRESH_KEY
+    (FIRST_REFRESH_KEY..FIRST_POLLED_KEY).contains(&key)
+}
+
+/// Whether `key` belongs to the polled type (non-blocking, `value_eq` as `==`).
+fn is_polled(key: usize) -> bool {
+    key >= FIRST_POLLED_KEY
 }
 /// The first index of every key upstream (above 1, so that it can go backwards).
 const FIRST_INDEX: u64 = 8;
@@ -110,6 +120,8 @@ pub(crate) enum Op {
     DropReceiver(usize),
     /// Upstream writes a new value at the next index.
     Change(usize),
+    /// Upstream writes a new value at the same index.
+    ChangeValue(usize),
     /// Upstream's index goes backwards (halved), with a new value.
     Reset(usize),
     /// The key's next read upstream fails (an open blocking read fails at once).
@@ -135,6 +147,7 @@ impl fmt::Debug for Op {
             Op::DropHandle(w) => write!(f, "DropHandle(#{w})"),
             Op::DropReceiver(w) => write!(f, "DropReceiver(#{w})"),
             Op::Change(k) => write!(f, "Change({})", KEYS[*k]),
+            Op::ChangeValue(k) => write!(f, "ChangeValue({})", KEYS[*k]),
             Op::Reset(k) => write!(f, "Reset({})", KEYS[*k]),
             Op::Fail(k) => write!(f, "Fail({})", KEYS[*k]),
             Op::Panic(k) => write!(f, "Panic({})", KEYS[*k]),
@@ -162,6 +175,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..4usize).prop_map(Op::DropHandle),
         1 => (0..4usize).prop_map(Op::DropReceiver),
         3 => key.clone().prop_map(Op::Change),
+        1 => key.clone().prop_map(Op::ChangeValue),
         1 => key.clone().prop_map(Op::Reset),
         2 => key.clone().prop_map(Op::Fail),
         1 => key.clone().prop_map(Op::Panic),
@@ -297,8 +311,9 @@ impl Runtime for CountingRuntime {
         Runtime::now(&self.sim)
     }
 
+    /// No jitter: poll intervals are exact (backoff has its jitter off too).
     fn jitter(&self) -> f64 {
-        self.sim.jitter()
+        0.0
     }
 }
 
@@ -418,6 +433,31 @@ impl CacheType for RefreshType {
     }
 }
 
+/// The polled type: non-blocking, so its watches poll every `max_age`.
+struct PolledType(MockType<u64>);
+
+impl CacheType for PolledType {
+    type Request = MockRequest;
+    type Value = u64;
+    type Error = MockError;
+
+    fn register_options(&self) -> RegisterOptions {
+        self.0.register_options()
+    }
+
+    fn fetch(
+        &self,
+        opts: FetchOptions<u64>,
+        request: &MockRequest,
+    ) -> impl Future<Output = Result<FetchResult<u64>, MockError>> + Send {
+        self.0.fetch(opts, request)
+    }
+
+    fn value_eq(&self, a: &u64, b: &u64) -> bool {
+        self.0.value_eq(a, b)
+    }
+}
+
 struct SutWatch {
     handle: Option<WatchHandle>,
     rx: Option<Receiver<Ev>>,
@@ -431,6 +471,7 @@ struct Sut {
     cache: Cache,
     typed: TypedCache<MockType<u64>>,
     refreshing: TypedCache<RefreshType>,
+    polled: TypedCache<PolledType>,
     up: Arc<Upstream>,
     gets: Vec<Arc<Mutex<Option<Answer>>>>,
     watches: Vec<SutWatch>,
@@ -449,11 +490,11 @@ impl Sut {
             .max_entries(CAPACITY)
             .build();
         let up = Upstream::new(sim.clone());
-        let mock = |refresh: bool| {
+        let mock = |refresh: bool, blocking: bool| {
             let reader = up.clone();
             MockType::new(
                 RegisterOptions::new()
-                    .supports_blocking(true)
+                    .supports_blocking(blocking)
                     .refresh(refresh)
                     .query_timeout(QUERY_TIMEOUT)
                     .last_get_ttl(TTL),
@@ -466,14 +507,16 @@ impl Sut {
                 },
             )
         };
-        let typed = cache.register(mock(false));
-        let refreshing = cache.register(RefreshType(mock(true)));
+        let typed = cache.register(mock(false, true));
+        let refreshing = cache.register(RefreshType(mock(true, true)));
+        let polled = cache.register(PolledType(mock(false, false).compare_values()));
         Self {
             sim,
             live,
             cache,
             typed,
             refreshing,
+            polled,
             up,
             gets: Vec::new(),
             watches: Vec::new(),
@@ -496,7 +539,13 @@ impl Sut {
     fn get(&mut self, key: usize, request: MockRequest) {
         let slot = Arc::new(Mutex::new(None));
         let done = slot.clone();
-        let future: BoxFuture<'static, ()> = if is_refresh(key) {
+        let future: BoxFuture<'static, ()> = if is_polled(key) {
+            let typed = self.polled.clone();
+            Box::pin(async move {
+                let outcome = typed.get_outcome(&request).await;
+                *done.lock().unwrap() = Some(answer(outcome));
+            })
+        } else if is_refresh(key) {
             let typed = self.refreshing.clone();
             Box::pin(async move {
                 let outcome = typed.get_outcome(&request).await;
@@ -520,7 +569,9 @@ impl Sut {
         tx: async_channel::Sender<Ev>,
     ) -> Result<WatchHandle, cache_core::WatchError> {
         let request = MockRequest::new(KEYS[key]);
-        if is_refresh(key) {
+        if is_polled(key) {
+            self.polled.notify(request.max_age(MAX_AGE), id, tx)
+        } else if is_refresh(key) {
             self.refreshing.notify(request, id, tx)
         } else {
             self.typed.notify(request, id, tx)
@@ -555,6 +606,8 @@ struct MEntry {
     error: Option<Kind>,
     last_read: Duration,
     expiry_started: bool,
+    /// When the value was stored (fetch or prepopulate).
+    fetched_at: Option<Duration>,
     failures: u32,
     /// The attempt that began the current run of failures.
     failing_from: u64,
@@ -595,6 +648,8 @@ struct MWatch {
     attached: bool,
     last_index: u64,
     last_resets: u64,
+    /// Polled watches: the value last delivered.
+    last_value: Option<u64>,
     delivered: bool,
     expected: Vec<Obs>,
 }
@@ -691,6 +746,7 @@ impl Model {
                 error: None,
                 last_read: self.now,
                 expiry_started: false,
+                fetched_at: None,
                 failures: 0,
                 failing_from: 0,
                 attempts: 0,
@@ -754,8 +810,9 @@ impl Model {
         }
     }
 
-    fn valid(e: &MEntry, min_index: u64) -> bool {
-        e.value.is_some() && !(min_index > 0 && min_index >= e.index)
+    fn valid(e: &MEntry, key: usize, min_index: u64) -> bool {
+        // Non-blocking types ignore the min index: they never block.
+        e.value.is_some() && (is_polled(key) || !(min_index > 0 && min_index >= e.index))
     }
 
     /// Starts the entry's fetch (a new chain, replacing a sleeping one).
@@ -763,7 +820,8 @@ impl Model {
         let e = self.entry(key);
         e.sleep_until = None;
         e.fetching = true;
-        let (inc, min_index) = (e.inc, e.index);
+        // A non-blocking fetch asks for no index: it answers at once.
+        let (inc, min_index) = (e.inc, if is_polled(key) { 0 } else { e.index });
         self.begin_read(key, inc, min_index);
     }
 
@@ -773,7 +831,8 @@ impl Model {
         let e = self.entry(key);
         e.sleep_until = None;
         e.fetching = true;
-        let (inc, min_index) = (e.inc, e.index);
+        // A non-blocking fetch asks for no index: it answers at once.
+        let (inc, min_index) = (e.inc, if is_polled(key) { 0 } else { e.index });
         let (value, index, failures) = &mut self.up[key];
         match read_step(*value, *index, failures, min_index, false) {
             Some(result) => self.complete(key, inc, result),
@@ -832,7 +891,7 @@ impl Model {
                     }
                 }
             }
-            if reset || Self::valid(&e, get.min_index) {
+            if reset || Self::valid(&e, key, get.min_index) {
                 answer = Some(Answer::Value {
                     value: e.value,
                     index: e.index,
@@ -877,6 +936,7 @@ impl Model {
                 }
                 e.value = Some(value);
                 e.index = index;
+                e.fetched_at = Some(self.now);
                 e.failures = 0;
             }
             Err(kind) => {
@@ -897,7 +957,12 @@ impl Model {
             error: e.error,
         };
         let resets = e.resets;
-        let wait = backoff().base_wait(e.failures);
+        let wait = if is_polled(key) && e.failures == 0 {
+            // A polled watch: max age less the value's age (zero: just fetched).
+            MAX_AGE
+        } else {
+            backoff().base_wait(e.failures)
+        };
         let continues = !self.closed && (is_refresh(key) || !e.watchers.is_empty());
         if continues {
             e.sleep_until = Some(self.now + wait);
@@ -926,10 +991,19 @@ impl Model {
     fn offer(&mut self, w: usize, snap: &Obs, resets: u64) {
         let watch = &mut self.watches[w];
         let reset = resets > watch.last_resets && snap.value.is_some();
+        let polled = is_polled(watch.key);
         let news = if watch.last_index == 0 {
             !(watch.delivered && snap.error.is_none() && snap.value.is_none())
+        } else if reset || snap.index > watch.last_index {
+            true
+        } else if polled && snap.error.is_none() {
+            match (watch.last_value, snap.value) {
+                (Some(old), Some(new)) => old != new,
+                (None, Some(_)) => true,
+                _ => false,
+            }
         } else {
-            reset || snap.index > watch.last_index
+            false
         };
         if !news {
             return;
@@ -939,6 +1013,9 @@ impl Model {
         watch.last_index = snap.index;
         if snap.error.is_none() && watch.last_index < 1 {
             watch.last_index = 1;
+        }
+        if polled {
+            watch.last_value = snap.value;
         }
         watch.expected.push(snap.clone());
     }
@@ -1004,6 +1081,7 @@ impl Model {
             attached: true,
             last_index: 0,
             last_resets: 0,
+            last_value: None,
             delivered: false,
             expected: Vec::new(),
         });
@@ -1013,9 +1091,17 @@ impl Model {
         let mut initial = None;
         self.with_entry(key, |m| {
             m.touch(key);
+            let now = m.now;
             let e = m.entry(key);
             e.watchers.push(w);
-            if e.value.is_some() {
+            // A polled watch takes a value no older than its max age; it is next fetched when
+            // it reaches that age.
+            let fresh_until = e
+                .fetched_at
+                .map(|at| at + MAX_AGE)
+                .filter(|until| *until >= now);
+            if is_polled(key) && fresh_until.is_none() {
+            } else if e.value.is_some() {
                 initial = Some((
                     Obs {
                         value: e.value,
@@ -1026,7 +1112,12 @@ impl Model {
                 ));
             }
             if !e.fetching && e.sleep_until.is_none() {
-                m.start_fetch(key);
+                match fresh_until {
+                    Some(until) if is_polled(key) && e.value.is_some() => {
+                        e.sleep_until = Some(until);
+                    }
+                    _ => m.start_fetch(key),
+                }
             }
         });
         if let Some((snap, resets)) = initial {
@@ -1047,6 +1138,7 @@ impl Model {
             e.value = Some(value);
             e.index = index;
             e.error = None;
+            e.fetched_at = Some(now);
             e.expiry_started = true;
             e.last_read = e.last_read.max(now);
         });
@@ -1367,6 +1459,13 @@ impl Run {
                 self.model.up[k].1 += 1;
                 self.model.wake_reads(k);
             }
+            Op::ChangeValue(k) => {
+                let value = 1_000_000 + self.model.next_value;
+                self.model.next_value += 1;
+                self.sut.up.update(k, |u| u.value = value);
+                self.model.up[k].0 = value;
+                self.model.wake_reads(k);
+            }
             Op::Reset(k) => {
                 let value = 1_000_000 + self.model.next_value;
                 self.model.next_value += 1;
@@ -1396,7 +1495,9 @@ impl Run {
                 self.model.next_value += 1;
                 let index = if zero { 0 } else { self.model.up[k].1 };
                 let info = RequestInfo::new(KEYS[k]);
-                let stored = if is_refresh(k) {
+                let stored = if is_polled(k) {
+                    self.sut.polled.prepopulate(&info, value, index)
+                } else if is_refresh(k) {
                     self.sut.refreshing.prepopulate(&info, value, index)
                 } else {
                     self.sut.typed.prepopulate(&info, value, index)
