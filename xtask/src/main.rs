@@ -21,6 +21,7 @@ Commands:
            [--profile-hit SECS [--threads N]] (only our hit loop, for perf)
   soak     the engine under a long mixed load; fails if memory, entries, watches or
            tasks grow without bound (not part of `test`) [--secs N (default 120)]
+           [--keys-per-sec N] [--failing-per-sec N] (the load; defaults 10000, 2000)
   help     print this message
 ";
 

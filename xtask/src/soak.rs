@@ -10,6 +10,7 @@ use std::process::{Command, ExitCode};
 pub(crate) fn run(root: &Path, args: &[&str]) -> ExitCode {
     let mut secs = "120".to_owned();
     let mut debug = false;
+    let mut load: Vec<&str> = Vec::new();
     let mut rest = args.iter();
     while let Some(&arg) = rest.next() {
         match arg {
@@ -18,6 +19,10 @@ pub(crate) fn run(root: &Path, args: &[&str]) -> ExitCode {
                 _ => return usage("--secs needs a positive number of seconds"),
             },
             "--debug" => debug = true,
+            "--keys-per-sec" | "--failing-per-sec" => match rest.next() {
+                Some(n) if n.parse::<usize>().is_ok() => load.extend([arg, *n]),
+                _ => return usage(&format!("{arg} needs a number")),
+            },
             other => return usage(&format!("unknown argument {other:?}")),
         }
     }
@@ -33,7 +38,7 @@ pub(crate) fn run(root: &Path, args: &[&str]) -> ExitCode {
     if !debug {
         cargo.arg("--release");
     }
-    cargo.args(["--", "--secs", &secs]);
+    cargo.args(["--", "--secs", &secs]).args(&load);
     eprintln!("==> cargo xtask soak --secs {secs}");
     match cargo.status() {
         Ok(status) if status.success() => ExitCode::SUCCESS,
@@ -49,6 +54,9 @@ pub(crate) fn run(root: &Path, args: &[&str]) -> ExitCode {
 }
 
 fn usage(error: &str) -> ExitCode {
-    eprintln!("error: {error}\n\nusage: cargo xtask soak [--secs N] [--debug]");
+    eprintln!(
+        "error: {error}\n\nusage: cargo xtask soak [--secs N] [--keys-per-sec N] \
+         [--failing-per-sec N] [--debug]"
+    );
     ExitCode::from(2)
 }
