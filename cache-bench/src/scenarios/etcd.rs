@@ -327,10 +327,10 @@ async fn sse_stream(agent: SocketAddr, keys: Vec<String>, shared: String, seen: 
                 seen.initial.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let mut buf = vec![0; 16 * 1024];
-        match stream.read(&mut buf).await {
+        incoming.reserve(4096);
+        match stream.read_buf(&mut incoming).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => incoming.extend_from_slice(&buf[..n]),
+            Ok(_) => {}
         }
     }
 }
@@ -428,6 +428,60 @@ async fn until(within: Duration, done: impl Fn() -> bool) -> bool {
     true
 }
 
+/// Opens the SSE streams for `names` (63 keys each, plus `shared`) on `agent` and waits until
+/// every initial event arrived and `ready` holds (at most 300 s): what the streams saw, how
+/// long it took, whether everything was ready.
+fn open_watches(
+    driver: &tokio::runtime::Runtime,
+    agent: SocketAddr,
+    names: &[String],
+    shared: &str,
+    ready: impl Fn() -> bool,
+) -> (Arc<Seen>, Duration, bool) {
+    let seen = Arc::new(Seen::default());
+    let opened = Instant::now();
+    let mut streams = 0;
+    let all = driver.block_on(async {
+        for chunk in names.chunks(KEYS_PER_STREAM) {
+            streams += 1;
+            tokio::spawn(sse_stream(
+                agent,
+                chunk.to_vec(),
+                shared.to_owned(),
+                seen.clone(),
+            ));
+        }
+        let initial = (names.len() + streams) as u64;
+        until(Duration::from_secs(300), || {
+            seen.initial.load(Ordering::Relaxed) >= initial && ready()
+        })
+        .await
+    });
+    (seen, opened.elapsed(), all)
+}
+
+/// The embedded store's open blocking reads.
+fn poll_blocking_open(
+    rt: &tokio::runtime::Runtime,
+    memory: &Arc<demo_agent::upstream::MemoryUpstream>,
+) -> u64 {
+    use demo_agent::upstream::Upstream as _;
+    let memory = memory.clone();
+    rt.spawn(async move { memory.stats().await.map_or(0, |s| s.blocking_open) })
+        .now_or_never_blocking()
+}
+
+/// Waits for a spawned task's answer from outside the runtime that runs it.
+trait NowOrNeverBlocking<T> {
+    fn now_or_never_blocking(self) -> T;
+}
+
+impl<T: Send + 'static> NowOrNeverBlocking<T> for tokio::task::JoinHandle<T> {
+    fn now_or_never_blocking(self) -> T {
+        futures::executor::block_on(self).expect("stats task")
+    }
+}
+
 /// The scenario (see the module docs).
 pub fn run(mode: Mode) -> Vec<Figure> {
     let Some(binary) = etcd_binary() else {
@@ -474,6 +528,33 @@ pub fn run(mode: Mode) -> Vec<Figure> {
         eprintln!("SKIP etcd: etcd did not answer in 20 s");
         return Vec::new();
     }
+    // Baseline: the same watches through an agent on its embedded store (what the cache, the
+    // refresh fetches and the SSE streams cost without etcd).
+    let names: Vec<String> = (0..keys).map(|i| format!("k/{i:05}")).collect();
+    let shared = "fan/shared".to_owned();
+    let embedded_per_key = {
+        let agent = server_rt
+            .block_on(demo_agent::Agent::start(demo_agent::Config::for_tests()))
+            .expect("embedded agent starts");
+        let memory = agent.state().memory().expect("an embedded agent").clone();
+        server_rt.block_on(async {
+            use demo_agent::upstream::Upstream as _;
+            for key in names.iter().chain([&shared]) {
+                memory
+                    .put(key, b"0123456789abcdef".to_vec(), 0, None)
+                    .await
+                    .expect("put");
+            }
+        });
+        let before = Snapshot::take();
+        let (_seen, _took, _all) = open_watches(&driver, agent.addr(), &names, &shared, || {
+            poll_blocking_open(&server_rt, &memory) > keys as u64
+        });
+        let after = Snapshot::take();
+        drop(agent);
+        before.live_per(&after, keys)
+    };
+
     let mut config = demo_agent::Config::for_tests();
     config.upstream = demo_agent::UpstreamKind::Etcd;
     config.etcd_endpoints = vec![etcd.url()];
@@ -484,7 +565,6 @@ pub fn run(mode: Mode) -> Vec<Figure> {
     let upstream = agent.state().etcd().expect("an etcd agent").clone();
 
     // The keys exist (written concurrently through the agent's upstream).
-    let names: Vec<String> = (0..keys).map(|i| format!("k/{i:05}")).collect();
     server_rt.block_on(async {
         use demo_agent::upstream::Upstream as _;
         futures::stream::iter(names.iter())
@@ -501,33 +581,28 @@ pub fn run(mode: Mode) -> Vec<Figure> {
             .collect::<Vec<()>>()
             .await;
     });
-    let shared = "fan/shared".to_owned();
     let shared_rev = driver
         .block_on(direct_put(etcd.client, &shared, "0"))
         .expect("put the shared key");
 
     // ----- every key watched through the agent -----
+    let profile = std::env::var_os("CACHE_BENCH_ETCD_PROFILE").is_some();
+    crate::alloc::track_sizes(profile);
     let before = Snapshot::take();
-    let seen = Arc::new(Seen::default());
-    let streams: Vec<Vec<String>> = names
-        .chunks(KEYS_PER_STREAM)
-        .map(<[String]>::to_vec)
-        .collect();
-    let stream_count = streams.len();
-    let opened = Instant::now();
-    let watched_all = driver.block_on(async {
-        for chunk in streams {
-            tokio::spawn(sse_stream(agent_addr, chunk, shared.clone(), seen.clone()));
-        }
-        let initial = keys as u64 + stream_count as u64;
-        until(Duration::from_secs(300), || {
-            seen.initial.load(Ordering::Relaxed) >= initial
-                && upstream.traffic().watches_open > keys as u64
-        })
-        .await
+    let stream_count = names.len().div_ceil(KEYS_PER_STREAM);
+    let (seen, open_took, watched_all) = open_watches(&driver, agent_addr, &names, &shared, || {
+        upstream.traffic().watches_open > keys as u64
     });
-    let open_took = opened.elapsed();
     let after = Snapshot::take();
+    if profile {
+        crate::alloc::track_sizes(false);
+        let top: Vec<String> = crate::alloc::sizes()
+            .into_iter()
+            .take(25)
+            .map(|(size, n)| format!("{size}B×{:.2}", n as f64 / keys as f64))
+            .collect();
+        eprintln!("etcd: allocations per key while the watches opened (size×count): {top:?}");
+    }
     let traffic = upstream.traffic();
     if !watched_all {
         eprintln!(
@@ -606,6 +681,7 @@ pub fn run(mode: Mode) -> Vec<Figure> {
                 traffic.watch_streams
             )),
         Figure::new("etcd/agent memory per watched key", live_per_key, "B/key")
+            .baseline("the same watches on the embedded store", embedded_per_key)
             .goal(Goal::AtMost(2048.0))
             .note(format!(
                 "{}; live heap bytes added (cache entry, fetch, etcd watch, SSE), RSS {:.0} B/key",

@@ -231,6 +231,11 @@ pub(crate) struct Counters {
     pub(crate) watches: AtomicU64,
 }
 
+/// Unary calls in flight at most, per client. More wait for a turn before their timeout
+/// starts, so that a burst (thousands of entries refreshing at once) is not mistaken for a
+/// frozen member.
+const MAX_IN_FLIGHT: usize = 256;
+
 /// The member in use.
 #[derive(Debug, Clone)]
 pub(crate) struct Current {
@@ -250,6 +255,7 @@ pub(crate) struct Client {
     timeout: Duration,
     credentials: Option<Credentials>,
     token: Mutex<Option<AsciiMetadataValue>>,
+    in_flight: tokio::sync::Semaphore,
     pub(crate) identity: ClusterIdentity,
     pub(crate) counters: Counters,
 }
@@ -338,6 +344,7 @@ impl Client {
             timeout,
             credentials,
             token: Mutex::new(None),
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
             identity: ClusterIdentity::default(),
             counters: Counters::default(),
         })
@@ -486,6 +493,9 @@ impl Client {
         async move {
             let mut reauthenticated = false;
             let mut attempts = 0;
+            // A turn among the calls in flight (the semaphore is never closed); each
+            // attempt's timeout starts once it has one.
+            let _turn = self.in_flight.acquire().await.ok();
             loop {
                 let current = self.current();
                 let result = match self.metadata(&current).await {
