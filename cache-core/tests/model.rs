@@ -14,6 +14,11 @@
 //! the engine may legitimately do (two candidates for eviction read at the same instant, two
 //! reads racing for one injected failure) the case stops there, counted as passed.
 //!
+//! Watches on a channel of 64 are compared event for event. Slow consumers (a channel of one,
+//! read only by `DrainSlow`) are held to SPEC §9's catch-up rule instead: a drain gives what
+//! the channel buffered plus at most two more events, the last with the latest index and
+//! value; while one is watching, live tasks are not compared (its wait for room is a task).
+//!
 //! Two readings of SPEC the model makes, where the engine's tasks interleave at one instant:
 //! a get answers from the fetch it waited for (an error that began with a later attempt, such
 //! as a refresh failing right after, is not its own: issue 10, defect 10); and when its own
@@ -114,6 +119,11 @@ pub(crate) enum Op {
     GetMin(usize, u64),
     /// A watch on a channel of 64.
     Notify(usize),
+    /// A watch on a channel of one that is read only by `DrainSlow` (a slow consumer).
+    NotifySlow(usize),
+    /// Reads a slow consumer's channel until it stays empty; it receives what the channel
+    /// buffered plus at most two more events, the last with the latest index and value.
+    DrainSlow(usize),
     /// Drops a watch's handle.
     DropHandle(usize),
     /// Drops a watch's receiver.
@@ -144,6 +154,8 @@ impl fmt::Debug for Op {
             Op::Get(k) => write!(f, "Get({})", KEYS[*k]),
             Op::GetMin(k, t) => write!(f, "GetMin({}, timeout {t}s)", KEYS[*k]),
             Op::Notify(k) => write!(f, "Notify({})", KEYS[*k]),
+            Op::NotifySlow(k) => write!(f, "NotifySlow({})", KEYS[*k]),
+            Op::DrainSlow(w) => write!(f, "DrainSlow(slow #{w})"),
             Op::DropHandle(w) => write!(f, "DropHandle(#{w})"),
             Op::DropReceiver(w) => write!(f, "DropReceiver(#{w})"),
             Op::Change(k) => write!(f, "Change({})", KEYS[*k]),
@@ -172,6 +184,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => key.clone().prop_map(Op::Get),
         3 => (key.clone(), 1..=8u64).prop_map(|(k, t)| Op::GetMin(k, t)),
         3 => key.clone().prop_map(Op::Notify),
+        2 => key.clone().prop_map(Op::NotifySlow),
+        2 => (0..4usize).prop_map(Op::DrainSlow),
         1 => (0..4usize).prop_map(Op::DropHandle),
         1 => (0..4usize).prop_map(Op::DropReceiver),
         3 => key.clone().prop_map(Op::Change),
@@ -459,6 +473,7 @@ impl CacheType for PolledType {
 }
 
 struct SutWatch {
+    slow: bool,
     handle: Option<WatchHandle>,
     rx: Option<Receiver<Ev>>,
     received: Vec<Obs>,
@@ -579,7 +594,7 @@ impl Sut {
     }
 
     fn drain(&mut self) {
-        for w in &mut self.watches {
+        for w in self.watches.iter_mut().filter(|w| !w.slow) {
             if let Some(rx) = &w.rx {
                 while let Ok(event) = rx.try_recv() {
                     w.received.push(obs(&event));
@@ -642,6 +657,12 @@ struct MGet {
 #[derive(Debug, Clone)]
 struct MWatch {
     key: usize,
+    /// A slow consumer: bounded(1), read only by `DrainSlow`.
+    slow: bool,
+    /// Slow consumers: an event sits in the channel.
+    buffered: bool,
+    /// Slow consumers: news came while the channel was full (the engine waits for room).
+    pending: bool,
     handle: bool,
     rx: bool,
     /// The record is on its entry: the watch is active.
@@ -1018,6 +1039,13 @@ impl Model {
             watch.last_value = snap.value;
         }
         watch.expected.push(snap.clone());
+        if watch.slow && !watch.pending {
+            if watch.buffered {
+                watch.pending = true;
+            } else {
+                watch.buffered = true;
+            }
+        }
     }
 
     /// Takes a watch off its entry: the TTL counts again from now; a chain that only ran for
@@ -1072,10 +1100,13 @@ impl Model {
         self.work.push_back(Work::Look(self.gets.len() - 1));
     }
 
-    fn notify(&mut self, key: usize) {
+    fn notify(&mut self, key: usize, slow: bool) {
         let w = self.watches.len();
         self.watches.push(MWatch {
             key,
+            slow,
+            buffered: false,
+            pending: false,
             handle: true,
             rx: true,
             attached: true,
@@ -1325,7 +1356,7 @@ impl Run {
             }
         }
         for (w, (sut, model)) in self.sut.watches.iter().zip(&self.model.watches).enumerate() {
-            if model.rx && sut.received != model.expected {
+            if model.rx && !model.slow && sut.received != model.expected {
                 return Err(self.report(format!(
                     "watch #{w} ({}) events: engine {:?}, model {:?}",
                     KEYS[model.key], sut.received, model.expected
@@ -1358,11 +1389,49 @@ impl Run {
                 self.model.len()
             )));
         }
-        if self.sut.live_tasks() != self.model.live_tasks() {
+        // A slow consumer's watch waits for room in a task of its own: its lifetime is the
+        // engine's business, so tasks are compared only while no slow consumer is watching.
+        let slow = self.model.watches.iter().any(|w| w.slow && w.attached);
+        if !slow && self.sut.live_tasks() != self.model.live_tasks() {
             return Err(self.report(format!(
                 "live engine tasks: engine {}, model {}",
                 self.sut.live_tasks(),
                 self.model.live_tasks()
+            )));
+        }
+        Ok(())
+    }
+
+    /// SPEC §9's slow consumer: a drained channel of one gives what it buffered plus at most
+    /// two more events, the last with the latest index and value.
+    fn check_catch_up(&self, w: usize, session: &[Obs]) -> Result<(), String> {
+        let watch = &self.model.watches[w];
+        let key = watch.key;
+        let expected_any = watch.buffered || watch.pending;
+        if session.is_empty() != !expected_any {
+            return Err(self.report(format!(
+                "slow watch #{w} ({}): drained {session:?}, the model expected {}",
+                KEYS[key],
+                if expected_any { "events" } else { "none" }
+            )));
+        }
+        if session.len() > 3 {
+            return Err(self.report(format!(
+                "slow watch #{w} ({}): more than the buffered event plus two: {session:?}",
+                KEYS[key]
+            )));
+        }
+        let (Some(last), true) = (session.last(), watch.attached) else {
+            return Ok(());
+        };
+        let latest_news = watch.expected.last().map(|o| (o.value, o.index));
+        let current = self.model.entries[key].as_ref().map(|e| (e.value, e.index));
+        let got = Some((last.value, last.index));
+        if got != latest_news && got != current {
+            return Err(self.report(format!(
+                "slow watch #{w} ({}): the last event {last:?} is not the latest \
+                 (news {latest_news:?}, entry {current:?}); drained {session:?}",
+                KEYS[key]
             )));
         }
         Ok(())
@@ -1420,19 +1489,42 @@ impl Run {
                 self.sut.get(k, request);
                 self.model.get(k, min, Some(get_timeout(secs)));
             }
-            Op::Notify(k) => {
-                let (tx, rx) = async_channel::bounded(64);
+            Op::Notify(k) | Op::NotifySlow(k) => {
+                let slow = matches!(op, Op::NotifySlow(_));
+                let (tx, rx) = async_channel::bounded(if slow { 1 } else { 64 });
                 let w = self.sut.watches.len();
                 let handle = match self.sut.notify(k, w, tx) {
                     Ok(handle) => handle,
                     Err(e) => return Err(self.report(format!("notify refused: {e}"))),
                 };
                 self.sut.watches.push(SutWatch {
+                    slow,
                     handle: Some(handle),
                     rx: Some(rx),
                     received: Vec::new(),
                 });
-                self.model.notify(k);
+                self.model.notify(k, slow);
+            }
+            Op::DrainSlow(n) => {
+                if let Some(w) = self.pick(n, |w| w.slow && w.rx) {
+                    let mut session = Vec::new();
+                    for _ in 0..6 {
+                        let rx = self.sut.watches[w].rx.as_ref().expect("held");
+                        let before = session.len();
+                        while let Ok(event) = rx.try_recv() {
+                            session.push(obs(&event));
+                        }
+                        self.sut.settle();
+                        if session.len() == before {
+                            break;
+                        }
+                    }
+                    self.model.now = self.sut.sim.elapsed();
+                    self.check_catch_up(w, &session)?;
+                    let watch = &mut self.model.watches[w];
+                    watch.buffered = false;
+                    watch.pending = false;
+                }
             }
             Op::DropHandle(n) => {
                 if let Some(w) = self.pick(n, |w| w.handle) {
@@ -1446,6 +1538,10 @@ impl Run {
                     self.sut.drain();
                     drop(self.sut.watches[w].rx.take());
                     self.model.watches[w].rx = false;
+                    if self.model.watches[w].pending {
+                        // The task waiting for room finds the receiver gone at once.
+                        self.model.detach(w);
+                    }
                 }
             }
             Op::Change(k) => {
