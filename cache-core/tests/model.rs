@@ -1408,7 +1408,7 @@ impl Run {
         let watch = &self.model.watches[w];
         let key = watch.key;
         let expected_any = watch.buffered || watch.pending;
-        if session.is_empty() != !expected_any {
+        if session.is_empty() == expected_any {
             return Err(self.report(format!(
                 "slow watch #{w} ({}): drained {session:?}, the model expected {}",
                 KEYS[key],
