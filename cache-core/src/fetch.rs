@@ -212,20 +212,38 @@ impl<T: CacheType> Store<T> {
                 opts.connected = self.connected_signal(&entry, generation);
             }
 
-            let fetch = AssertUnwindSafe(self.ty.fetch(opts, &request)).catch_unwind();
-            let result = if connected_timer {
-                let mut fetch = std::pin::pin!(fetch);
-                let threshold = Sleep::after(&*rt, CONNECTED_THRESHOLD);
-                match select(fetch.as_mut(), threshold).await {
-                    Either::Left((result, _)) => result,
-                    Either::Right(((), _)) => {
+            // The fetch runs until it completes, or until its entry is removed (capacity, TTL,
+            // a new registration of the type): nothing could store its result then, so it is
+            // dropped, which frees whatever it holds upstream (a connection, a blocking query)
+            // at once instead of at the end of its query timeout.
+            let mut fetch =
+                std::pin::pin!(AssertUnwindSafe(self.ty.fetch(opts, &request)).catch_unwind());
+            let mut threshold = connected_timer.then(|| Sleep::after(&*rt, CONNECTED_THRESHOLD));
+            let result = loop {
+                let changed = entry.changed.listen();
+                if self.read_slot(&entry, |_| ()).is_none() {
+                    return;
+                }
+                let step = match threshold.as_mut() {
+                    Some(timer) => match select(fetch.as_mut(), select(changed, timer)).await {
+                        Either::Left((result, _)) => Ok(result),
+                        Either::Right((Either::Left(_), _)) => Err(false),
+                        Either::Right((Either::Right(_), _)) => Err(true),
+                    },
+                    None => match select(fetch.as_mut(), changed).await {
+                        Either::Left((result, _)) => Ok(result),
+                        Either::Right(_) => Err(false),
+                    },
+                };
+                match step {
+                    Ok(result) => break result,
+                    Err(false) => {}
+                    Err(true) => {
                         // A blocking fetch open this long means the server is reachable.
+                        threshold = None;
                         self.with_slot(&entry, |slot| slot.st.clear_lost_contact());
-                        fetch.await
                     }
                 }
-            } else {
-                fetch.await
             };
 
             let now = rt.now();

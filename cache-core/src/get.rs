@@ -167,6 +167,13 @@ impl<T: CacheType> Store<T> {
             entry: None,
         };
         loop {
+            if self.is_retired() {
+                return GetOutcome {
+                    value: None,
+                    meta: ResultMeta::default(),
+                    error: Some(GetError::Replaced(self.name)),
+                };
+            }
             let now = self.shared.rt.now();
             let info = request.cache_info();
             let step = self.with_entry(hash, &info, |slot| {

@@ -604,6 +604,15 @@ impl<T: CacheType> Store<T> {
             })
         });
         let result = f(occupied.get_mut());
+        if inserted && self.is_retired() {
+            // A newer registration released this store (which set `retired` before emptying
+            // the tables): an entry created now would never be seen again. Take it back out
+            // before anyone counts it; a chain `f` started finds it gone and stops.
+            let slot = occupied.remove().0;
+            drop(table);
+            wake_all(&slot.entry.changed);
+            return result;
+        }
         let new_entry = inserted.then(|| Arc::as_ptr(&occupied.get().entry) as *const ());
         drop(table);
         if let Some(new_entry) = new_entry {

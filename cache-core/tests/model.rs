@@ -15,15 +15,15 @@
 //! reads racing for one injected failure) the case stops there, counted as passed.
 //!
 //! Watches on a channel of 64 are compared event for event. Slow consumers (a channel of one,
-//! read only by `DrainSlow`) are held to SPEC §9's catch-up rule instead: a drain gives what
+//! read only by `DrainSlow`) are held to the contract's catch-up rule (Watch 7) instead: a drain gives what
 //! the channel buffered plus at most two more events, the last with the latest index and
 //! value; while one is watching, live tasks are not compared (its wait for room is a task).
 //!
-//! Two readings of SPEC the model makes, where the engine's tasks interleave at one instant:
-//! a get answers from the fetch it waited for (an error that began with a later attempt, such
-//! as a refresh failing right after, is not its own: issue 10, defect 10); and when its own
-//! attempt failed but a refresh already succeeded by the time it looks, it answers with that
-//! value (the error is no longer stored).
+//! Two readings of the contract (docs/contract.md, Get 4) the model makes, where the engine's
+//! tasks interleave at one instant: a get answers from the fetch it waited for (an error that
+//! began with a later attempt, such as a refresh failing right after, is not its own: issue
+//! 10, defect 10); and when its own attempt failed but a refresh already succeeded by the time
+//! it looks, it answers with that value (the error is no longer stored).
 //!
 //! Runs: `cargo test -p cache-core --test model` runs a fixed, seeded set of cases (256 by
 //! default, under a second). `PROPTEST_CASES=5000 MODEL_SEED=7 cargo test -p cache-core --test model` runs a
@@ -821,9 +821,13 @@ impl Model {
     }
 
     fn evict(&mut self, key: usize) {
+        // A sleeping chain ends; a fetching one is cancelled with its fetch (nothing could
+        // store its result, and it would hold its upstream query open until its timeout).
+        // Waiting gets look again (and create the entry anew).
+        if let Some(inc) = self.entries[key].as_ref().map(|e| e.inc) {
+            self.fetches.retain(|f| !(f.key == key && f.inc == inc));
+        }
         self.entries[key] = None;
-        // A sleeping chain ends; a fetching one finishes without effect (its fetch stays in
-        // `fetches`). Waiting gets look again (and create the entry anew).
         for g in 0..self.gets.len() {
             if self.gets[g].key == key && self.gets[g].answer.is_none() {
                 self.work.push_back(Work::Look(g));
@@ -899,7 +903,7 @@ impl Model {
             let seen_resets = *get.seen_resets.get_or_insert(e.resets);
             let reset = e.resets > seen_resets && e.value.is_some();
             if let Some(seen) = get.seen_attempts {
-                // The attempt this get waited for failed: its error (SPEC §4.4). An error
+                // The attempt this get waited for failed: its error (contract: Get 4). An error
                 // that began with a later attempt (a refresh right after) is not its own.
                 if e.attempts > seen && e.failing_from <= seen + 1 {
                     if let Some(kind) = e.error {
@@ -1402,7 +1406,7 @@ impl Run {
         Ok(())
     }
 
-    /// SPEC §9's slow consumer: a drained channel of one gives what it buffered plus at most
+    /// The contract's slow consumer (Watch 7): a drained channel of one gives what it buffered plus at most
     /// two more events, the last with the latest index and value.
     fn check_catch_up(&self, w: usize, session: &[Obs]) -> Result<(), String> {
         let watch = &self.model.watches[w];

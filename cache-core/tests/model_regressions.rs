@@ -106,9 +106,9 @@ fn replay_of_the_capacity_livelock() {
     }
 }
 
-/// Issue 10, defect 6 is not fully fixed yet: while `true`, the test below reports the broken
-/// rule on stderr as a known defect instead of failing. Set it to `false` once fixed.
-const KNOWN_DEFECT_6_BLOCKED_GET: bool = true;
+/// Issue 10, defect 6 (a get blocked while its type is registered again): fixed; while `true`
+/// the test below would report the broken rule on stderr instead of failing.
+const KNOWN_DEFECT_6_BLOCKED_GET: bool = false;
 
 /// Re-registering a type releases its entries at once (issue 10, defect 6). A get that was
 /// blocked on one of them must not create it again in the replaced registration: the count
