@@ -15,9 +15,10 @@
 //! reads racing for one injected failure) the case stops there, counted as passed.
 //!
 //! Watches on a channel of 64 are compared event for event. Slow consumers (a channel of one,
-//! read only by `DrainSlow`) are held to the contract's catch-up rule (Watch 7) instead: a drain gives what
-//! the channel buffered plus at most two more events, the last with the latest index and
-//! value; while one is watching, live tasks are not compared (its wait for room is a task).
+//! read only by `DrainSlow`) are held to the contract's catch-up rule (Watch 7) instead: a
+//! drain gives what the channel buffered plus at most two more events, the last with the latest
+//! index and value; while one is watching, live tasks are not compared (its wait for room is a
+//! task).
 //!
 //! Two readings of the contract (docs/contract.md, Get 4) the model makes, where the engine's
 //! tasks interleave at one instant: a get answers from the fetch it waited for (an error that
@@ -1406,8 +1407,8 @@ impl Run {
         Ok(())
     }
 
-    /// The contract's slow consumer (Watch 7): a drained channel of one gives what it buffered plus at most
-    /// two more events, the last with the latest index and value.
+    /// The contract's slow consumer (Watch 7): a drained channel of one gives what it buffered
+    /// plus at most two more events, the last with the latest index and value.
     fn check_catch_up(&self, w: usize, session: &[Obs]) -> Result<(), String> {
         let watch = &self.model.watches[w];
         let key = watch.key;
