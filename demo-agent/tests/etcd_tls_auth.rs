@@ -24,7 +24,9 @@ fn consul_index(response: &reqwest::Response) -> u64 {
 
 #[tokio::test]
 async fn etcd_tls_client_certs_and_auth() {
-    if !etcd::available_with_etcdctl("etcd_tls_client_certs_and_auth") {
+    if !etcd::available("etcd_tls_client_certs_and_auth")
+        || !etcd::etcdctl_available("etcd_tls_client_certs_and_auth")
+    {
         return;
     }
     bounded(async {
