@@ -482,6 +482,36 @@ impl<T: Send + 'static> NowOrNeverBlocking<T> for tokio::task::JoinHandle<T> {
     }
 }
 
+/// Live bytes per open blocking read of `upstream` (one spawned task per key, blocked at
+/// index `at`), measured once `ready`; the reads are then ended by `close`.
+async fn per_open_read<U: demo_agent::upstream::Upstream>(
+    names: &[String],
+    upstream: Arc<U>,
+    at: u64,
+    wait: Duration,
+    ready: impl Fn() -> bool,
+) -> f64 {
+    use demo_agent::upstream::Query;
+    let before = Snapshot::take();
+    let tasks: Vec<_> = names
+        .iter()
+        .map(|key| {
+            let upstream = upstream.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let _ = upstream.get(&key, Query::blocking(at, wait)).await;
+            })
+        })
+        .collect();
+    until(Duration::from_secs(120), ready).await;
+    let after = Snapshot::take();
+    upstream.close();
+    for task in tasks {
+        let _ = task.await;
+    }
+    before.live_per(&after, names.len())
+}
+
 /// The scenario (see the module docs).
 pub fn run(mode: Mode) -> Vec<Figure> {
     let Some(binary) = etcd_binary() else {
@@ -668,6 +698,40 @@ pub fn run(mode: Mode) -> Vec<Figure> {
         }
     });
     drop(agent);
+
+    // The upstreams alone: one open blocking read per key (a spawned task each), on a fresh
+    // etcd upstream and on a fresh embedded store.
+    let (etcd_read, memory_read) = server_rt.block_on(async {
+        use demo_agent::upstream::{
+            EtcdSettings, EtcdUpstream, FaultSettings, Faults, MemoryUpstream, Query, Upstream as _,
+        };
+        let wait = Duration::from_secs(600);
+        let etcd_up = EtcdUpstream::new(
+            EtcdSettings::new(vec![etcd.url()]),
+            Faults::new(FaultSettings::default()),
+        )
+        .expect("an etcd upstream");
+        let at = etcd_up
+            .get(&names[0], Query::now())
+            .await
+            .map_or(1, |r| r.index);
+        let at = at.max(etcd_up.counters().index);
+        let etcd_read = per_open_read(&names, etcd_up.clone(), at, wait, || {
+            etcd_up.traffic().watches_open >= keys as u64
+        })
+        .await;
+        let memory = MemoryUpstream::new(Faults::new(FaultSettings::default()));
+        for key in &names {
+            let _ = memory.put(key, b"0123456789abcdef".to_vec(), 0, None).await;
+        }
+        let at = memory.stats().await.map_or(1, |s| s.index);
+        let probe = memory.clone();
+        let memory_read = per_open_read(&names, memory.clone(), at, wait, move || {
+            probe.counters().blocking_open >= keys as u64
+        })
+        .await;
+        (etcd_read, memory_read)
+    });
     drop(etcd);
 
     let at = |n: usize| format!("{n} watched keys on {stream_count} SSE streams");
@@ -687,6 +751,11 @@ pub fn run(mode: Mode) -> Vec<Figure> {
                 "{}; live heap bytes added (cache entry, fetch, etcd watch, SSE), RSS {:.0} B/key",
                 at(keys),
                 rss_per_key
+            )),
+        Figure::new("etcd/upstream memory per open blocking read", etcd_read, "B/read")
+            .baseline("the embedded store", memory_read)
+            .note(format!(
+                "{keys} blocking reads straight on the upstream (one spawned task each), no cache"
             )),
         Figure::new("etcd/fan-out: write → last SSE event", median(&ours), "ms")
             .baseline(
