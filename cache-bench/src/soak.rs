@@ -45,10 +45,10 @@
 //! # The verdict
 //!
 //! The first third of the run is warm-up (rings and caps fill). A quantity **grows without
-//! bound** if the mean of its samples in the last third exceeds the mean in the second third
+//! bound** if the median of its samples in the last third exceeds the median in the second third
 //! by more than 10 % plus a fixed slack (8 MiB of live bytes, 200 entries, 64 watches,
-//! 64 tasks). A bounded quantity that oscillates has the same mean in both thirds; one that
-//! grows linearly has a last-third mean 1.67× its second-third mean (for a start at zero), far
+//! 64 tasks). A bounded quantity that oscillates has the same median in both thirds; one that
+//! grows linearly has a last-third median 1.67× its second-third one (for a start at zero), far
 //! outside the tolerance at any rate that matters over a couple of minutes. Also failing: any
 //! stuck side cycle, and after teardown (every load task stopped, every cache closed and
 //! dropped, every upstream shut down) any engine task or timer still alive after 10 s.
@@ -560,8 +560,18 @@ fn judge_with(samples: &[Sample], duration: Duration, judged: &[Judged]) -> Opti
     if second.len() < 2 || last.len() < 2 {
         return None;
     }
+    // The median, not the mean: one sample taken during a burst (a side cache holding a
+    // thousand watches just before its close) is not growth, and a quantity that grows
+    // linearly still has a last-third median about 1.67× its second-third one.
     let mean = |set: &[&Sample], f: fn(&Sample) -> f64| {
-        set.iter().map(|s| f(s)).sum::<f64>() / set.len() as f64
+        let mut values: Vec<f64> = set.iter().map(|s| f(s)).collect();
+        values.sort_by(f64::total_cmp);
+        let mid = values.len() / 2;
+        if values.len() % 2 == 1 {
+            values[mid]
+        } else {
+            (values[mid - 1] + values[mid]) / 2.0
+        }
     };
     Some(
         judged
@@ -628,7 +638,7 @@ impl Report {
             Some(verdicts) => {
                 for v in verdicts.iter().filter(|v| v.grew()) {
                     let mut line = format!(
-                        "{} grows without bound: mean {} over the last third against {} over \
+                        "{} grows without bound: median {} over the last third against {} over \
                          the second third (limit {})",
                         v.quantity,
                         show(v.quantity, v.last),
