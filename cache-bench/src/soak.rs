@@ -39,8 +39,8 @@
 //! - **tasks**: the engine's spawned futures not yet finished, counted by a wrapping
 //!   [`Runtime`] (tokio's own count of alive tasks, which includes the soak's consumers, is
 //!   printed alongside), and its live timers; and, printed only, the upstream reads in
-//!   progress (fetches the engine started that have not returned: an evicted entry's blocking
-//!   fetch may run on until its `query_timeout`, contract: Fetch 7).
+//!   progress (fetches the engine started that have not returned; an evicted entry's fetch is
+//!   dropped at once, contract: Fetch 7).
 //!
 //! # The verdict
 //!
