@@ -38,7 +38,7 @@ pub(crate) struct CacheState {
     pub(crate) entries: AtomicUsize,
     /// Weak: stores hold the `CacheState`, and the registry in `Inner` keeps them alive.
     pub(crate) stores: RwLock<Vec<Weak<dyn ErasedStore>>>,
-    /// Every watch, for the periodic check of receivers that went away (see `watch.rs`).
+    /// Every watch, for the periodic check of receivers that went away (see `watch/sweep.rs`).
     pub(crate) sweep: Mutex<Vec<Weak<dyn Sweep>>>,
     pub(crate) sweeper_running: AtomicBool,
 }

@@ -1,6 +1,6 @@
 //! One registered type's entries: the sharded tables, entry state, eviction and prepopulate.
 //! The get path is in `get.rs`, the fetch chain (single-flight fetch, background refresh) in
-//! `fetch.rs`, the entry side of watches in `watch.rs`: each adds methods to [`Store`].
+//! `fetch.rs`, the entry side of watches in `watch/entry.rs`: each adds methods to [`Store`].
 //!
 //! Entries live in sharded tables. A table's lock guards the state of every entry in it, so a
 //! hit takes one read lock and no other lock. The parts of an entry that tasks hold on to while
