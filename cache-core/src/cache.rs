@@ -527,7 +527,7 @@ impl<T: CacheType> TypedCache<T> {
         Ok(())
     }
 
-    /// The same watch as [`TypedCache::notify`], as a [`Stream`] that holds at most one
+    /// The same watch as [`TypedCache::notify`], as a [`Stream`](futures::Stream) that holds at most one
     /// undelivered event (a slow reader then receives the latest).
     ///
     /// # Errors

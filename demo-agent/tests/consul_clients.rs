@@ -205,7 +205,9 @@ async fn py_consul_against_etcd() {
 /// agent read back, and an `etcdctl put` over them resets them to 0.
 #[tokio::test]
 async fn etcd_values_cross_over_to_etcdctl() {
-    if !etcd::available_with_etcdctl("etcd_values_cross_over_to_etcdctl") {
+    if !etcd::available("etcd_values_cross_over_to_etcdctl")
+        || !etcd::etcdctl_available("etcd_values_cross_over_to_etcdctl")
+    {
         return;
     }
     bounded(async {

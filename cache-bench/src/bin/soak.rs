@@ -50,7 +50,9 @@ fn main() -> ExitCode {
     }
     let report = run(&config);
     if let Some(verdicts) = &report.verdicts {
-        println!("growth (median of the last third against the second third, limit +10 % + slack):");
+        println!(
+            "growth (median of the last third against the second third, limit +10 % + slack):"
+        );
         for v in verdicts {
             println!(
                 "  {:<10} second {:>14.0}  last {:>14.0}  limit {:>14.0}  {}",
