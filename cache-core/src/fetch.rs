@@ -16,7 +16,7 @@ use crate::chain;
 use crate::error::GetError;
 use crate::metrics::bump;
 use crate::runtime::Sleep;
-use crate::store::{EntryShared, EntryState, Slot, Store, panic_message, wake_all};
+use crate::store::{EntryHandle, EntryState, Slot, Store, panic_message, wake_all};
 
 /// How long a refresh type's blocking fetch must stay open to count as connected again (the
 /// reference's 31 s: yamux keepalives are every 30 s, so a blackholed connection has failed by
@@ -92,7 +92,7 @@ impl<T: CacheType> Store<T> {
 
     /// The signal a blocking fetch gives when the server accepted its query (see
     /// [`Connected`]): clears the entry's error and lost-contact time at once.
-    fn connected_signal(&self, entry: &Arc<EntryShared<T>>, generation: u32) -> Connected {
+    fn connected_signal(&self, entry: &Arc<EntryHandle<T>>, generation: u32) -> Connected {
         let store = self.this.clone();
         let entry = entry.clone();
         Connected::new(move || {
@@ -115,7 +115,7 @@ impl<T: CacheType> Store<T> {
     /// newer chain taking over (a get that found the entry invalid) also stops it.
     async fn fetch_chain(
         self: Arc<Self>,
-        entry: Arc<EntryShared<T>>,
+        entry: Arc<EntryHandle<T>>,
         generation: u32,
         request: T::Request,
         first_at: Option<Option<Instant>>,

@@ -16,7 +16,7 @@ use crate::error::GetError;
 use crate::metrics::bump;
 use crate::outcome::{GetOutcome, ResultMeta};
 use crate::runtime::{BoxFuture, Sleep};
-use crate::store::{EntryShared, EntryState, Store, panic_message};
+use crate::store::{EntryHandle, EntryState, Store, panic_message};
 
 // ===== impl Store: get =====
 
@@ -335,7 +335,7 @@ impl<T: CacheType> Store<T> {
 /// counts the get out again.
 struct Waiting<'a, T: CacheType> {
     store: &'a Store<T>,
-    entry: Option<Arc<EntryShared<T>>>,
+    entry: Option<Arc<EntryHandle<T>>>,
 }
 
 impl<T: CacheType> Drop for Waiting<'_, T> {

@@ -5,7 +5,7 @@
 //! Entries live in sharded tables. A table's lock guards the state of every entry in it, so a
 //! hit takes one read lock and no other lock. The parts of an entry that tasks hold on to while
 //! the table lock is released (its key, its wake-up event, its last-read time) live in an
-//! [`EntryShared`] behind an `Arc`; a task finds the entry's state again by pointer, so an entry
+//! [`EntryHandle`] behind an `Arc`; a task finds the entry's state again by pointer, so an entry
 //! evicted meanwhile is simply not found and never resurrected.
 
 use std::any::{Any, TypeId};
@@ -176,8 +176,10 @@ impl Stamp {
     }
 }
 
-/// The parts of an entry that outlive a table lock.
-pub(crate) struct EntryShared<T: CacheType> {
+/// The parts of an entry that outlive a table lock: what a task (a fetch chain, a waiting get,
+/// a watch, the expiry queue) holds to find the entry again by pointer. An entry evicted
+/// meanwhile is simply not found, so it is never resurrected.
+pub(crate) struct EntryHandle<T: CacheType> {
     pub(crate) hash: u64,
     /// Notified when a fetch for the entry completes, and when the entry is evicted or its
     /// refresh is replaced.
@@ -381,7 +383,7 @@ pub(crate) struct Slot<T: CacheType> {
     /// Nanoseconds since the cache's epoch of the last read; atomic, since hits hold only the
     /// table's read lock.
     pub(crate) last_read: AtomicU64,
-    pub(crate) entry: Arc<EntryShared<T>>,
+    pub(crate) entry: Arc<EntryHandle<T>>,
     pub(crate) st: EntryState<T>,
 }
 
@@ -426,7 +428,7 @@ pub(crate) trait Watcher<T: CacheType>: Send + Sync {
     /// The poll interval of a watch of a non-blocking type.
     fn max_age(&self) -> Option<Duration>;
     /// Offers a fetch's outcome. Returns `false` when the receiver is gone.
-    fn offer(&self, store: &Store<T>, entry: &Arc<EntryShared<T>>, snap: &Snapshot<T>) -> bool;
+    fn offer(&self, store: &Store<T>, entry: &Arc<EntryHandle<T>>, snap: &Snapshot<T>) -> bool;
     /// Stops any task the watch runs and drops the sink.
     fn cancel(&self);
 }
@@ -449,7 +451,7 @@ pub(crate) struct Store<T: CacheType> {
 
 struct Victim<T: CacheType> {
     store: Weak<Store<T>>,
-    entry: Arc<EntryShared<T>>,
+    entry: Arc<EntryHandle<T>>,
 }
 
 impl<T: CacheType> EvictOne for Victim<T> {
@@ -556,7 +558,7 @@ impl<T: CacheType> Store<T> {
     /// Runs `f` on the state of `entry` if it is still in its table (not evicted).
     pub(crate) fn with_slot<R>(
         &self,
-        entry: &Arc<EntryShared<T>>,
+        entry: &Arc<EntryHandle<T>>,
         f: impl FnOnce(&mut Slot<T>) -> R,
     ) -> Option<R> {
         let mut table = self.write(entry.hash);
@@ -568,7 +570,7 @@ impl<T: CacheType> Store<T> {
     /// Runs `f` on the slot of `entry` under the table's read lock, if it is still cached.
     pub(crate) fn read_slot<R>(
         &self,
-        entry: &EntryShared<T>,
+        entry: &EntryHandle<T>,
         f: impl FnOnce(&Slot<T>) -> R,
     ) -> Option<R> {
         let table = self.read(entry.hash);
@@ -593,7 +595,7 @@ impl<T: CacheType> Store<T> {
             Box::new(Slot {
                 key: EntryKey::new(key, dc, token),
                 last_read: AtomicU64::new(0),
-                entry: Arc::new(EntryShared {
+                entry: Arc::new(EntryHandle {
                     hash,
                     changed: Event::new(),
                     store: self.this.clone(),
@@ -642,14 +644,14 @@ impl<T: CacheType> Store<T> {
 
     /// Schedules the entry's first expiry check one TTL after `from` (none for a TTL too
     /// long to represent: such an entry never expires).
-    pub(crate) fn schedule_expiry(&self, entry: &Arc<EntryShared<T>>, from: Instant) {
+    pub(crate) fn schedule_expiry(&self, entry: &Arc<EntryHandle<T>>, from: Instant) {
         if let Some(deadline) = from.checked_add(self.opts.last_get_ttl) {
             self.shared.expiry.schedule(deadline, entry.clone());
         }
     }
 
     /// Removes `entry` from its table (if it is still there) and wakes everything waiting on it.
-    pub(crate) fn evict(&self, entry: &EntryShared<T>) -> bool {
+    pub(crate) fn evict(&self, entry: &EntryHandle<T>) -> bool {
         let removed = {
             let mut table = self.write(entry.hash);
             match table.find_entry(entry.hash, |s| std::ptr::eq(Arc::as_ptr(&s.entry), entry)) {
@@ -784,7 +786,7 @@ impl<T: CacheType> ErasedStore for Store<T> {
     }
 
     fn least_recently_read(&self, keep: *const ()) -> Option<(u64, Box<dyn EvictOne>)> {
-        let mut best: Option<(u64, Arc<EntryShared<T>>)> = None;
+        let mut best: Option<(u64, Arc<EntryHandle<T>>)> = None;
         let sampled: Vec<&Shard<T>> =
             if self.counters.entries.load(Ordering::Relaxed) <= EXACT_LRU_LIMIT {
                 self.shards.iter().collect()
@@ -834,7 +836,7 @@ impl<T: CacheType> ErasedStore for Store<T> {
 
     fn close_watches(&self) {
         for shard in self.shards.iter() {
-            let entries: Vec<Arc<EntryShared<T>>> = {
+            let entries: Vec<Arc<EntryHandle<T>>> = {
                 let table = shard.table.read().unwrap_or_else(|p| p.into_inner());
                 table.iter().map(|slot| slot.entry.clone()).collect()
             };
@@ -852,7 +854,7 @@ impl<T: CacheType> ErasedStore for Store<T> {
     }
 }
 
-impl<T: CacheType> Expirable for EntryShared<T> {
+impl<T: CacheType> Expirable for EntryHandle<T> {
     fn check_expiry(&self, now: Instant) -> Option<Instant> {
         let store = self.store.upgrade()?;
         let ttl = store.opts.last_get_ttl;
@@ -913,9 +915,9 @@ mod size_tests {
             std::mem::size_of::<Slot<T>>()
         );
         assert!(
-            std::mem::size_of::<EntryShared<T>>() <= 64,
+            std::mem::size_of::<EntryHandle<T>>() <= 64,
             "{}",
-            std::mem::size_of::<EntryShared<T>>()
+            std::mem::size_of::<EntryHandle<T>>()
         );
         assert_eq!(std::mem::size_of::<Option<Stamp>>(), 8);
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::cache_type::{CacheRequest, CacheType};
 use crate::error::WatchError;
-use crate::store::{EntryShared, EntryState, Snapshot, Store, Watcher, wake_all};
+use crate::store::{EntryHandle, EntryState, Snapshot, Store, Watcher, wake_all};
 
 impl<T: CacheType> Store<T> {
     pub(crate) fn this(&self) -> Option<Arc<Self>> {
@@ -24,7 +24,7 @@ impl<T: CacheType> Store<T> {
     }
 
     /// The entry's current state as a watch event, if it is still cached.
-    pub(crate) fn snapshot(&self, entry: &Arc<EntryShared<T>>) -> Option<Snapshot<T>> {
+    pub(crate) fn snapshot(&self, entry: &Arc<EntryHandle<T>>) -> Option<Snapshot<T>> {
         let now = self.shared.rt.now();
         let table = self.read(entry.hash);
         let slot = table.find(entry.hash, |s| Arc::ptr_eq(&s.entry, entry))?;
@@ -33,7 +33,7 @@ impl<T: CacheType> Store<T> {
 
     /// Offers a fetch's outcome to every watch of the entry, dropping those whose receiver is
     /// gone.
-    pub(crate) fn deliver(&self, entry: &Arc<EntryShared<T>>, snap: &Snapshot<T>) {
+    pub(crate) fn deliver(&self, entry: &Arc<EntryHandle<T>>, snap: &Snapshot<T>) {
         let mut removed = 0;
         entry
             .watch
@@ -60,7 +60,7 @@ impl<T: CacheType> Store<T> {
         &self,
         request: T::Request,
         watcher: Arc<dyn Watcher<T>>,
-    ) -> Result<Arc<EntryShared<T>>, WatchError> {
+    ) -> Result<Arc<EntryHandle<T>>, WatchError> {
         let now = self.shared.rt.now();
         let info = request.cache_info();
         let hash = self.hash(&info);
@@ -108,7 +108,7 @@ impl<T: CacheType> Store<T> {
     }
 
     /// Removes a watch from its entry (cancel, or receiver gone). Idempotent.
-    pub(crate) fn remove_watcher(&self, entry: &Arc<EntryShared<T>>, id: u64) {
+    pub(crate) fn remove_watcher(&self, entry: &Arc<EntryHandle<T>>, id: u64) {
         let removed = {
             let mut list = entry.watch.lock().unwrap_or_else(|p| p.into_inner());
             list.iter()
@@ -121,7 +121,7 @@ impl<T: CacheType> Store<T> {
         }
     }
 
-    pub(crate) fn watchers_removed(&self, entry: &Arc<EntryShared<T>>, n: usize) {
+    pub(crate) fn watchers_removed(&self, entry: &Arc<EntryHandle<T>>, n: usize) {
         let left = entry.watchers.fetch_sub(n, Ordering::AcqRel) - n;
         self.counters.watches.fetch_sub(n as u64, Ordering::Relaxed);
         // The TTL counts again from the last watch.

@@ -15,7 +15,7 @@ use super::sweep::register_sweep;
 use crate::cache_type::{CacheRequest, CacheType};
 use crate::error::WatchError;
 use crate::shared::Sweep;
-use crate::store::{EntryShared, Snapshot, Store, Watcher};
+use crate::store::{EntryHandle, Snapshot, Store, Watcher};
 
 /// A watch's mutable state: its sink and what it has delivered, under one lock, so that
 /// offering a fetch to a watch takes a single lock.
@@ -46,7 +46,7 @@ struct Record<T: CacheType, C, S> {
 }
 
 /// Where a watch is registered: its store and its entry.
-type Home<T> = (Weak<Store<T>>, Weak<EntryShared<T>>);
+type Home<T> = (Weak<Store<T>>, Weak<EntryHandle<T>>);
 
 static NEXT_WATCH_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -108,7 +108,7 @@ where
     async fn flush(
         self: Arc<Self>,
         store: Arc<Store<T>>,
-        entry: Arc<EntryShared<T>>,
+        entry: Arc<EntryHandle<T>>,
         mut snap: Snapshot<T>,
     ) {
         loop {
@@ -166,7 +166,7 @@ where
         self.max_age
     }
 
-    fn offer(&self, store: &Store<T>, entry: &Arc<EntryShared<T>>, snap: &Snapshot<T>) -> bool {
+    fn offer(&self, store: &Store<T>, entry: &Arc<EntryHandle<T>>, snap: &Snapshot<T>) -> bool {
         if self.cancelled.load(Ordering::Acquire) {
             return false;
         }
