@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::JsonLine;
+use super::response::JsonLine;
 use axum::extract::{RawQuery, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderValue, StatusCode};
@@ -12,8 +12,8 @@ use serde_json::json;
 
 use super::error::{ApiError, ErrorCause};
 use super::params::Params;
+use super::response::{set_cache_headers, set_index_headers};
 use super::state::AgentState;
-use super::{set_cache_headers, set_index_headers};
 use crate::config::parse_rate;
 use crate::duration::{GoDuration, parse_duration};
 use crate::types::StatsRequest;

@@ -19,22 +19,21 @@
 //! | `offset` | 0 | entries to skip |
 //! | `limit` | 100 | page size, capped at [`MAX_PAGE`] |
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
-use cache_core::{EntryInfo, EntryPage, EntryQuery, EntrySort, Metrics, TypeMetrics};
+use cache_core::{EntryInfo, EntryPage, EntryQuery, EntrySort, Metrics};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::JsonLine;
 use super::error::ApiError;
+use super::history::{Counts, SAMPLE_EVERY, Sample};
 use super::params::{self, Params};
-use super::state::{AgentState, StateInner};
+use super::response::JsonLine;
+use super::state::AgentState;
 use crate::duration::GoDuration;
 use crate::types::short_type_name;
 
@@ -42,10 +41,6 @@ use crate::types::short_type_name;
 pub const MAX_PAGE: usize = 500;
 /// The page size when `limit` is absent.
 pub const DEFAULT_PAGE: usize = 100;
-/// How often the sampler records the counters.
-pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
-/// How many samples are kept: five minutes at one per second.
-pub const HISTORY_LEN: usize = 300;
 /// Listings that may scan a table at once (across the process); more wait their turn, so
 /// many open pages over a large cache cannot take every core.
 const CONCURRENT_LISTINGS: usize = 2;
@@ -54,135 +49,6 @@ static LISTINGS: Semaphore = Semaphore::const_new(CONCURRENT_LISTINGS);
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// The recent hit ratio is measured over (about) this window.
 const RATIO_WINDOW: Duration = Duration::from_secs(60);
-
-/// The counters of one type that the view turns into rates.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Counts {
-    hits: u64,
-    misses: u64,
-    fetches: u64,
-    errors: u64,
-}
-
-impl Counts {
-    fn of(t: &TypeMetrics) -> Self {
-        Self {
-            hits: t.hits,
-            misses: t.misses_new + t.misses_blocking,
-            fetches: t.fetch_success,
-            errors: t.fetch_errors,
-        }
-    }
-
-    fn since(self, base: Self) -> Self {
-        Self {
-            hits: self.hits.saturating_sub(base.hits),
-            misses: self.misses.saturating_sub(base.misses),
-            fetches: self.fetches.saturating_sub(base.fetches),
-            errors: self.errors.saturating_sub(base.errors),
-        }
-    }
-
-    fn add(self, other: Self) -> Self {
-        Self {
-            hits: self.hits + other.hits,
-            misses: self.misses + other.misses,
-            fetches: self.fetches + other.fetches,
-            errors: self.errors + other.errors,
-        }
-    }
-}
-
-/// One sample: when, and every type's counters (in registration order).
-#[derive(Debug, Clone)]
-struct Sample {
-    at: Instant,
-    types: Vec<(String, Counts)>,
-}
-
-impl Sample {
-    fn of(metrics: &Metrics, at: Instant) -> Self {
-        Self {
-            at,
-            types: metrics
-                .types
-                .iter()
-                .map(|t| (t.name.clone(), Counts::of(t)))
-                .collect(),
-        }
-    }
-
-    fn counts(&self, name: &str) -> Counts {
-        self.types
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, c)| *c)
-            .unwrap_or_default()
-    }
-
-    fn total(&self) -> Counts {
-        self.types
-            .iter()
-            .fold(Counts::default(), |sum, (_, c)| sum.add(*c))
-    }
-}
-
-/// The last [`HISTORY_LEN`] samples of the cache's counters, one per [`SAMPLE_EVERY`], kept
-/// by a task the agent starts with it.
-#[derive(Debug, Default)]
-pub struct History {
-    samples: Mutex<VecDeque<Sample>>,
-}
-
-impl History {
-    /// An empty history.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn record(&self, sample: Sample) {
-        let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
-        if samples.len() == HISTORY_LEN {
-            samples.pop_front();
-        }
-        samples.push_back(sample);
-    }
-
-    fn snapshot(&self) -> Vec<Sample> {
-        self.samples
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .cloned()
-            .collect()
-    }
-
-    /// Starts the task that samples `state`'s cache every second. It holds the state weakly
-    /// and ends when the agent is gone, shuts down, or its cache is closed.
-    pub(crate) fn spawn_sampler(state: &AgentState) {
-        let weak: Weak<StateInner> = Arc::downgrade(&state.inner);
-        let stop = state.shutdown_started();
-        tokio::spawn(async move {
-            let sample = async move {
-                let mut tick = tokio::time::interval(SAMPLE_EVERY);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    let Some(inner) = weak.upgrade() else { break };
-                    if inner.cache.is_closed() {
-                        break;
-                    }
-                    let sample = Sample::of(&inner.cache.metrics(), Instant::now());
-                    inner.history.record(sample);
-                }
-            };
-            tokio::select! {
-                () = sample => {}
-                () = stop => {}
-            }
-        });
-    }
-}
 
 /// The sample to measure a window ending now from: the newest one at least `window` old, or
 /// the oldest there is.
@@ -584,6 +450,7 @@ pub(super) async fn cache_view(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::history::{HISTORY_LEN, History};
 
     fn sample(at: Instant, hits: u64, misses: u64) -> Sample {
         Sample {

@@ -1,7 +1,7 @@
 //! The agent's HTTP errors: every error is JSON `{"error": "..."}` with a status that says
 //! whose fault it is (4xx: the request's, 5xx: the agent's or the upstream's).
 
-use super::JsonLine;
+use super::response::JsonLine;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -83,7 +83,7 @@ impl IntoResponse for ApiError {
         };
         let mut response = (self.status, JsonLine(body)).into_response();
         if let Some(index) = self.index {
-            super::set_index_headers(response.headers_mut(), index);
+            super::response::set_index_headers(response.headers_mut(), index);
         }
         if let Some(cause) = cause {
             response.extensions_mut().insert(cause);

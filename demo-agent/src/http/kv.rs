@@ -32,8 +32,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::JsonLine;
 use super::consul::{self, ConsulQuery, DirEntry};
+use super::response::JsonLine;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, RawQuery, State};
@@ -45,8 +45,8 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::params::{self, CacheControl, Params};
+use super::response::{set_cache_headers, set_index_headers};
 use super::state::AgentState;
-use super::{set_cache_headers, set_index_headers};
 use crate::config::KvCacheMode;
 use crate::types::{KvRequest, ListRequest, ReadOptions};
 use crate::upstream::{KeyRead, ListRead, RESERVED_PREFIX, ReadMode, UpstreamError};

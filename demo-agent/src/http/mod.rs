@@ -26,8 +26,10 @@ mod agent_routes;
 pub mod cache_view;
 pub mod consul;
 pub mod error;
+mod history;
 mod kv;
 pub mod params;
+pub mod response;
 pub mod state;
 mod status;
 mod ui;
@@ -38,8 +40,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -48,6 +49,7 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::upstream::MAX_WAIT;
 use error::ApiError;
+pub use response::JsonLine;
 use state::AgentState;
 
 /// The request timeout: above the longest blocking wait, so no long-poll is cut short.
@@ -173,42 +175,4 @@ fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
         format!("internal error: a handler panicked: {message}"),
     )
     .into_response()
-}
-
-/// A JSON response body followed by a newline, so that `curl` output stays readable.
-#[derive(Debug, Clone)]
-pub struct JsonLine<T>(pub T);
-
-impl<T: serde::Serialize> IntoResponse for JsonLine<T> {
-    fn into_response(self) -> Response {
-        match serde_json::to_vec(&self.0) {
-            Ok(mut body) => {
-                body.push(b'\n');
-                ([(CONTENT_TYPE, "application/json")], body).into_response()
-            }
-            Err(error) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot encode the response: {error}"),
-            )
-                .into_response(),
-        }
-    }
-}
-
-/// Sets `X-Index` and `X-Consul-Index` (never 0).
-pub(crate) fn set_index_headers(headers: &mut HeaderMap, index: u64) {
-    let value = HeaderValue::from(index.max(1));
-    headers.insert("x-index", value.clone());
-    headers.insert("x-consul-index", value);
-}
-
-/// Sets `X-Cache: HIT|MISS` and, on hits, `Age` in whole seconds.
-pub(crate) fn set_cache_headers(headers: &mut HeaderMap, hit: bool, age: Duration) {
-    headers.insert(
-        "x-cache",
-        HeaderValue::from_static(if hit { "HIT" } else { "MISS" }),
-    );
-    if hit {
-        headers.insert("age", HeaderValue::from(age.as_secs()));
-    }
 }

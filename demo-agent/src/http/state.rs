@@ -5,16 +5,17 @@
 //! It lives below the routes: `http/*` handlers take it as axum state, and `agent.rs` (the
 //! wiring: bind, serve, shut down) builds it and hands it to [`super::app`].
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use cache_core::{Cache, RateLimit, SharedRuntime, TypedCache};
 use cache_tokio::TokioRuntime;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
+use super::history::{History, SAMPLE_EVERY, Sample};
 use crate::config::{Config, KvCacheMode, StartError, UpstreamKind};
-use crate::http;
 use crate::types::{BlockingOptions, KvType, ListType, StatsType};
 use crate::upstream::{
     ContactState, ContactTracker, EtcdSettings, EtcdUpstream, FaultSettings, Faults,
@@ -53,7 +54,7 @@ pub(crate) struct StateInner {
     /// Writes made through this agent that cached reads must see (read your writes).
     pub(crate) writes: crate::types::RecentWrites,
     /// The last minutes of the cache's counters, for the web view (`/v1/agent/cache`).
-    pub(crate) history: http::cache_view::History,
+    pub(crate) history: History,
 }
 
 impl AgentState {
@@ -118,10 +119,10 @@ impl AgentState {
                 sse_streams: AtomicU64::new(0),
                 debug_routes: config.debug_routes,
                 writes: crate::types::RecentWrites::default(),
-                history: http::cache_view::History::new(),
+                history: History::new(),
             }),
         };
-        http::cache_view::History::spawn_sampler(&state);
+        spawn_history_sampler(&state);
         // Contact is back: chains sleeping out a backoff retry now. A weak reference, so the
         // upstream (held by the cache's types) does not keep the cache alive.
         let weak = Arc::downgrade(&state.inner);
@@ -198,4 +199,30 @@ impl std::fmt::Debug for AgentState {
             .field("kv_mode", &self.inner.kv_mode)
             .finish_non_exhaustive()
     }
+}
+
+/// Starts the task that samples `state`'s cache every second. It holds the state weakly
+/// and ends when the agent is gone, shuts down, or its cache is closed.
+fn spawn_history_sampler(state: &AgentState) {
+    let weak: Weak<StateInner> = Arc::downgrade(&state.inner);
+    let stop = state.shutdown_started();
+    tokio::spawn(async move {
+        let sample = async move {
+            let mut tick = tokio::time::interval(SAMPLE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                if inner.cache.is_closed() {
+                    break;
+                }
+                let sample = Sample::of(&inner.cache.metrics(), Instant::now());
+                inner.history.record(sample);
+            }
+        };
+        tokio::select! {
+            () = sample => {}
+            () = stop => {}
+        }
+    });
 }

@@ -14,9 +14,9 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::JsonLine;
 use super::consul::DATACENTER;
 use super::error::ApiError;
+use super::response::JsonLine;
 use super::state::AgentState;
 
 /// The version this agent reports.

@@ -41,7 +41,8 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
-use super::{Faults, KeyRead, ListRead, Query, Upstream, UpstreamError, UpstreamStats};
+use super::api::{KeyRead, ListRead, Query, Upstream, UpstreamError, UpstreamStats};
+use super::faults::Faults;
 use crate::duration::GoDuration;
 
 /// How often the probe task calls the upstream while it is failing.

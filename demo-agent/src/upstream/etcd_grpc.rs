@@ -73,10 +73,12 @@ use self::pb::{
     request_op::Request, response_op::Response,
 };
 use self::watch::WatchHub;
-use super::{
-    Entry, Faults, KeyRead, ListRead, MAX_WAIT, OpCounters, Query, RESERVED_PREFIX, ReadMode,
-    Upstream, UpstreamError, UpstreamStats, bump, flags_key,
+use super::api::{
+    Entry, KeyRead, ListRead, MAX_WAIT, OpCounters, Query, RESERVED_PREFIX, ReadMode, Upstream,
+    UpstreamError, UpstreamStats, bump, flags_key,
 };
+use super::contact::accepted;
+use super::faults::{FaultSettings, Faults};
 
 /// How often a blocking read starts over because its watch's start revision was compacted
 /// (or etcd cancelled the watch) before it answers with the unchanged data.
@@ -581,11 +583,11 @@ impl EtcdUpstream {
             };
             // The range answered and the watch starts right after it: the caller's data is
             // current (see `contact::accepted`).
-            super::accepted();
+            accepted();
             let (key, range_end) = target.range();
             let mut watch = self.hub.watch(key, range_end, from);
             // The read is held now: the caller's data is current (see `contact::accepted`).
-            super::accepted();
+            accepted();
             let outcome = tokio::select! {
                 outcome = watch.outcome() => outcome,
                 () = tokio::time::sleep_until(deadline) => return Ok(found(unchanged_index)),
@@ -687,7 +689,7 @@ impl EtcdUpstream {
 }
 
 /// Completes when fault injection switches the outage on.
-async fn faults_failing(faults: &mut signal::Receiver<super::FaultSettings>, current: &Faults) {
+async fn faults_failing(faults: &mut signal::Receiver<FaultSettings>, current: &Faults) {
     loop {
         if faults.changed().await.is_err() {
             std::future::pending::<()>().await;

@@ -10,10 +10,12 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use super::{
-    Entry, Faults, KeyRead, ListRead, MAX_WAIT, OpCounters, Query, Upstream, UpstreamError,
-    UpstreamStats, bump,
+use super::api::{
+    Entry, KeyRead, ListRead, MAX_WAIT, OpCounters, Query, Upstream, UpstreamError, UpstreamStats,
+    bump,
 };
+use super::contact::accepted;
+use super::faults::Faults;
 
 /// The index of an upstream that has seen no write: indexes are never 0.
 const FIRST_INDEX: u64 = 1;
@@ -180,7 +182,7 @@ impl MemoryUpstream {
         }
         let _open = self.counters.open_blocking();
         // The read is held now: the caller's data is current (see `contact::accepted`).
-        super::accepted();
+        accepted();
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
         loop {
