@@ -40,9 +40,10 @@ pub(crate) struct StateInner {
     pub(crate) contact: Arc<ContactTracker>,
     /// `/v1/agent/ready` answers 503 once the upstream has failed for longer than this.
     pub(crate) ready_grace: Duration,
-    /// The embedded store, for its live counters on the metrics page.
+    /// The embedded store as itself, for tests that write to it directly (counters come from
+    /// the `Upstream` trait).
     pub(crate) memory: Option<Arc<MemoryUpstream>>,
-    /// The etcd upstream, for its live counters on the metrics page.
+    /// The etcd upstream as itself, for its endpoints and traffic figures.
     pub(crate) etcd: Option<Arc<EtcdUpstream>>,
     pub(crate) faults: Arc<Faults>,
     pub(crate) kv_mode: KvCacheMode,
@@ -151,12 +152,7 @@ impl AgentState {
 
     /// The upstream's counters right now, without contacting it (for the metrics page).
     pub fn upstream_counters(&self) -> Option<UpstreamStats> {
-        let inner = &self.inner;
-        inner
-            .memory
-            .as_ref()
-            .map(|memory| memory.counters())
-            .or_else(|| inner.etcd.as_ref().map(|etcd| etcd.counters()))
+        Some(self.inner.upstream.counters())
     }
 
     /// The embedded store, when the agent runs on it: tests write to it directly, as another

@@ -318,6 +318,10 @@ pub trait Upstream: Send + Sync + 'static {
     /// The upstream's counters; answers at once.
     fn stats(&self) -> BoxFuture<'_, Result<UpstreamStats, UpstreamError>>;
 
+    /// The upstream's own counters right now, without contacting it (for the metrics page and
+    /// the web view); [`Upstream::stats`] is the same read made through the upstream.
+    fn counters(&self) -> UpstreamStats;
+
     /// Ends every open blocking read (it answers with the current data, as if its wait had
     /// passed) and makes later reads answer at once; writes keep working. Used at shutdown so
     /// that no long-poll holds the agent open. Idempotent.

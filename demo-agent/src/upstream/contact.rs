@@ -481,6 +481,10 @@ impl Upstream for ContactTracker {
         self.track(self.inner.stats())
     }
 
+    fn counters(&self) -> UpstreamStats {
+        self.inner.counters()
+    }
+
     fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
         self.inner.close();

@@ -849,6 +849,10 @@ impl Upstream for EtcdUpstream {
         .boxed()
     }
 
+    fn counters(&self) -> UpstreamStats {
+        Self::counters(self)
+    }
+
     fn stats(&self) -> BoxFuture<'_, Result<UpstreamStats, UpstreamError>> {
         async move {
             bump(&self.counters.stats_reads);
