@@ -40,7 +40,7 @@ impl<T: CacheType> Store<T> {
         let Some(this) = self.this.upgrade() else {
             return;
         };
-        let (generation, replaced) = slot.st.chain.start(first_at.is_none());
+        let (generation, replaced) = slot.state.chain.start(first_at.is_none());
         if replaced {
             // Wake the replaced chain so that it stops now, not at its next timer.
             wake_all(&slot.entry.changed);
@@ -53,7 +53,7 @@ impl<T: CacheType> Store<T> {
     fn chain_needed(&self, slot: &Slot<T>) -> bool {
         chain::needed(
             self.shared.is_closed(),
-            self.opts.refresh && !slot.st.chain.refresh_stopped(),
+            self.opts.refresh && !slot.state.chain.refresh_stopped(),
             slot.entry.watchers.load(Ordering::Acquire) > 0,
         )
     }
@@ -61,7 +61,7 @@ impl<T: CacheType> Store<T> {
     /// The pause before the chain's next fetch, or `None` when it ends: the pure decision of
     /// [`chain::next_fetch`] on this entry's state, with the runtime's jitter.
     fn next_fetch(&self, slot: &Slot<T>, now: Instant) -> Option<Duration> {
-        let st = &slot.st;
+        let state = &slot.state;
         let watched = slot.entry.watchers.load(Ordering::Acquire) > 0;
         let poll_every = if watched && !self.opts.supports_blocking {
             slot.entry
@@ -78,13 +78,15 @@ impl<T: CacheType> Store<T> {
         let after = chain::After {
             closed: self.shared.is_closed(),
             refresh: self.opts.refresh,
-            refresh_stopped: st.chain.refresh_stopped(),
+            refresh_stopped: state.chain.refresh_stopped(),
             watched,
             blocking: self.opts.supports_blocking,
-            backoff: st.backoff(),
+            backoff: state.backoff(),
             refresh_timer: self.opts.refresh_timer,
             poll_every,
-            age: st.fetched_at.map_or(Duration::ZERO, |t| self.since(t, now)),
+            age: state
+                .fetched_at
+                .map_or(Duration::ZERO, |t| self.since(t, now)),
             jitter: self.shared.rt.jitter(),
         };
         chain::next_fetch(&self.shared.backoff, &after)
@@ -100,8 +102,8 @@ impl<T: CacheType> Store<T> {
                 return;
             };
             let failing = store.with_slot(&entry, |slot| {
-                if slot.st.chain.owns(generation) && slot.st.chain.is_fetching() {
-                    slot.st.connected()
+                if slot.state.chain.owns(generation) && slot.state.chain.is_fetching() {
+                    slot.state.connected()
                 } else {
                     0
                 }
@@ -132,15 +134,15 @@ impl<T: CacheType> Store<T> {
                     let changed = entry.changed.listen();
                     let closed = self.shared.close_event.listen();
                     let claimed = self.with_slot(&entry, |slot| {
-                        if !slot.st.chain.owns(generation) {
+                        if !slot.state.chain.owns(generation) {
                             return Some(false);
                         }
                         if !self.chain_needed(slot) {
-                            slot.st.chain.stop(generation);
+                            slot.state.chain.stop(generation);
                             return Some(false);
                         }
                         let due = deadline.is_some_and(|d| rt.now() >= d);
-                        slot.st.chain.claim(generation, due).then_some(true)
+                        slot.state.chain.claim(generation, due).then_some(true)
                     });
                     match claimed {
                         None | Some(Some(false)) => return,
@@ -170,11 +172,11 @@ impl<T: CacheType> Store<T> {
                 let changed = entry.changed.listen();
                 let now = rt.now();
                 let step = self.with_slot(&entry, |slot| {
-                    if !slot.st.chain.owns(generation) {
+                    if !slot.state.chain.owns(generation) {
                         return None;
                     }
                     if limit.per_second.is_some() {
-                        let bucket = slot.st.bucket();
+                        let bucket = slot.state.bucket();
                         let wait = if reserved {
                             bucket.reserved_wait(now, &limit)
                         } else {
@@ -185,7 +187,7 @@ impl<T: CacheType> Store<T> {
                             return Some(Err(wait));
                         }
                     }
-                    Some(Ok(self.fetch_options(&slot.st)))
+                    Some(Ok(self.fetch_options(&slot.state)))
                 });
                 match step {
                     Some(Some(Ok(ready))) => break ready,
@@ -241,7 +243,7 @@ impl<T: CacheType> Store<T> {
                     Err(true) => {
                         // A blocking fetch open this long means the server is reachable.
                         threshold = None;
-                        self.with_slot(&entry, |slot| slot.st.clear_lost_contact());
+                        self.with_slot(&entry, |slot| slot.state.clear_lost_contact());
                     }
                 }
             };
@@ -256,15 +258,15 @@ impl<T: CacheType> Store<T> {
                 _ => false,
             };
             let next = self.with_slot(&entry, |slot| {
-                if !slot.st.chain.owns(generation) {
+                if !slot.state.chain.owns(generation) {
                     // Replaced by a newer chain while in flight: the newer one owns the entry.
                     return (None, None);
                 }
                 self.apply(slot, result, fatal, now);
                 let snapshot = (slot.entry.watchers.load(Ordering::Acquire) > 0)
-                    .then(|| self.snapshot_of(&slot.st, false, now));
+                    .then(|| self.snapshot_of(&slot.state, false, now));
                 let wait = self.next_fetch(slot, now);
-                slot.st.chain.fetch_done(wait);
+                slot.state.chain.fetch_done(wait);
                 (wait, snapshot)
             });
             wake_all(&entry.changed);
@@ -283,22 +285,22 @@ impl<T: CacheType> Store<T> {
     }
 
     /// The options for the next fetch, and whether to arm the "connected" timer.
-    fn fetch_options(&self, st: &EntryState<T>) -> (FetchOptions<T::Value>, bool) {
+    fn fetch_options(&self, state: &EntryState<T>) -> (FetchOptions<T::Value>, bool) {
         let mut opts = FetchOptions::new();
         if self.opts.supports_blocking {
-            opts.min_index = st.index;
+            opts.min_index = state.index;
             opts.timeout = self.opts.query_timeout;
         }
-        opts.last_result = st.value.clone().map(|value| LastResult {
+        opts.last_result = state.value.clone().map(|value| LastResult {
             value,
-            index: st.index,
-            state: st.fetch_state().cloned(),
+            index: state.index,
+            state: state.fetch_state().cloned(),
         });
         let connected_timer = self.opts.refresh
-            && st.index > 0
+            && state.index > 0
             && self.opts.supports_blocking
             && self.opts.query_timeout > CONNECTED_THRESHOLD
-            && st.lost_contact_at().is_some();
+            && state.lost_contact_at().is_some();
         (opts, connected_timer)
     }
 
@@ -311,36 +313,36 @@ impl<T: CacheType> Store<T> {
         fatal: bool,
         now: Instant,
     ) {
-        let st = &mut slot.st;
-        st.attempts += 1;
+        let state = &mut slot.state;
+        state.attempts += 1;
         let success = match result {
             Ok(Ok(result)) => {
                 bump(&self.counters.fetch_success);
                 if result.not_modified {
                     bump(&self.counters.fetch_not_modified);
                 }
-                let failing = st.set_error(None);
+                let failing = state.set_error(None);
                 self.adjust_failing(failing);
                 let has_value =
-                    result.value.is_some() || (result.not_modified && st.value.is_some());
+                    result.value.is_some() || (result.not_modified && state.value.is_some());
                 if has_value {
                     if let Some(value) = result.value {
-                        if !result.not_modified || st.value.is_none() {
-                            st.value = Some(value);
+                        if !result.not_modified || state.value.is_none() {
+                            state.value = Some(value);
                         }
                     }
                     let index = result.index.max(1);
-                    if index < st.index {
-                        st.resets = st.resets.wrapping_add(1);
+                    if index < state.index {
+                        state.resets = state.resets.wrapping_add(1);
                     }
-                    st.index = index;
-                    st.set_fetch_state(result.state);
-                    st.fetched_at = Some(self.stamp(now));
+                    state.index = index;
+                    state.set_fetch_state(result.state);
+                    state.fetched_at = Some(self.stamp(now));
                 } else if result.state.is_some() {
-                    st.set_fetch_state(result.state);
+                    state.set_fetch_state(result.state);
                 }
                 if self.opts.refresh {
-                    st.clear_lost_contact();
+                    state.clear_lost_contact();
                 }
                 // A zero index never blocks: for blocking and refresh fetches, count it as a
                 // failure so backoff guards the loop. A polled watch keeps its max-age cadence
@@ -352,33 +354,33 @@ impl<T: CacheType> Store<T> {
                 if fatal {
                     bump(&self.counters.fetch_errors_fatal);
                 }
-                let failing = st.set_error(Some(GetError::Fetch(Arc::new(error))));
+                let failing = state.set_error(Some(GetError::Fetch(Arc::new(error))));
                 self.adjust_failing(failing);
                 false
             }
             Err(panic) => {
                 bump(&self.counters.fetch_errors);
-                let failing = st.set_error(Some(GetError::Panicked(panic_message(&*panic))));
+                let failing = state.set_error(Some(GetError::Panicked(panic_message(&*panic))));
                 self.adjust_failing(failing);
                 false
             }
         };
-        let lose_contact = self.opts.refresh && st.error().is_some();
-        st.record_outcome(success, self.stamp(now), lose_contact);
-        st.trim();
-        if !st.expiry_scheduled {
+        let lose_contact = self.opts.refresh && state.error().is_some();
+        state.record_outcome(success, self.stamp(now), lose_contact);
+        state.trim();
+        if !state.expiry_scheduled {
             // The TTL clock starts when the first fetch completes.
-            st.expiry_scheduled = true;
+            state.expiry_scheduled = true;
             slot.touch(self.nanos(now));
             self.schedule_expiry(&slot.entry, now);
         }
-        let st = &mut slot.st;
+        let state = &mut slot.state;
         if self.opts.refresh && fatal {
-            st.chain.stop_refresh();
+            state.chain.stop_refresh();
         }
-        if let (Some(give_up), Some(since)) = (self.opts.refresh_give_up, st.failing_since()) {
+        if let (Some(give_up), Some(since)) = (self.opts.refresh_give_up, state.failing_since()) {
             if self.since(since, now) >= give_up {
-                st.chain.stop_refresh();
+                state.chain.stop_refresh();
             }
         }
     }

@@ -24,37 +24,37 @@ impl<T: CacheType> Store<T> {
     /// Whether the entry answers `info` without a fetch (contract: Get 2).
     fn is_valid(
         &self,
-        st: &EntryState<T>,
+        state: &EntryState<T>,
         info: &RequestInfo<'_>,
         must_revalidate: bool,
         now: Instant,
     ) -> bool {
-        self.is_valid_at(st, info, must_revalidate, self.nanos(now))
+        self.is_valid_at(state, info, must_revalidate, self.nanos(now))
     }
 
     /// [`Store::is_valid`] with the time as nanoseconds since the epoch.
     fn is_valid_at(
         &self,
-        st: &EntryState<T>,
+        state: &EntryState<T>,
         info: &RequestInfo<'_>,
         must_revalidate: bool,
         now_ns: u64,
     ) -> bool {
-        if st.value.is_none() {
+        if state.value.is_none() {
             return false;
         }
-        if self.opts.supports_blocking && info.min_index > 0 && info.min_index >= st.index {
+        if self.opts.supports_blocking && info.min_index > 0 && info.min_index >= state.index {
             return false;
         }
         if !self.opts.refresh {
-            if let (Some(max_age), Some(fetched_at)) = (info.max_age, st.fetched_at) {
+            if let (Some(max_age), Some(fetched_at)) = (info.max_age, state.fetched_at) {
                 if fetched_at.until(now_ns) > max_age {
                     return false;
                 }
             }
             if must_revalidate {
                 // An open fetch means the entry is current: the reference leaves it alone.
-                return st.chain.is_fetching();
+                return state.chain.is_fetching();
             }
         }
         true
@@ -67,13 +67,13 @@ impl<T: CacheType> Store<T> {
         let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
         let slot = table.find(hash, |s| s.key.matches(key, dc, token))?;
         let now_ns = self.shared.hit_nanos();
-        if !self.is_valid_at(&slot.st, info, info.must_revalidate, now_ns) {
+        if !self.is_valid_at(&slot.state, info, info.must_revalidate, now_ns) {
             return None;
         }
         slot.touch(now_ns);
         let outcome = GetOutcome {
-            value: slot.st.value.clone(),
-            meta: self.meta_at(&slot.st, true, now_ns),
+            value: slot.state.value.clone(),
+            meta: self.meta_at(&slot.state, true, now_ns),
             error: None,
         };
         drop(table);
@@ -178,51 +178,51 @@ impl<T: CacheType> Store<T> {
             let info = request.cache_info();
             let step = self.with_entry(hash, &info, |slot| {
                 slot.touch(self.nanos(now));
-                let st = &slot.st;
-                let resets = *seen_resets.get_or_insert(st.resets);
+                let state = &slot.state;
+                let resets = *seen_resets.get_or_insert(state.resets);
                 // An index that went backwards wakes a blocked get with the new value,
                 // whatever min index it waited for (contract: Fetch 5).
-                let reset = st.resets > resets && st.value.is_some();
+                let reset = state.resets > resets && state.value.is_some();
                 // The attempt this get waited for failed: its error comes first, even when the
                 // old value would now count as valid (a failed revalidation is a failure).
                 // An error of a later attempt (a background refresh that failed right after
                 // this get's fetch succeeded) is not this get's: it answers from its own fetch.
                 if let Some(seen) = seen_attempts {
-                    if st.attempts > seen {
-                        if let Some(error) = st.error().filter(|_| !st.failing_after(seen)) {
-                            return Err(self.error_outcome(st, &info, error.clone(), now));
+                    if state.attempts > seen {
+                        if let Some(error) = state.error().filter(|_| !state.failing_after(seen)) {
+                            return Err(self.error_outcome(state, &info, error.clone(), now));
                         }
                         attempted = true;
                     }
                 }
-                if reset || self.is_valid(st, &info, must_revalidate, now) {
+                if reset || self.is_valid(state, &info, must_revalidate, now) {
                     if first {
                         self.counters.hits.incr();
                     }
                     return Err(GetOutcome {
-                        value: st.value.clone(),
-                        meta: self.meta(st, first, now),
+                        value: state.value.clone(),
+                        meta: self.meta(state, first, now),
                         error: None,
                     });
                 }
                 if first {
-                    if st.value.is_some() {
+                    if state.value.is_some() {
                         bump(&self.counters.misses_blocking);
                     } else {
                         bump(&self.counters.misses_new);
                     }
                 }
-                if !slot.st.chain.is_fetching() && self.shared.is_closed() {
+                if !slot.state.chain.is_fetching() && self.shared.is_closed() {
                     // A closed cache starts nothing new: answer at once with what there is.
                     return Err(GetOutcome {
-                        value: slot.st.value.clone(),
-                        meta: self.meta(&slot.st, false, now),
+                        value: slot.state.value.clone(),
+                        meta: self.meta(&slot.state, false, now),
                         error: Some(GetError::Closed),
                     });
                 }
-                if !slot.st.chain.is_fetching() {
+                if !slot.state.chain.is_fetching() {
                     let backoff = if attempted {
-                        slot.st
+                        slot.state
                             .backoff()
                             .wait(&self.shared.backoff, self.shared.rt.jitter())
                     } else {
@@ -239,13 +239,13 @@ impl<T: CacheType> Store<T> {
                         None => retry_at = now.checked_add(backoff),
                     }
                 }
-                seen_attempts = Some(slot.st.attempts);
+                seen_attempts = Some(slot.state.attempts);
                 if !waiting
                     .entry
                     .as_ref()
                     .is_some_and(|e| Arc::ptr_eq(e, &slot.entry))
                 {
-                    slot.st.waiters += 1;
+                    slot.state.waiters += 1;
                     waiting.entry = Some(slot.entry.clone());
                 }
                 Ok(slot.entry.changed.listen())
@@ -285,14 +285,14 @@ impl<T: CacheType> Store<T> {
     /// The answer to a get whose one fetch attempt failed, honouring `stale_if_error`.
     fn error_outcome(
         &self,
-        st: &EntryState<T>,
+        state: &EntryState<T>,
         info: &RequestInfo<'_>,
         error: GetError<T::Error>,
         now: Instant,
     ) -> GetOutcome<T::Value, T::Error> {
-        let meta = self.meta(st, false, now);
+        let meta = self.meta(state, false, now);
         if let (Some(limit), Some(fetched_at), Some(value)) =
-            (info.stale_if_error, st.fetched_at, &st.value)
+            (info.stale_if_error, state.fetched_at, &state.value)
         {
             if self.since(fetched_at, now) <= limit {
                 return GetOutcome {
@@ -306,7 +306,7 @@ impl<T: CacheType> Store<T> {
             }
         }
         GetOutcome {
-            value: st.value.clone(),
+            value: state.value.clone(),
             meta,
             error: Some(error),
         }
@@ -318,8 +318,8 @@ impl<T: CacheType> Store<T> {
         let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
         match table.find(hash, |s| s.key.matches(key, dc, token)) {
             Some(slot) => GetOutcome {
-                value: slot.st.value.clone(),
-                meta: self.meta(&slot.st, false, now),
+                value: slot.state.value.clone(),
+                meta: self.meta(&slot.state, false, now),
                 error: None,
             },
             None => GetOutcome {
@@ -342,7 +342,7 @@ impl<T: CacheType> Drop for Waiting<'_, T> {
     fn drop(&mut self) {
         if let Some(entry) = self.entry.take() {
             self.store.with_slot(&entry, |slot| {
-                slot.st.waiters = slot.st.waiters.saturating_sub(1);
+                slot.state.waiters = slot.state.waiters.saturating_sub(1);
             });
         }
     }

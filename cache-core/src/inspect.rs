@@ -218,11 +218,11 @@ impl<T: CacheType> Store<T> {
     }
 
     fn rank(&self, slot: &Slot<T>, sort: EntrySort, now_ns: u64) -> Rank {
-        let st = &slot.st;
+        let state = &slot.state;
         let value = match sort {
             EntrySort::Key => 0,
-            EntrySort::Index => u128::from(st.index),
-            EntrySort::Age => st
+            EntrySort::Index => u128::from(state.index),
+            EntrySort::Age => state
                 .fetched_at
                 .map_or(u128::MAX, |t| t.until(now_ns).as_nanos()),
             EntrySort::TtlLeft => self
@@ -236,7 +236,7 @@ impl<T: CacheType> Store<T> {
     }
 
     fn ttl_left(&self, slot: &Slot<T>, now_ns: u64) -> Option<Duration> {
-        if !slot.st.expiry_scheduled || slot.entry.watchers.load(Ordering::Relaxed) > 0 {
+        if !slot.state.expiry_scheduled || slot.entry.watchers.load(Ordering::Relaxed) > 0 {
             return None;
         }
         let last_read = slot.last_read.load(Ordering::Relaxed);
@@ -245,20 +245,20 @@ impl<T: CacheType> Store<T> {
     }
 
     fn info(&self, slot: &Slot<T>, now_ns: u64) -> EntryInfo {
-        let st = &slot.st;
+        let state = &slot.state;
         let (key, datacenter) = slot.key.parts();
         EntryInfo {
             key: key.to_owned(),
             datacenter: datacenter.to_owned(),
-            index: st.index,
-            has_value: st.value.is_some(),
-            age: st.fetched_at.map(|t| t.until(now_ns)),
-            error: st.error().map(ToString::to_string),
-            failing_for: st.failing_since().map(|t| t.until(now_ns)),
+            index: state.index,
+            has_value: state.value.is_some(),
+            age: state.fetched_at.map(|t| t.until(now_ns)),
+            error: state.error().map(ToString::to_string),
+            failing_for: state.failing_since().map(|t| t.until(now_ns)),
             watchers: slot.entry.watchers.load(Ordering::Relaxed),
-            in_backoff: matches!(st.chain.chain(), Chain::Sleeping { .. })
-                && st.backoff().failures() > 0,
-            fetching: st.chain.is_fetching(),
+            in_backoff: matches!(state.chain.chain(), Chain::Sleeping { .. })
+                && state.backoff().failures() > 0,
+            fetching: state.chain.is_fetching(),
             ttl_left: self.ttl_left(slot, now_ns),
         }
     }

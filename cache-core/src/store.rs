@@ -384,7 +384,7 @@ pub(crate) struct Slot<T: CacheType> {
     /// table's read lock.
     pub(crate) last_read: AtomicU64,
     pub(crate) entry: Arc<EntryHandle<T>>,
-    pub(crate) st: EntryState<T>,
+    pub(crate) state: EntryState<T>,
 }
 
 impl<T: CacheType> Slot<T> {
@@ -428,7 +428,7 @@ pub(crate) trait Watcher<T: CacheType>: Send + Sync {
     /// The poll interval of a watch of a non-blocking type.
     fn max_age(&self) -> Option<Duration>;
     /// Offers a fetch's outcome. Returns `false` when the receiver is gone.
-    fn offer(&self, store: &Store<T>, entry: &Arc<EntryHandle<T>>, snap: &Snapshot<T>) -> bool;
+    fn offer(&self, store: &Store<T>, entry: &Arc<EntryHandle<T>>, snapshot: &Snapshot<T>) -> bool;
     /// Stops any task the watch runs and drops the sink.
     fn cancel(&self);
 }
@@ -602,7 +602,7 @@ impl<T: CacheType> Store<T> {
                     watchers: AtomicUsize::new(0),
                     watch: Mutex::new(Vec::new()),
                 }),
-                st: EntryState::new(),
+                state: EntryState::new(),
             })
         });
         let result = f(occupied.get_mut());
@@ -624,20 +624,20 @@ impl<T: CacheType> Store<T> {
         result
     }
 
-    pub(crate) fn meta(&self, st: &EntryState<T>, hit: bool, now: Instant) -> ResultMeta {
-        self.meta_at(st, hit, self.nanos(now))
+    pub(crate) fn meta(&self, state: &EntryState<T>, hit: bool, now: Instant) -> ResultMeta {
+        self.meta_at(state, hit, self.nanos(now))
     }
 
     /// [`Store::meta`] with the time as nanoseconds since the epoch.
-    pub(crate) fn meta_at(&self, st: &EntryState<T>, hit: bool, now_ns: u64) -> ResultMeta {
+    pub(crate) fn meta_at(&self, state: &EntryState<T>, hit: bool, now_ns: u64) -> ResultMeta {
         let since = if self.opts.refresh {
-            st.lost_contact_at()
+            state.lost_contact_at()
         } else {
-            st.fetched_at
+            state.fetched_at
         };
         ResultMeta {
             hit,
-            index: st.index,
+            index: state.index,
             age: since.map_or(Duration::ZERO, |t| t.until(now_ns)),
         }
     }
@@ -663,7 +663,7 @@ impl<T: CacheType> Store<T> {
             return false;
         };
         self.counters.entries.fetch_sub(1, Ordering::Relaxed);
-        if slot.st.error().is_some() {
+        if slot.state.error().is_some() {
             self.adjust_failing(-1);
         }
         self.shared.on_remove();
@@ -697,9 +697,9 @@ impl<T: CacheType> Store<T> {
         for shard in self.shards.iter() {
             let mut table = shard.table.write().unwrap_or_else(|p| p.into_inner());
             for slot in table.iter_mut() {
-                let st = &mut slot.st;
-                let failures = st.backoff().failures();
-                if st.chain.retry_now(failures) {
+                let state = &mut slot.state;
+                let failures = state.backoff().failures();
+                if state.chain.retry_now(failures) {
                     woken.push(slot.entry.clone());
                 }
             }
@@ -722,7 +722,7 @@ impl<T: CacheType> Store<T> {
             };
             for slot in slots {
                 self.counters.entries.fetch_sub(1, Ordering::Relaxed);
-                if slot.st.error().is_some() {
+                if slot.state.error().is_some() {
                     self.adjust_failing(-1);
                 }
                 self.shared.on_remove();
@@ -744,22 +744,22 @@ impl<T: CacheType> Store<T> {
         let now = self.shared.rt.now();
         let hash = self.hash(info);
         let (entry, first, snapshot) = self.with_entry(hash, info, |slot| {
-            let st = &mut slot.st;
+            let state = &mut slot.state;
             let index = index.max(1);
-            if st.value.is_some() && index < st.index {
-                st.resets = st.resets.wrapping_add(1);
+            if state.value.is_some() && index < state.index {
+                state.resets = state.resets.wrapping_add(1);
             }
-            st.value = Some(value);
-            st.index = index;
-            let failing = st.set_error(None);
+            state.value = Some(value);
+            state.index = index;
+            let failing = state.set_error(None);
             self.adjust_failing(failing);
-            st.fetched_at = Some(self.stamp(now));
-            st.clear_lost_contact();
-            st.trim();
-            let first = !std::mem::replace(&mut st.expiry_scheduled, true);
+            state.fetched_at = Some(self.stamp(now));
+            state.clear_lost_contact();
+            state.trim();
+            let first = !std::mem::replace(&mut state.expiry_scheduled, true);
             slot.touch(self.nanos(now));
             let snapshot = (slot.entry.watchers.load(Ordering::Acquire) > 0)
-                .then(|| self.snapshot_of(&slot.st, false, now));
+                .then(|| self.snapshot_of(&slot.state, false, now));
             (slot.entry.clone(), first, snapshot)
         });
         if first {
@@ -805,7 +805,7 @@ impl<T: CacheType> ErasedStore for Store<T> {
                 // cache past its bound. So the bound holds unless more entries than it are
                 // watched or waited on at once.
                 if slot.entry.watchers.load(Ordering::Relaxed) > 0
-                    || slot.st.waiters > 0
+                    || slot.state.waiters > 0
                     || std::ptr::eq(Arc::as_ptr(&slot.entry) as *const (), keep)
                 {
                     continue;

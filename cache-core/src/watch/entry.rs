@@ -14,12 +14,17 @@ impl<T: CacheType> Store<T> {
         self.this.upgrade()
     }
 
-    pub(crate) fn snapshot_of(&self, st: &EntryState<T>, hit: bool, now: Instant) -> Snapshot<T> {
+    pub(crate) fn snapshot_of(
+        &self,
+        state: &EntryState<T>,
+        hit: bool,
+        now: Instant,
+    ) -> Snapshot<T> {
         Snapshot {
-            value: st.value.clone(),
-            error: st.error().cloned(),
-            meta: self.meta(st, hit, now),
-            resets: st.resets,
+            value: state.value.clone(),
+            error: state.error().cloned(),
+            meta: self.meta(state, hit, now),
+            resets: state.resets,
         }
     }
 
@@ -28,19 +33,19 @@ impl<T: CacheType> Store<T> {
         let now = self.shared.rt.now();
         let table = self.read(entry.hash);
         let slot = table.find(entry.hash, |s| Arc::ptr_eq(&s.entry, entry))?;
-        Some(self.snapshot_of(&slot.st, false, now))
+        Some(self.snapshot_of(&slot.state, false, now))
     }
 
     /// Offers a fetch's outcome to every watch of the entry, dropping those whose receiver is
     /// gone.
-    pub(crate) fn deliver(&self, entry: &Arc<EntryHandle<T>>, snap: &Snapshot<T>) {
+    pub(crate) fn deliver(&self, entry: &Arc<EntryHandle<T>>, snapshot: &Snapshot<T>) {
         let mut removed = 0;
         entry
             .watch
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|watcher| {
-                let keep = watcher.offer(self, entry, snap);
+                let keep = watcher.offer(self, entry, snapshot);
                 if !keep {
                     watcher.cancel();
                     removed += 1;
@@ -80,16 +85,17 @@ impl<T: CacheType> Store<T> {
                 .push(watcher.clone());
             slot.entry.watchers.fetch_add(1, Ordering::AcqRel);
             self.counters.watches.fetch_add(1, Ordering::Relaxed);
-            let st = &slot.st;
-            let age = st.fetched_at.map(|t| self.since(t, now));
-            let fresh = st.value.is_some() && max_age.is_none_or(|m| age.is_some_and(|a| a <= m));
+            let state = &slot.state;
+            let age = state.fetched_at.map(|t| self.since(t, now));
+            let fresh =
+                state.value.is_some() && max_age.is_none_or(|m| age.is_some_and(|a| a <= m));
             // The first delivery may be a cache hit.
-            let initial = fresh.then(|| self.snapshot_of(st, true, now));
-            if !st.chain.is_active() {
+            let initial = fresh.then(|| self.snapshot_of(state, true, now));
+            if !state.chain.is_active() {
                 // Nothing keeps this entry fetching: start the watch loop. A fresh polled
                 // value is next fetched when it reaches max age (never, for a max age too
                 // long to represent).
-                let first_at = match (fresh, max_age, st.fetched_at) {
+                let first_at = match (fresh, max_age, state.fetched_at) {
                     (true, Some(max_age), Some(at)) => Some(self.at(at).checked_add(max_age)),
                     _ => None,
                 };
@@ -99,8 +105,8 @@ impl<T: CacheType> Store<T> {
         });
         drop(info);
         let (entry, initial) = added?;
-        if let Some(snap) = initial {
-            if !watcher.offer(self, &entry, &snap) {
+        if let Some(snapshot) = initial {
+            if !watcher.offer(self, &entry, &snapshot) {
                 self.remove_watcher(&entry, watcher.id());
             }
         }

@@ -58,15 +58,20 @@ where
 {
     /// Whether the snapshot is news to this watch (contract: Watch 3–5), updating its progress
     /// if so.
-    fn accept(&self, store: &Store<T>, p: &mut Progress<T::Value, S>, snap: &Snapshot<T>) -> bool {
-        let reset = snap.resets > p.last_resets && snap.value.is_some();
-        let news = if p.last_index == 0 {
+    fn accept(
+        &self,
+        store: &Store<T>,
+        progress: &mut Progress<T::Value, S>,
+        snapshot: &Snapshot<T>,
+    ) -> bool {
+        let reset = snapshot.resets > progress.last_resets && snapshot.value.is_some();
+        let news = if progress.last_index == 0 {
             // Before the first value everything is news, errors included.
-            !(p.delivered && snap.error.is_none() && snap.value.is_none())
-        } else if reset || snap.meta.index > p.last_index {
+            !(progress.delivered && snapshot.error.is_none() && snapshot.value.is_none())
+        } else if reset || snapshot.meta.index > progress.last_index {
             true
-        } else if self.polling && snap.error.is_none() {
-            match (&p.last_value, &snap.value) {
+        } else if self.polling && snapshot.error.is_none() {
+            match (&progress.last_value, &snapshot.value) {
                 (Some(old), Some(new)) => values_differ(&store.ty, old, new),
                 (None, Some(_)) => true,
                 _ => false,
@@ -77,30 +82,32 @@ where
         if !news {
             return false;
         }
-        p.delivered = true;
-        p.last_resets = snap.resets;
-        p.last_index = snap.meta.index;
-        if snap.error.is_none() && p.last_index < 1 {
+        progress.delivered = true;
+        progress.last_resets = snapshot.resets;
+        progress.last_index = snapshot.meta.index;
+        if snapshot.error.is_none() && progress.last_index < 1 {
             // The loop raises its index 0 → 1 only after a success.
-            p.last_index = 1;
+            progress.last_index = 1;
         }
         if self.polling {
-            p.last_value.clone_from(&snap.value);
+            progress.last_value.clone_from(&snapshot.value);
         }
         true
     }
 
-    fn event(&self, snap: &Snapshot<T>) -> UpdateEvent<C, T::Value, T::Error> {
+    fn event(&self, snapshot: &Snapshot<T>) -> UpdateEvent<C, T::Value, T::Error> {
         UpdateEvent {
             correlation_id: self.correlation_id.clone(),
-            result: snap.value.clone(),
-            meta: snap.meta,
-            error: snap.error.clone(),
+            result: snapshot.value.clone(),
+            meta: snapshot.meta,
+            error: snapshot.error.clone(),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Progress<T::Value, S>> {
-        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+        self.progress
+            .lock()
+            .unwrap_or_else(|progress| progress.into_inner())
     }
 
     /// Waits for room in the sink, sends, and catches up with the entry until the watch has
@@ -109,11 +116,11 @@ where
         self: Arc<Self>,
         store: Arc<Store<T>>,
         entry: Arc<EntryHandle<T>>,
-        mut snap: Snapshot<T>,
+        mut snapshot: Snapshot<T>,
     ) {
         loop {
             let send = match self.lock().sink.as_ref() {
-                Some(sink) => sink.send(self.event(&snap)),
+                Some(sink) => sink.send(self.event(&snapshot)),
                 None => return,
             };
             let cancelled = self.cancel_event.listen();
@@ -129,22 +136,22 @@ where
                 Either::Right(_) => return,
             }
             let latest = store.snapshot(&entry);
-            let mut p = self.lock();
+            let mut progress = self.lock();
             match latest {
-                Some(latest) if std::mem::take(&mut p.dirty) => {
+                Some(latest) if std::mem::take(&mut progress.dirty) => {
                     // News arrived while we waited (a risen index, a reset, or — for a polled
                     // watch — a changed value at the same index): send the latest state.
-                    p.last_index = latest.meta.index.max(p.last_index);
-                    p.last_resets = latest.resets;
+                    progress.last_index = latest.meta.index.max(progress.last_index);
+                    progress.last_resets = latest.resets;
                     if self.polling {
-                        p.last_value.clone_from(&latest.value);
+                        progress.last_value.clone_from(&latest.value);
                     }
-                    drop(p);
-                    snap = latest;
+                    drop(progress);
+                    snapshot = latest;
                 }
                 _ => {
-                    p.pending = false;
-                    p.dirty = false;
+                    progress.pending = false;
+                    progress.dirty = false;
                     return;
                 }
             }
@@ -166,31 +173,31 @@ where
         self.max_age
     }
 
-    fn offer(&self, store: &Store<T>, entry: &Arc<EntryHandle<T>>, snap: &Snapshot<T>) -> bool {
+    fn offer(&self, store: &Store<T>, entry: &Arc<EntryHandle<T>>, snapshot: &Snapshot<T>) -> bool {
         if self.cancelled.load(Ordering::Acquire) {
             return false;
         }
-        let mut p = self.lock();
-        if !self.accept(store, &mut p, snap) {
-            return p.sink.as_ref().is_some_and(|s| !s.is_closed());
+        let mut progress = self.lock();
+        if !self.accept(store, &mut progress, snapshot) {
+            return progress.sink.as_ref().is_some_and(|s| !s.is_closed());
         }
-        if p.pending {
+        if progress.pending {
             // A flush task is waiting for room; it sends the latest when it gets some.
-            p.dirty = true;
+            progress.dirty = true;
             return true;
         }
-        let Some(sink) = p.sink.as_ref() else {
+        let Some(sink) = progress.sink.as_ref() else {
             return false;
         };
-        match sink.try_send(self.event(snap)) {
+        match sink.try_send(self.event(snapshot)) {
             Ok(()) => true,
             Err(TrySendError::Closed) => false,
             Err(TrySendError::Full) => {
-                p.pending = true;
-                drop(p);
+                progress.pending = true;
+                drop(progress);
                 if let (Some(store), Some(this)) = (store.this(), self.this.upgrade()) {
                     let rt = store.shared.rt.clone();
-                    rt.spawn(Box::pin(this.flush(store, entry.clone(), snap.clone())));
+                    rt.spawn(Box::pin(this.flush(store, entry.clone(), snapshot.clone())));
                 }
                 true
             }
