@@ -2,7 +2,7 @@
 //!
 //! [`TypedCache::entries`]: crate::TypedCache::entries
 
-use std::cmp::{Ordering as CmpOrdering, Reverse};
+use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -130,12 +130,17 @@ struct Rank {
     key: Vec<u8>,
 }
 
-/// An entry in the listing's heap, ordered by its rank only.
-struct Ranked(Rank, EntryInfo);
+/// An entry in the listing's heap, ordered by its rank in the listing's direction: "less"
+/// is earlier in the listing, whichever way it is sorted.
+struct Ranked {
+    rank: Rank,
+    descending: bool,
+    info: EntryInfo,
+}
 
 impl PartialEq for Ranked {
     fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
+        self.rank == other.rank
     }
 }
 impl Eq for Ranked {}
@@ -146,7 +151,12 @@ impl PartialOrd for Ranked {
 }
 impl Ord for Ranked {
     fn cmp(&self, other: &Self) -> CmpOrdering {
-        self.0.cmp(&other.0)
+        let order = self.rank.cmp(&other.rank);
+        if self.descending {
+            order.reverse()
+        } else {
+            order
+        }
     }
 }
 
@@ -157,10 +167,9 @@ impl<T: CacheType> Store<T> {
         let now_ns = self.nanos(now);
         let keep = query.offset.saturating_add(query.limit.min(MAX_PAGE));
         let limit = query.limit.min(MAX_PAGE);
-        // The heap holds the best `keep` so far with the worst on top, so that a better one
-        // replaces it; "best" is smallest in ascending order, largest in descending.
-        let mut ascending: BinaryHeap<Ranked> = BinaryHeap::new();
-        let mut descending: BinaryHeap<Reverse<Ranked>> = BinaryHeap::new();
+        // The heap holds the first `keep` entries of the listing so far with the last of them
+        // on top, so that an entry earlier than it replaces it.
+        let mut heap: BinaryHeap<Ranked> = BinaryHeap::new();
         let mut total = 0;
         self.for_each_slot(|slot| {
             let (key, _) = slot.key.parts();
@@ -172,48 +181,30 @@ impl<T: CacheType> Store<T> {
                 return;
             }
             let rank = self.rank(slot, query.sort, now_ns);
-            if query.descending {
-                if descending.len() == keep
-                    && descending.peek().is_some_and(|Reverse(Ranked(worst, _))| {
-                        rank.cmp(worst) != CmpOrdering::Greater
-                    })
-                {
-                    return;
+            let later = |last: &Ranked| {
+                let order = rank.cmp(&last.rank);
+                if query.descending {
+                    order != CmpOrdering::Greater
+                } else {
+                    order != CmpOrdering::Less
                 }
-                descending.push(Reverse(Ranked(rank, self.info(slot, now_ns))));
-                if descending.len() > keep {
-                    descending.pop();
-                }
-            } else {
-                if ascending.len() == keep
-                    && ascending
-                        .peek()
-                        .is_some_and(|Ranked(worst, _)| rank.cmp(worst) != CmpOrdering::Less)
-                {
-                    return;
-                }
-                ascending.push(Ranked(rank, self.info(slot, now_ns)));
-                if ascending.len() > keep {
-                    ascending.pop();
-                }
+            };
+            if heap.len() == keep && heap.peek().is_some_and(later) {
+                return;
+            }
+            heap.push(Ranked {
+                rank,
+                descending: query.descending,
+                info: self.info(slot, now_ns),
+            });
+            if heap.len() > keep {
+                heap.pop();
             }
         });
-        let ordered: Vec<EntryInfo> = if query.descending {
-            descending
-                .into_sorted_vec()
-                .into_iter()
-                .map(|Reverse(Ranked(_, info))| info)
-                .collect()
-        } else {
-            ascending
-                .into_sorted_vec()
-                .into_iter()
-                .map(|Ranked(_, info)| info)
-                .collect()
-        };
+        let ordered = heap.into_sorted_vec().into_iter().map(|ranked| ranked.info);
         EntryPage {
             total,
-            entries: ordered.into_iter().skip(query.offset).take(limit).collect(),
+            entries: ordered.skip(query.offset).take(limit).collect(),
         }
     }
 

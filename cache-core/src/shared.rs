@@ -79,14 +79,14 @@ impl CacheState {
     pub(crate) fn hit_nanos(&self) -> u64 {
         match &self.hit_clock {
             Some((clock, origin)) => clock.read().saturating_sub(*origin),
-            None => u64::try_from(
-                self.rt
-                    .now()
-                    .saturating_duration_since(self.epoch)
-                    .as_nanos(),
-            )
-            .unwrap_or(u64::MAX),
+            None => self.nanos(self.rt.now()),
         }
+    }
+
+    /// `now` as nanoseconds since `epoch` (saturating), the form entries keep their times in.
+    #[inline]
+    pub(crate) fn nanos(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     pub(crate) fn is_closed(&self) -> bool {

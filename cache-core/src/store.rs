@@ -523,8 +523,7 @@ impl<T: CacheType> Store<T> {
     }
 
     pub(crate) fn nanos(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.shared.epoch).as_nanos())
-            .unwrap_or(u64::MAX)
+        self.shared.nanos(now)
     }
 
     pub(crate) fn instant(&self, nanos: u64) -> Instant {
@@ -662,15 +661,22 @@ impl<T: CacheType> Store<T> {
         let Some(slot) = removed else {
             return false;
         };
+        self.forget(slot);
+        true
+    }
+
+    /// The bookkeeping of a slot taken out of its table: counts, the failing gauge, and a
+    /// wake-up for everything waiting on the entry. Dropping the slot drops the value and the
+    /// fetch state (its cleanup), outside the table lock.
+    fn forget(&self, slot: Box<Slot<T>>) {
         self.counters.entries.fetch_sub(1, Ordering::Relaxed);
         if slot.state.error().is_some() {
             self.adjust_failing(-1);
         }
         self.shared.on_remove();
-        // Dropping the slot drops the value and the fetch state (its cleanup), outside the lock.
+        let entry = slot.entry.clone();
         drop(slot);
         wake_all(&entry.changed);
-        true
     }
 
     /// Adds `delta` to the `failing` gauge.
@@ -721,14 +727,7 @@ impl<T: CacheType> Store<T> {
                 table.drain().collect()
             };
             for slot in slots {
-                self.counters.entries.fetch_sub(1, Ordering::Relaxed);
-                if slot.state.error().is_some() {
-                    self.adjust_failing(-1);
-                }
-                self.shared.on_remove();
-                let entry = slot.entry.clone();
-                drop(slot);
-                wake_all(&entry.changed);
+                self.forget(slot);
             }
         }
     }
