@@ -37,61 +37,80 @@ const SAMPLED_SHARDS: usize = 4;
 // ===== Entry data =====
 
 /// Keys up to this many bytes (key, datacenter and token together) live inside the entry's
-/// slot, so a hit does not chase a pointer to compare them.
-const INLINE_KEY: usize = 38;
+/// slot, so a hit does not chase a pointer to compare them. 28 keeps the whole key in 32
+/// bytes, and with it everything a hit reads in the slot's first cache line.
+const INLINE_KEY: usize = 28;
 
-/// The bytes of an entry key: inline when short, else on the heap.
-enum KeyBytes {
-    Inline { len: u8, bytes: [u8; INLINE_KEY] },
-    Heap(Box<[u8]>),
-}
-
-impl KeyBytes {
-    fn as_bytes(&self) -> &[u8] {
-        match self {
-            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            Self::Heap(bytes) => bytes,
-        }
-    }
-}
-
-/// The key of an entry within its type: the request key and its partition, concatenated.
-pub(crate) struct EntryKey {
-    bytes: KeyBytes,
-    key_len: u32,
-    dc_len: u32,
+/// The key of an entry within its type: the request key and its partition, concatenated;
+/// inline when short, else on the heap. 32 bytes either way.
+pub(crate) enum EntryKey {
+    Inline {
+        /// Bytes used in `bytes`; the key and datacenter lengths split them.
+        len: u8,
+        key_len: u8,
+        dc_len: u8,
+        bytes: [u8; INLINE_KEY],
+    },
+    Heap {
+        key_len: u32,
+        dc_len: u32,
+        bytes: Box<[u8]>,
+    },
 }
 
 impl EntryKey {
     fn new(key: &str, datacenter: &str, token: &str) -> Self {
         let total = key.len() + datacenter.len() + token.len();
         let parts = [key.as_bytes(), datacenter.as_bytes(), token.as_bytes()];
-        let bytes = if total <= INLINE_KEY {
+        if total <= INLINE_KEY {
             let mut bytes = [0u8; INLINE_KEY];
             let mut at = 0;
             for part in parts {
                 bytes[at..at + part.len()].copy_from_slice(part);
                 at += part.len();
             }
-            KeyBytes::Inline {
+            // Each length is at most `INLINE_KEY`, so each fits a byte.
+            Self::Inline {
                 len: total as u8,
+                key_len: key.len() as u8,
+                dc_len: datacenter.len() as u8,
                 bytes,
             }
         } else {
-            KeyBytes::Heap(parts.concat().into_boxed_slice())
-        };
-        Self {
-            bytes,
-            // Keys and partitions are far below 4 GiB; a longer one would only mis-hash.
-            key_len: key.len() as u32,
-            dc_len: datacenter.len() as u32,
+            Self::Heap {
+                // Keys and partitions are far below 4 GiB; a longer one would only mis-hash.
+                key_len: key.len() as u32,
+                dc_len: datacenter.len() as u32,
+                bytes: parts.concat().into_boxed_slice(),
+            }
+        }
+    }
+
+    /// All the bytes, and the key and datacenter lengths that split them.
+    #[inline(always)]
+    fn split(&self) -> (&[u8], usize, usize) {
+        match self {
+            Self::Inline {
+                len,
+                key_len,
+                dc_len,
+                bytes,
+            } => (
+                &bytes[..usize::from(*len)],
+                usize::from(*key_len),
+                usize::from(*dc_len),
+            ),
+            Self::Heap {
+                key_len,
+                dc_len,
+                bytes,
+            } => (bytes, *key_len as usize, *dc_len as usize),
         }
     }
 
     /// The key and the datacenter (never the token).
     pub(crate) fn parts(&self) -> (&str, &str) {
-        let (k, d) = (self.key_len as usize, self.dc_len as usize);
-        let bytes = self.bytes.as_bytes();
+        let (bytes, k, d) = self.split();
         // Built from `&str`s split at their own lengths, so both halves are UTF-8.
         (
             std::str::from_utf8(&bytes[..k]).unwrap_or_default(),
@@ -101,20 +120,19 @@ impl EntryKey {
 
     /// Key, datacenter and token bytes together, for ordering.
     pub(crate) fn bytes(&self) -> &[u8] {
-        self.bytes.as_bytes()
+        self.split().0
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn matches(&self, key: &str, datacenter: &str, token: &str) -> bool {
-        let bytes = self.bytes.as_bytes();
-        if self.key_len as usize != key.len() {
+        let (bytes, k, d) = self.split();
+        if k != key.len() {
             return false;
         }
         if datacenter.is_empty() && token.is_empty() {
             // The common case: no partition, one comparison.
-            return bytes.len() == key.len() && bytes_eq(bytes, key.as_bytes());
+            return bytes.len() == k && bytes_eq(bytes, key.as_bytes());
         }
-        let (k, d) = (self.key_len as usize, self.dc_len as usize);
         d == datacenter.len()
             && bytes.len() == k + d + token.len()
             && bytes_eq(&bytes[..k], key.as_bytes())
@@ -193,10 +211,14 @@ pub(crate) struct EntryHandle<T: CacheType> {
 }
 
 /// The mutable state of an entry, guarded by its table's lock.
+///
+/// `repr(C)`, hot fields first: with the slot's key and last-read time before it, what a hit
+/// reads (index, fetch time, value) shares the slot's first cache line.
+#[repr(C)]
 pub(crate) struct EntryState<T: CacheType> {
-    pub(crate) value: Option<T::Value>,
     pub(crate) index: u64,
     pub(crate) fetched_at: Option<Stamp>,
+    pub(crate) value: Option<T::Value>,
     /// The entry's fetch chain: idle, fetching or sleeping, and its generation.
     pub(crate) chain: ChainState,
     /// Completed fetch attempts.
@@ -377,14 +399,17 @@ impl<T: CacheType> EntryState<T> {
     }
 }
 
+/// An entry in its table. Aligned to a cache line and laid out so that a hit (key, last-read
+/// time, index, fetch time, and a pointer-sized value) touches one line of it.
+#[repr(C, align(64))]
 pub(crate) struct Slot<T: CacheType> {
     /// In the slot, not behind the `Arc`: a hit compares it without another pointer chase.
     pub(crate) key: EntryKey,
     /// Nanoseconds since the cache's epoch of the last read; atomic, since hits hold only the
     /// table's read lock.
     pub(crate) last_read: AtomicU64,
-    pub(crate) entry: Arc<EntryHandle<T>>,
     pub(crate) state: EntryState<T>,
+    pub(crate) entry: Arc<EntryHandle<T>>,
 }
 
 impl<T: CacheType> Slot<T> {
@@ -919,5 +944,21 @@ mod size_tests {
             std::mem::size_of::<EntryHandle<T>>()
         );
         assert_eq!(std::mem::size_of::<Option<Stamp>>(), 8);
+        assert_eq!(std::mem::size_of::<EntryKey>(), 32);
+    }
+
+    /// A hit reads the key, the last-read time, the index, the fetch time and the value: with
+    /// a pointer-sized value they share the slot's first cache line.
+    #[test]
+    fn a_hit_reads_one_cache_line_of_its_slot() {
+        type T = MockType<Arc<u64>>;
+        assert_eq!(std::mem::align_of::<Slot<T>>(), 64);
+        let state = std::mem::offset_of!(Slot<T>, state);
+        let value_end = state
+            + std::mem::offset_of!(EntryState<T>, value)
+            + std::mem::size_of::<Option<Arc<u64>>>();
+        assert!(value_end <= 64, "the value ends at byte {value_end}");
+        assert!(std::mem::offset_of!(Slot<T>, last_read) < 64);
+        assert!(state + std::mem::offset_of!(EntryState<T>, fetched_at) < 64);
     }
 }
