@@ -5,6 +5,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -176,35 +177,49 @@ impl<T: CacheType> Store<T> {
             }
             let now = self.shared.rt.now();
             let info = request.cache_info();
+            if let Some(resets) = seen_resets {
+                // Woken: most wake-ups find their answer, and under the read lock every get
+                // woken by one fetch looks at once instead of queueing for the write lock.
+                let table = self.read(hash);
+                let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
+                if let Some(slot) = table.find(hash, |s| s.key.matches(key, dc, token)) {
+                    slot.touch(self.nanos(now));
+                    let answer = self.answer(
+                        &slot.state,
+                        &info,
+                        now,
+                        Seen {
+                            attempts: seen_attempts,
+                            resets,
+                            first,
+                        },
+                        must_revalidate,
+                        &mut attempted,
+                    );
+                    if let Some(outcome) = answer {
+                        return outcome;
+                    }
+                }
+            }
             let step = self.with_entry(hash, &info, |slot| {
                 slot.touch(self.nanos(now));
+                let seen = Seen {
+                    attempts: seen_attempts,
+                    resets: *seen_resets.get_or_insert(slot.state.resets),
+                    first,
+                };
+                let answer = self.answer(
+                    &slot.state,
+                    &info,
+                    now,
+                    seen,
+                    must_revalidate,
+                    &mut attempted,
+                );
+                if let Some(outcome) = answer {
+                    return Err(outcome);
+                }
                 let state = &slot.state;
-                let resets = *seen_resets.get_or_insert(state.resets);
-                // An index that went backwards wakes a blocked get with the new value,
-                // whatever min index it waited for (contract: Fetch 5).
-                let reset = state.resets > resets && state.value.is_some();
-                // The attempt this get waited for failed: its error comes first, even when the
-                // old value would now count as valid (a failed revalidation is a failure).
-                // An error of a later attempt (a background refresh that failed right after
-                // this get's fetch succeeded) is not this get's: it answers from its own fetch.
-                if let Some(seen) = seen_attempts {
-                    if state.attempts > seen {
-                        if let Some(error) = state.error().filter(|_| !state.failing_after(seen)) {
-                            return Err(self.error_outcome(state, &info, error.clone(), now));
-                        }
-                        attempted = true;
-                    }
-                }
-                if reset || self.is_valid(state, &info, must_revalidate, now) {
-                    if first {
-                        self.counters.hits.incr();
-                    }
-                    return Err(GetOutcome {
-                        value: state.value.clone(),
-                        meta: self.meta(state, first, now),
-                        error: None,
-                    });
-                }
                 if first {
                     if state.value.is_some() {
                         bump(&self.counters.misses_blocking);
@@ -245,7 +260,7 @@ impl<T: CacheType> Store<T> {
                     .as_ref()
                     .is_some_and(|e| Arc::ptr_eq(e, &slot.entry))
                 {
-                    slot.state.waiters += 1;
+                    slot.state.waiters.fetch_add(1, Ordering::Relaxed);
                     waiting.entry = Some(slot.entry.clone());
                 }
                 Ok(slot.entry.changed.listen())
@@ -280,6 +295,46 @@ impl<T: CacheType> Store<T> {
             // The reference revalidates once: after a fetch, the entry counts as current.
             must_revalidate = false;
         }
+    }
+
+    /// What a waiting get finds in its entry: its answer, or `None` to wait (again). Reads
+    /// only, so a woken get can look under the read lock. Sets `attempted` once an attempt the
+    /// get waited for completed without answering it.
+    fn answer(
+        &self,
+        state: &EntryState<T>,
+        info: &RequestInfo<'_>,
+        now: Instant,
+        seen: Seen,
+        must_revalidate: bool,
+        attempted: &mut bool,
+    ) -> Option<GetOutcome<T::Value, T::Error>> {
+        // An index that went backwards wakes a blocked get with the new value, whatever min
+        // index it waited for (contract: Fetch 5).
+        let reset = state.resets > seen.resets && state.value.is_some();
+        // The attempt this get waited for failed: its error comes first, even when the old
+        // value would now count as valid (a failed revalidation is a failure). An error of a
+        // later attempt (a background refresh that failed right after this get's fetch
+        // succeeded) is not this get's: it answers from its own fetch.
+        if let Some(attempts) = seen.attempts {
+            if state.attempts > attempts {
+                if let Some(error) = state.error().filter(|_| !state.failing_after(attempts)) {
+                    return Some(self.error_outcome(state, info, error.clone(), now));
+                }
+                *attempted = true;
+            }
+        }
+        if reset || self.is_valid(state, info, must_revalidate, now) {
+            if seen.first {
+                self.counters.hits.incr();
+            }
+            return Some(GetOutcome {
+                value: state.value.clone(),
+                meta: self.meta(state, seen.first, now),
+                error: None,
+            });
+        }
+        None
     }
 
     /// The answer to a get whose one fetch attempt failed, honouring `stale_if_error`.
@@ -331,6 +386,15 @@ impl<T: CacheType> Store<T> {
     }
 }
 
+/// What a waiting get has seen of its entry: the attempts completed when it began waiting,
+/// the index resets, and whether this is its first look.
+#[derive(Clone, Copy)]
+struct Seen {
+    attempts: Option<u64>,
+    resets: u32,
+    first: bool,
+}
+
 /// A get's place among its entry's waiters; leaving it (answer, timeout or cancellation)
 /// counts the get out again.
 struct Waiting<'a, T: CacheType> {
@@ -341,8 +405,8 @@ struct Waiting<'a, T: CacheType> {
 impl<T: CacheType> Drop for Waiting<'_, T> {
     fn drop(&mut self) {
         if let Some(entry) = self.entry.take() {
-            self.store.with_slot(&entry, |slot| {
-                slot.state.waiters = slot.state.waiters.saturating_sub(1);
+            self.store.read_slot(&entry, |slot| {
+                slot.state.waiters.fetch_sub(1, Ordering::Relaxed);
             });
         }
     }

@@ -11,7 +11,7 @@
 use std::any::{Any, TypeId};
 use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -228,8 +228,9 @@ pub(crate) struct EntryState<T: CacheType> {
     pub(crate) resets: u32,
     pub(crate) expiry_scheduled: bool,
     /// Gets waiting on the entry. Such an entry is not evicted for capacity: its gets would
-    /// only create it again and evict another one's (at worst each other's, forever).
-    pub(crate) waiters: u32,
+    /// only create it again and evict another one's (at worst each other's, forever). Atomic:
+    /// a get leaving counts itself out under the read lock.
+    pub(crate) waiters: AtomicU32,
     /// What a healthy entry does not need: allocated on the first error, fetch state or rate
     /// limit, and dropped again once everything in it is back to its default.
     cold: Option<Box<Cold<T>>>,
@@ -283,7 +284,7 @@ impl<T: CacheType> EntryState<T> {
             attempts: 0,
             resets: 0,
             expiry_scheduled: false,
-            waiters: 0,
+            waiters: AtomicU32::new(0),
             cold: None,
         }
     }
@@ -829,7 +830,7 @@ impl<T: CacheType> ErasedStore for Store<T> {
                 // cache past its bound. So the bound holds unless more entries than it are
                 // watched or waited on at once.
                 if slot.entry.watchers.load(Ordering::Relaxed) > 0
-                    || slot.state.waiters > 0
+                    || slot.state.waiters.load(Ordering::Relaxed) > 0
                     || std::ptr::eq(Arc::as_ptr(&slot.entry) as *const (), keep)
                 {
                     continue;
