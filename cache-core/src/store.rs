@@ -451,6 +451,9 @@ impl<T: CacheType> Clone for Snapshot<T> {
 /// A watch as its entry sees it, with the consumer's types erased.
 pub(crate) trait Watcher<T: CacheType>: Send + Sync {
     fn id(&self) -> u64;
+    /// The watch's index in its entry's list, kept true under the list's lock, so removing
+    /// one watch of many is not a search.
+    fn place(&self) -> &AtomicUsize;
     /// The poll interval of a watch of a non-blocking type.
     fn max_age(&self) -> Option<Duration>;
     /// Offers a fetch's outcome. Returns `false` when the receiver is gone.

@@ -533,3 +533,62 @@ fn connected_clears_error_and_age_while_the_query_stays_open() {
         assert!(first.error.is_none(), "a new watcher sees no stale error");
     });
 }
+
+/// Watches of one entry leave in every way at once (handle cancelled, receiver dropped and
+/// found by a delivery, receiver dropped and found by the sweep) in a scrambled order: each
+/// watch removes itself by its recorded place in the entry's list, and every place stays
+/// true, so exactly the live watches get the next change.
+#[test]
+fn many_watches_of_one_entry_leave_in_any_order() {
+    let sim = SimRuntime::new(21);
+    let cache = Cache::new(sim.handle());
+    let server = MockServer::new(sim.handle(), 1u64, 1);
+    let typed = cache.register(
+        server.blocking_type(RegisterOptions::new().query_timeout(Duration::from_secs(600))),
+    );
+    const N: u64 = 600;
+    let mut watches = Vec::new();
+    for i in 0..N {
+        let (tx, rx) = async_channel::bounded(4);
+        let handle = typed.notify(MockRequest::new("k"), i, tx).unwrap();
+        sim.block_on(async { rx.recv().await.unwrap() });
+        watches.push((i, Some(handle), Some(rx)));
+    }
+    // A scrambled order: multiples of a number coprime to N.
+    for step in 0..N {
+        let i = (step * 7 + 3) % N;
+        let (_, handle, rx) = &mut watches[i as usize];
+        match i % 4 {
+            0 => drop(handle.take()),
+            1 => drop(rx.take()),
+            _ => {}
+        }
+        if step == N / 2 {
+            // Halfway, one delivery finds some of the dropped receivers.
+            server.set(2u64, 2);
+            sim.block_on(async { sim.sleep(ms(10)).await });
+        }
+    }
+    sim.block_on(async { sim.sleep(secs(3)).await });
+    let live = watches.iter().filter(|(i, _, _)| i % 4 >= 2).count() as u64;
+    assert_eq!(cache.metrics().total().watches, live);
+    server.set(3u64, 3);
+    sim.block_on(async { sim.sleep(ms(10)).await });
+    for (i, handle, rx) in &watches {
+        let Some(rx) = rx else { continue };
+        let mut last = None;
+        while let Ok(event) = rx.try_recv() {
+            last = Some(event.result);
+        }
+        if i % 4 >= 2 {
+            assert_eq!(last, Some(Some(3)), "watch {i} missed the change");
+            assert!(handle.as_ref().is_some_and(|h| h.is_active()));
+        } else {
+            assert_eq!(
+                last.flatten().filter(|v| *v == 3),
+                None,
+                "watch {i} was cancelled"
+            );
+        }
+    }
+}

@@ -40,18 +40,17 @@ impl<T: CacheType> Store<T> {
     /// gone.
     pub(crate) fn deliver(&self, entry: &Arc<EntryHandle<T>>, snapshot: &Snapshot<T>) {
         let mut removed = 0;
-        entry
-            .watch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|watcher| {
-                let keep = watcher.offer(self, entry, snapshot);
-                if !keep {
-                    watcher.cancel();
-                    removed += 1;
-                }
-                keep
-            });
+        let mut list = entry.watch.lock().unwrap_or_else(|p| p.into_inner());
+        let mut at = 0;
+        while at < list.len() {
+            if list[at].offer(self, entry, snapshot) {
+                at += 1;
+            } else {
+                take_at(&mut list, at).cancel();
+                removed += 1;
+            }
+        }
+        drop(list);
         if removed > 0 {
             self.watchers_removed(entry, removed);
         }
@@ -78,11 +77,10 @@ impl<T: CacheType> Store<T> {
                 return Err(WatchError::Replaced(self.name));
             }
             slot.touch(self.nanos(now));
-            slot.entry
-                .watch
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(watcher.clone());
+            let mut list = slot.entry.watch.lock().unwrap_or_else(|p| p.into_inner());
+            watcher.place().store(list.len(), Ordering::Relaxed);
+            list.push(watcher.clone());
+            drop(list);
             slot.entry.watchers.fetch_add(1, Ordering::AcqRel);
             self.counters.watches.fetch_add(1, Ordering::Relaxed);
             let state = &slot.state;
@@ -107,19 +105,21 @@ impl<T: CacheType> Store<T> {
         let (entry, initial) = added?;
         if let Some(snapshot) = initial {
             if !watcher.offer(self, &entry, &snapshot) {
-                self.remove_watcher(&entry, watcher.id());
+                self.remove_watcher(&entry, &*watcher);
             }
         }
         Ok(entry)
     }
 
-    /// Removes a watch from its entry (cancel, or receiver gone). Idempotent.
-    pub(crate) fn remove_watcher(&self, entry: &Arc<EntryHandle<T>>, id: u64) {
+    /// Removes a watch from its entry (cancel, or receiver gone). Idempotent, and constant
+    /// time: the watch knows its place in the list.
+    pub(crate) fn remove_watcher(&self, entry: &Arc<EntryHandle<T>>, watcher: &dyn Watcher<T>) {
         let removed = {
             let mut list = entry.watch.lock().unwrap_or_else(|p| p.into_inner());
-            list.iter()
-                .position(|w| w.id() == id)
-                .map(|pos| list.swap_remove(pos))
+            let at = watcher.place().load(Ordering::Relaxed);
+            list.get(at)
+                .is_some_and(|w| w.id() == watcher.id())
+                .then(|| take_at(&mut list, at))
         };
         if let Some(watcher) = removed {
             watcher.cancel();
@@ -138,4 +138,14 @@ impl<T: CacheType> Store<T> {
             wake_all(&entry.changed);
         }
     }
+}
+
+/// Takes the watch at `at` out of its entry's list (by swapping the last one into its place,
+/// whose recorded place follows).
+fn take_at<T: CacheType>(list: &mut Vec<Arc<dyn Watcher<T>>>, at: usize) -> Arc<dyn Watcher<T>> {
+    let taken = list.swap_remove(at);
+    if let Some(moved) = list.get(at) {
+        moved.place().store(at, Ordering::Relaxed);
+    }
+    taken
 }

@@ -2,7 +2,7 @@
 //! what it delivered, the rules of what is news (blocking and polled), and the short-lived task
 //! that waits for room in a full sink and then catches up.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -35,6 +35,8 @@ struct Progress<V, S> {
 struct Record<T: CacheType, C, S> {
     this: Weak<Self>,
     id: u64,
+    /// Index in the entry's watch list (see `Watcher::place`).
+    place: AtomicUsize,
     correlation_id: C,
     max_age: Option<Duration>,
     polling: bool,
@@ -130,7 +132,7 @@ where
             match select(send, cancelled).await {
                 Either::Left((Ok(()), _)) => {}
                 Either::Left((Err(_), _)) => {
-                    store.remove_watcher(&entry, self.id);
+                    store.remove_watcher(&entry, &*self);
                     return;
                 }
                 Either::Right(_) => return,
@@ -167,6 +169,10 @@ where
 {
     fn id(&self) -> u64 {
         self.id
+    }
+
+    fn place(&self) -> &AtomicUsize {
+        &self.place
     }
 
     fn max_age(&self) -> Option<Duration> {
@@ -237,7 +243,7 @@ where
         match self.home.get() {
             Some((store, entry)) => {
                 if let (Some(store), Some(entry)) = (store.upgrade(), entry.upgrade()) {
-                    store.remove_watcher(&entry, self.id);
+                    store.remove_watcher(&entry, self);
                 }
                 self.cancel();
             }
@@ -286,6 +292,7 @@ where
     let record = Arc::new_cyclic(|this| Record::<T, C, S> {
         this: this.clone(),
         id: NEXT_WATCH_ID.fetch_add(1, Ordering::Relaxed),
+        place: AtomicUsize::new(0),
         correlation_id,
         max_age: if store.opts.supports_blocking {
             None
@@ -306,7 +313,6 @@ where
         cancel_event: Event::new(),
         home: OnceLock::new(),
     });
-    let id = record.id;
     let entry = store.add_watcher(request, record.clone())?;
     let _ = record
         .home
@@ -319,7 +325,7 @@ where
         cancel: Some(Box::new(move || {
             record.cancel();
             if let Some(store) = weak_store.upgrade() {
-                store.remove_watcher(&entry, id);
+                store.remove_watcher(&entry, &*record);
             }
         })),
         end,
