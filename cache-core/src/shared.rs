@@ -62,7 +62,7 @@ impl CacheState {
             closed: AtomicBool::new(false),
             close_event: Event::new(),
             backoff,
-            expiry: ExpiryQueue::default(),
+            expiry: ExpiryQueue::new(epoch),
             rate_limit: RwLock::new(rate_limit),
             limit_changed: Event::new(),
             max_entries,
