@@ -142,19 +142,26 @@ impl CacheType for KvType {
         self.options.register_options()
     }
 
-    async fn fetch(
+    /// Not an `async fn`: the future lives inside the entry's fetch task for the whole
+    /// blocking query, so it keeps only what the read needs, not the whole options (with the
+    /// last result).
+    fn fetch(
         &self,
         opts: FetchOptions<Self::Value>,
         request: &KvRequest,
-    ) -> Result<FetchResult<Self::Value>, UpstreamError> {
+    ) -> impl Future<Output = Result<FetchResult<Self::Value>, UpstreamError>> + Send {
         let query = request
             .read
             .query(self.options.refresh, opts.min_index, opts.timeout);
-        // The upstream calls `accepted()` once it holds the blocking query: the engine then
-        // clears a failing entry's error and age at once (see `upstream::with_accepted`).
-        let read = with_accepted(opts.connected, self.upstream.get(&request.key, query)).await?;
-        let index = read.index;
-        Ok(FetchResult::new(Arc::new(read), index))
+        let connected = opts.connected;
+        async move {
+            // The upstream calls `accepted()` once it holds the blocking query: the engine
+            // then clears a failing entry's error and age at once (see
+            // `upstream::with_accepted`).
+            let read = with_accepted(connected, self.upstream.get(&request.key, query)).await?;
+            let index = read.index;
+            Ok(FetchResult::new(Arc::new(read), index))
+        }
     }
 
     fn value_eq(&self, a: &Self::Value, b: &Self::Value) -> bool {
@@ -220,18 +227,21 @@ impl CacheType for ListType {
         self.options.register_options()
     }
 
-    async fn fetch(
+    /// Not an `async fn`, for the reason given at [`KvType`]'s.
+    fn fetch(
         &self,
         opts: FetchOptions<Self::Value>,
         request: &ListRequest,
-    ) -> Result<FetchResult<Self::Value>, UpstreamError> {
+    ) -> impl Future<Output = Result<FetchResult<Self::Value>, UpstreamError>> + Send {
         let query = request
             .read
             .query(self.options.refresh, opts.min_index, opts.timeout);
-        let read =
-            with_accepted(opts.connected, self.upstream.list(&request.prefix, query)).await?;
-        let index = read.index;
-        Ok(FetchResult::new(Arc::new(read), index))
+        let connected = opts.connected;
+        async move {
+            let read = with_accepted(connected, self.upstream.list(&request.prefix, query)).await?;
+            let index = read.index;
+            Ok(FetchResult::new(Arc::new(read), index))
+        }
     }
 
     fn value_eq(&self, a: &Self::Value, b: &Self::Value) -> bool {
@@ -403,7 +413,38 @@ impl RecentWrites {
 
 #[cfg(test)]
 mod tests {
-    use super::RecentWrites;
+    use super::*;
+    use crate::upstream::{FaultSettings, Faults, MemoryUpstream};
+
+    /// The fetch future lives inside the entry's fetch task for the whole blocking query (one
+    /// per watched key): it holds the upstream's boxed read, not the options and the request.
+    #[test]
+    fn a_fetch_future_is_small() {
+        let upstream = MemoryUpstream::new(Faults::new(FaultSettings::default()));
+        let options = BlockingOptions {
+            refresh: true,
+            query_timeout: Duration::from_secs(1),
+        };
+        let kv = KvType::new(upstream.clone(), options);
+        let request = KvRequest {
+            key: "k".into(),
+            read: ReadOptions::watch(),
+        };
+        let fetch = kv.fetch(FetchOptions::new(), &request);
+        assert!(
+            std::mem::size_of_val(&fetch) <= 160,
+            "{}",
+            std::mem::size_of_val(&fetch)
+        );
+        let list = ListType::new(upstream, options);
+        let request = ListRequest::new("p/", ReadOptions::watch());
+        let fetch = list.fetch(FetchOptions::new(), &request);
+        assert!(
+            std::mem::size_of_val(&fetch) <= 160,
+            "{}",
+            std::mem::size_of_val(&fetch)
+        );
+    }
 
     #[test]
     fn recent_writes_cover_keys_and_prefixes_until_seen() {

@@ -160,7 +160,16 @@ impl Dechunker {
             }
             body.extend_from_slice(&self.raw[line + 2..line + 2 + size]);
             self.raw.drain(..line + 2 + size + 2);
+            shrink(&mut self.raw);
         }
+    }
+}
+
+/// Gives back a buffer's spare room beyond a little: the SSE readers run in the measured
+/// process, so what they keep between events would count as the agent's memory.
+fn shrink(buffer: &mut Vec<u8>) {
+    if buffer.capacity() > 256 {
+        buffer.shrink_to(buffer.len().max(64));
     }
 }
 
@@ -279,19 +288,24 @@ struct Seen {
     target: AtomicU64,
 }
 
-/// Opens one SSE stream of `/v1/watch` for `keys` (plus `shared`) and reads it forever.
-async fn sse_stream(agent: SocketAddr, keys: Vec<String>, shared: String, seen: Arc<Seen>) {
-    let mut query: Vec<String> = keys.iter().map(|k| format!("key={k}")).collect();
-    query.push(format!("key={shared}"));
-    let request = format!(
-        "GET /v1/watch?{} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n",
-        query.join("&")
-    );
+/// Opens one SSE stream of `/v1/watch` for `keys` (plus `shared`) and reads it forever. It
+/// runs in the measured process, so it keeps as little as it can between events.
+async fn sse_stream(agent: SocketAddr, keys: &[String], shared: &str, seen: Arc<Seen>) {
+    let request = {
+        let mut query: Vec<String> = keys.iter().map(|k| format!("key={k}")).collect();
+        query.push(format!("key={shared}"));
+        format!(
+            "GET /v1/watch?{} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n",
+            query.join("&")
+        )
+    };
     let Ok(mut stream) = TcpStream::connect(agent).await else {
         return;
     };
     let _ = stream.set_nodelay(true);
-    let Ok(first) = send_and_read_head(&mut stream, request.as_bytes()).await else {
+    let sent = send_and_read_head(&mut stream, request.as_bytes()).await;
+    drop(request);
+    let Ok(first) = sent else {
         return;
     };
     let shared_id = format!("key:{shared}");
@@ -327,7 +341,9 @@ async fn sse_stream(agent: SocketAddr, keys: Vec<String>, shared: String, seen: 
                 seen.initial.fetch_add(1, Ordering::Relaxed);
             }
         }
-        incoming.reserve(4096);
+        shrink(&mut body);
+        shrink(&mut incoming);
+        incoming.reserve(1024);
         match stream.read_buf(&mut incoming).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
@@ -434,7 +450,7 @@ async fn until(within: Duration, done: impl Fn() -> bool) -> bool {
 fn open_watches(
     driver: &tokio::runtime::Runtime,
     agent: SocketAddr,
-    names: &[String],
+    names: &Arc<[String]>,
     shared: &str,
     ready: impl Fn() -> bool,
 ) -> (Arc<Seen>, Duration, bool) {
@@ -442,14 +458,13 @@ fn open_watches(
     let opened = Instant::now();
     let mut streams = 0;
     let all = driver.block_on(async {
-        for chunk in names.chunks(KEYS_PER_STREAM) {
+        for start in (0..names.len()).step_by(KEYS_PER_STREAM) {
             streams += 1;
-            tokio::spawn(sse_stream(
-                agent,
-                chunk.to_vec(),
-                shared.to_owned(),
-                seen.clone(),
-            ));
+            let (names, shared, seen) = (names.clone(), shared.to_owned(), seen.clone());
+            tokio::spawn(async move {
+                let end = (start + KEYS_PER_STREAM).min(names.len());
+                sse_stream(agent, &names[start..end], &shared, seen).await;
+            });
         }
         let initial = (names.len() + streams) as u64;
         until(Duration::from_secs(300), || {
@@ -560,9 +575,18 @@ pub fn run(mode: Mode) -> Vec<Figure> {
     }
     // Baseline: the same watches through an agent on its embedded store (what the cache, the
     // refresh fetches and the SSE streams cost without etcd).
-    let names: Vec<String> = (0..keys).map(|i| format!("k/{i:05}")).collect();
+    // Shared with the SSE readers (made before any measurement, so none of them copies it).
+    let names: Arc<[String]> = (0..keys).map(|i| format!("k/{i:05}")).collect();
     let shared = "fan/shared".to_owned();
-    let embedded_per_key = {
+    // For a heap profiler (heaptrack, valgrind's dhat): `CACHE_BENCH_ETCD_PROFILE=exit` skips
+    // the baseline and exits right after the watches opened, so that what is still allocated
+    // at exit is what the watches hold; `=exit-before` exits just before they open (the
+    // difference of the two profiles is the watches' cost, by call site).
+    let profile_exit = std::env::var("CACHE_BENCH_ETCD_PROFILE").unwrap_or_default();
+    let exit_after_watches = profile_exit.starts_with("exit");
+    let embedded_per_key = if exit_after_watches {
+        0.0
+    } else {
         let agent = server_rt
             .block_on(demo_agent::Agent::start(demo_agent::Config::for_tests()))
             .expect("embedded agent starts");
@@ -618,6 +642,10 @@ pub fn run(mode: Mode) -> Vec<Figure> {
     // ----- every key watched through the agent -----
     let profile = std::env::var_os("CACHE_BENCH_ETCD_PROFILE").is_some();
     crate::alloc::track_sizes(profile);
+    if profile_exit == "exit-before" {
+        eprintln!("etcd: exiting before the watches open");
+        std::process::exit(0);
+    }
     let before = Snapshot::take();
     let stream_count = names.len().div_ceil(KEYS_PER_STREAM);
     let (seen, open_took, watched_all) = open_watches(&driver, agent_addr, &names, &shared, || {
@@ -634,6 +662,13 @@ pub fn run(mode: Mode) -> Vec<Figure> {
         eprintln!("etcd: allocations per key while the watches opened (size×count): {top:?}");
     }
     let traffic = upstream.traffic();
+    if exit_after_watches {
+        eprintln!(
+            "etcd: {:.0} B/key live; exiting with the watches open ({traffic:?})",
+            before.live_per(&after, keys)
+        );
+        std::process::exit(0);
+    }
     if !watched_all {
         eprintln!(
             "etcd: not every watch opened in 300 s ({} initial events, {traffic:?})",
@@ -721,7 +756,7 @@ pub fn run(mode: Mode) -> Vec<Figure> {
         })
         .await;
         let memory = MemoryUpstream::new(Faults::new(FaultSettings::default()));
-        for key in &names {
+        for key in names.iter() {
             let _ = memory.put(key, b"0123456789abcdef".to_vec(), 0, None).await;
         }
         let at = memory.stats().await.map_or(1, |s| s.index);

@@ -2,7 +2,9 @@
 //! one stream.
 //!
 //! Each watch is a `TypedCache::notify` of the KV or the list type into one channel (via
-//! `map_sink` into one enum), told apart by its correlation id (`key:a`, `prefix:c`). Every
+//! `map_sink` into one enum), told apart by its correlation id (`key:a`, `prefix:c`; inside
+//! the agent, the watch's position in the stream's list of ids, so that the cache keeps a
+//! number per watch rather than a string). Every
 //! event is `event: update` with JSON data
 //! `{"correlation_id": "key:a", "index": N, "value": ..., "error": null, "failing_since": null}`;
 //! `error` is set only while the watched entry's last fetch failed (a success clears it), and
@@ -36,16 +38,20 @@ const CHANNEL_CAPACITY: usize = 64;
 /// How often an idle stream sends a keep-alive comment.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
-/// One event of any watched type, on the stream's one channel.
+/// One event of any watched type, on the stream's one channel; the correlation id is the
+/// watch's position in the stream's ids. Boxed: the channel's buffer holds
+/// [`CHANNEL_CAPACITY`] of these per stream, mostly empty.
 enum WatchEvent {
-    Key(UpdateEvent<String, Arc<KeyRead>, UpstreamError>),
-    Prefix(UpdateEvent<String, Arc<ListRead>, UpstreamError>),
+    Key(Box<UpdateEvent<u32, Arc<KeyRead>, UpstreamError>>),
+    Prefix(Box<UpdateEvent<u32, Arc<ListRead>, UpstreamError>>),
 }
 
 /// Keeps a stream's watches alive and counts the stream; dropping it (the client left, or
 /// shutdown) cancels every watch.
 struct StreamGuard {
     _handles: Vec<WatchHandle>,
+    /// The correlation id of each watch, by position (the id the cache knows).
+    ids: Vec<String>,
     state: AgentState,
 }
 
@@ -83,29 +89,35 @@ pub(super) async fn watch(
     }
 
     let (tx, rx) = async_channel::bounded(CHANNEL_CAPACITY);
-    let mut handles = Vec::with_capacity(keys.len() + prefixes.len());
+    let watches = keys.len() + prefixes.len();
+    let mut handles = Vec::with_capacity(watches);
+    let mut ids = Vec::with_capacity(watches);
     for key in keys {
         let request = KvRequest {
             key: key.to_owned(),
             read: ReadOptions::watch(),
         };
-        let sink = map_sink(tx.clone(), WatchEvent::Key);
+        let sink = map_sink(tx.clone(), |event| WatchEvent::Key(Box::new(event)));
+        let id = ids.len() as u32;
+        ids.push(format!("key:{key}"));
         handles.push(
             state
                 .inner
                 .kv
-                .notify(request, format!("key:{key}"), sink)
+                .notify(request, id, sink)
                 .map_err(watch_error)?,
         );
     }
     for prefix in prefixes {
         let request = ListRequest::new(prefix, ReadOptions::watch());
-        let sink = map_sink(tx.clone(), WatchEvent::Prefix);
+        let sink = map_sink(tx.clone(), |event| WatchEvent::Prefix(Box::new(event)));
+        let id = ids.len() as u32;
+        ids.push(format!("prefix:{prefix}"));
         handles.push(
             state
                 .inner
                 .list
-                .notify(request, format!("prefix:{prefix}"), sink)
+                .notify(request, id, sink)
                 .map_err(watch_error)?,
         );
     }
@@ -115,6 +127,7 @@ pub(super) async fn watch(
     state.inner.sse_streams.fetch_add(1, Ordering::Relaxed);
     let guard = StreamGuard {
         _handles: handles,
+        ids,
         state: state.clone(),
     };
     let failing = FailingSince::default();
@@ -122,7 +135,7 @@ pub(super) async fn watch(
         (rx, guard, failing),
         |(rx, guard, mut failing)| async move {
             let event = rx.recv().await.ok()?;
-            let event = sse_event(event, &mut failing, &guard.state);
+            let event = sse_event(event, &mut failing, &guard);
             Some((Ok::<_, Infallible>(event), (rx, guard, failing)))
         },
     )
@@ -143,21 +156,21 @@ fn watch_error(error: WatchError) -> ApiError {
 }
 
 /// Since when each of a stream's watches has been failing (its events carried an error with
-/// no success since), by correlation id.
+/// no success since), by the watch's position.
 #[derive(Default)]
-struct FailingSince(HashMap<String, SystemTime>);
+struct FailingSince(HashMap<u32, SystemTime>);
 
 impl FailingSince {
     /// The `failing_since` of an event of watch `id`: `None` for a success (which ends the
     /// failure), else when the failure started: the first error this stream saw for the
     /// watch, or the start of the upstream's outage if that is earlier (a stream opened
     /// during an outage).
-    fn update(&mut self, id: &str, failed: bool, state: &AgentState) -> Option<SystemTime> {
+    fn update(&mut self, id: u32, failed: bool, state: &AgentState) -> Option<SystemTime> {
         if !failed {
-            self.0.remove(id);
+            self.0.remove(&id);
             return None;
         }
-        let since = *self.0.entry(id.to_owned()).or_insert_with(|| {
+        let since = *self.0.entry(id).or_insert_with(|| {
             let now = SystemTime::now();
             state.contact().down_since.map_or(now, |down| down.min(now))
         });
@@ -165,21 +178,22 @@ impl FailingSince {
     }
 }
 
-fn sse_event(event: WatchEvent, failing: &mut FailingSince, state: &AgentState) -> Event {
+fn sse_event(event: WatchEvent, failing: &mut FailingSince, stream: &StreamGuard) -> Event {
     let (id, failed) = match &event {
-        WatchEvent::Key(e) => (&e.correlation_id, e.error.is_some()),
-        WatchEvent::Prefix(e) => (&e.correlation_id, e.error.is_some()),
+        WatchEvent::Key(e) => (e.correlation_id, e.error.is_some()),
+        WatchEvent::Prefix(e) => (e.correlation_id, e.error.is_some()),
     };
-    let failing_since = failing.update(id, failed, state).map(rfc3339);
+    let failing_since = failing.update(id, failed, &stream.state).map(rfc3339);
+    let correlation_id = stream.ids.get(id as usize).map_or("", String::as_str);
     let mut data = match event {
         WatchEvent::Key(e) => json!({
-            "correlation_id": e.correlation_id,
+            "correlation_id": correlation_id,
             "index": e.meta.index.max(1),
             "value": e.result.as_ref().and_then(|read| read.entry.as_ref()).map(|entry| String::from_utf8_lossy(&entry.value)),
             "error": e.error.map(|error| error.to_string()),
         }),
         WatchEvent::Prefix(e) => json!({
-            "correlation_id": e.correlation_id,
+            "correlation_id": correlation_id,
             "index": e.meta.index.max(1),
             "value": e.result.as_ref().map(|list| list.entries.iter().map(|entry| json!({
                 "key": entry.key,

@@ -53,19 +53,25 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const LOST_AFTER: Duration = Duration::from_secs(1);
 
 tokio::task_local! {
+    /// The caller's signal, set by [`with_accepted`].
     static ACCEPTED: Connected;
+    /// The contact tracker around the call, set by [`ContactTracker`] (a separate slot, so
+    /// that the tracker needs no signal of its own per call).
+    static CONTACT: Arc<Shared>;
 }
 
 /// Runs `future` (an upstream read) with `signal` notified when the upstream accepts the
 /// read's blocking query (see the module docs).
-pub async fn with_accepted<F: Future>(signal: Connected, future: F) -> F::Output {
-    ACCEPTED.scope(signal, future).await
+pub fn with_accepted<F: Future>(signal: Connected, future: F) -> impl Future<Output = F::Output> {
+    ACCEPTED.scope(signal, future)
 }
 
 /// Called by an upstream, inside a blocking read's future, once the upstream has accepted the
 /// query (checked the index and is now waiting for a change): the caller's data is current.
-/// Does nothing outside [`with_accepted`]; cheap; may be called more than once.
+/// Does nothing outside [`with_accepted`] (and a [`ContactTracker`]); cheap; may be called
+/// more than once.
 pub fn accepted() {
+    let _ = CONTACT.try_with(|shared| shared.record_success());
     let _ = ACCEPTED.try_with(Connected::notify);
 }
 
@@ -419,18 +425,11 @@ impl ContactTracker {
         &'a self,
         call: BoxFuture<'a, Result<T, UpstreamError>>,
     ) -> BoxFuture<'a, Result<T, UpstreamError>> {
+        // The caller's `with_accepted` scope stays visible inside this one: `accepted` tells
+        // both.
+        let call = CONTACT.scope(self.shared.clone(), call);
         async move {
-            // Read inside the future: the caller's `with_accepted` scope is entered when the
-            // future is polled, not when it is built.
-            let outer = ACCEPTED.try_with(Clone::clone).ok();
-            let shared = self.shared.clone();
-            let signal = Connected::new(move || {
-                shared.record_success();
-                if let Some(outer) = &outer {
-                    outer.notify();
-                }
-            });
-            let result = ACCEPTED.scope(signal, call).await;
+            let result = call.await;
             self.observe(&result);
             result
         }

@@ -61,7 +61,6 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use tokio::sync::watch as signal;
 use tokio::time::Instant;
 
 use self::client::{Call, Client, EtcdError, revision};
@@ -72,13 +71,13 @@ use self::pb::{
     RangeResponse, RequestOp, TxnRequest, TxnResponse, compare::TargetUnion, prefix_range_end,
     request_op::Request, response_op::Response,
 };
-use self::watch::WatchHub;
+use self::watch::{Fired, WatchHub};
 use super::api::{
     Entry, KeyRead, ListRead, MAX_WAIT, OpCounters, Query, RESERVED_PREFIX, ReadMode, Upstream,
     UpstreamError, UpstreamStats, bump, flags_key,
 };
 use super::contact::accepted;
-use super::faults::{FaultSettings, Faults};
+use super::faults::Faults;
 
 /// How often a blocking read starts over because its watch's start revision was compacted
 /// (or etcd cancelled the watch) before it answers with the unchanged data.
@@ -266,6 +265,19 @@ struct Snapshot {
     revision: u64,
 }
 
+impl Snapshot {
+    /// The answer of this snapshot with `index`.
+    fn found(self, index: u64) -> Found {
+        Found {
+            answer: Answer {
+                kvs: self.kvs,
+                index,
+            },
+            companions: self.companions,
+        }
+    }
+}
+
 /// A read's answer with the companions its entries take their flags from.
 #[derive(Debug)]
 struct Found {
@@ -304,11 +316,6 @@ struct Answered {
     targets: HashSet<(bool, String)>,
 }
 
-/// Completes once the upstream is closed.
-async fn until_closed(closed: &mut signal::Receiver<bool>) {
-    let _ = closed.wait_for(|closed| *closed).await;
-}
-
 fn unavailable(error: EtcdError) -> UpstreamError {
     UpstreamError::Unavailable(error.to_string())
 }
@@ -336,7 +343,6 @@ pub struct EtcdUpstream {
     client: Arc<Client>,
     hub: WatchHub,
     faults: Arc<Faults>,
-    closed: signal::Sender<bool>,
     is_closed: AtomicBool,
     counters: OpCounters,
     /// The key count of the last stats read.
@@ -360,11 +366,14 @@ impl EtcdUpstream {
             settings.tls.as_ref(),
             settings.credentials,
         )?);
+        let hub = WatchHub::new(Arc::clone(&client));
+        // An outage ends every open blocking read at once (see `blocking_read`).
+        let outage = hub.outage_switch();
+        faults.on_change(move |settings| !settings.fail || outage());
         Ok(Arc::new(Self {
-            hub: WatchHub::new(Arc::clone(&client)),
+            hub,
             client,
             faults,
-            closed: signal::Sender::new(false),
             is_closed: AtomicBool::new(false),
             counters: OpCounters::default(),
             keys: AtomicU64::new(0),
@@ -496,7 +505,18 @@ impl EtcdUpstream {
     }
 
     /// A read of `target`, blocking as `query` says (see the module docs).
-    async fn read(&self, target: Target<'_>, query: Query) -> Result<Found, UpstreamError> {
+    ///
+    /// The future of a blocking read lives as long as the read waits (one per watched entry),
+    /// so it keeps little across that wait: the data to answer if nothing changes, the watch
+    /// and the deadline's timer. The upstream's close and an injected outage reach it through
+    /// the watch hub ([`Fired`]); the calls before the wait are boxed futures of their own,
+    /// freed once they answer. One `async move` block rather than nested `async fn`s, each of
+    /// which would store its arguments twice.
+    fn read<'a>(
+        &'a self,
+        target: Target<'a>,
+        query: Query,
+    ) -> impl Future<Output = Result<Found, UpstreamError>> + Send + 'a {
         let wait = query.wait.min(MAX_WAIT);
         let block = query.min_index > 0 && !wait.is_zero();
         let c = &self.counters;
@@ -506,126 +526,117 @@ impl EtcdUpstream {
             (Kind::Prefix, false) => &c.list_reads,
             (Kind::Prefix, true) => &c.list_reads_blocking,
         });
-        self.before_operation().await?;
-        let found = if !block || self.is_closed.load(Ordering::Acquire) {
-            let now = self
-                .snapshot(target, query.mode)
-                .await
-                .map_err(unavailable)?;
-            let reset = query.min_index > 0 && self.must_reset(target, query.min_index);
-            let answer = if reset {
-                Answer {
-                    kvs: now.kvs,
-                    index: 1,
-                }
-            } else {
-                let index = decide::index_of(target.kind(), &now.kvs, now.revision);
-                Answer {
-                    kvs: now.kvs,
-                    index,
-                }
-            };
-            Found {
-                answer,
-                companions: now.companions,
+        async move {
+            self.before_operation().await?;
+            if !block || self.is_closed.load(Ordering::Acquire) {
+                let now = self
+                    .snapshot(target, query.mode)
+                    .await
+                    .map_err(unavailable)?;
+                let reset = query.min_index > 0 && self.must_reset(target, query.min_index);
+                let index = if reset {
+                    1
+                } else {
+                    decide::index_of(target.kind(), &now.kvs, now.revision)
+                };
+                self.note_answered(target);
+                return Ok(now.found(index));
             }
-        } else {
-            let _open = c.open_blocking();
+            let _open = self.counters.open_blocking();
             let deadline = Instant::now() + wait;
-            Box::pin(self.blocking_read(target, query, deadline)).await?
-        };
-        self.note_answered(target);
-        Ok(found)
-    }
-
-    async fn blocking_read(
-        &self,
-        target: Target<'_>,
-        query: Query,
-        deadline: Instant,
-    ) -> Result<Found, UpstreamError> {
-        let kind = target.kind();
-        let min_index = query.min_index;
-        let mut closed = self.closed.subscribe();
-        let mut faults = self.faults.subscribe();
-        let epoch = self.client.identity.epoch();
-        let mut restarts = 0;
-        let mut reset = false;
-        loop {
-            let now = self
-                .snapshot(target, query.mode)
-                .await
-                .map_err(unavailable)?;
-            reset = reset
-                || self.client.identity.epoch() != epoch
-                || self.must_reset(target, min_index);
-            let mut step = decide::after_range(kind, min_index, &now.kvs, now.revision, reset);
-            if step == Step::CompareHistory {
-                let then = self.history(target, min_index).await.map_err(unavailable)?;
-                step =
-                    decide::after_history(kind, min_index, then.as_deref(), &now.kvs, now.revision);
-            }
-            let found = |index| Found {
-                answer: Answer {
-                    kvs: now.kvs.clone(),
-                    index,
-                },
-                companions: now.companions.clone(),
-            };
-            let (from, unchanged_index) = match step {
-                Step::Answer { index } => return Ok(found(index)),
-                Step::Watch {
-                    from,
-                    unchanged_index,
-                } => (from, unchanged_index),
-                // `after_history` never asks for history again.
-                Step::CompareHistory => return Ok(found(min_index.max(1))),
-            };
-            // The range answered and the watch starts right after it: the caller's data is
-            // current (see `contact::accepted`).
-            accepted();
-            let (key, range_end) = target.range();
-            let mut watch = self.hub.watch(key, range_end, from);
-            // The read is held now: the caller's data is current (see `contact::accepted`).
-            accepted();
-            let outcome = tokio::select! {
-                outcome = watch.outcome() => outcome,
-                () = tokio::time::sleep_until(deadline) => return Ok(found(unchanged_index)),
-                () = until_closed(&mut closed) => return Ok(found(unchanged_index)),
-                () = faults_failing(&mut faults, &self.faults) => {
-                    bump(&self.counters.injected_failures);
-                    return Err(UpstreamError::Unavailable(
-                        "injected outage ended an open blocking query".to_owned(),
-                    ));
+            let epoch = self.client.identity.epoch();
+            let mut restarts = 0;
+            let mut reset = false;
+            let found = loop {
+                let mut now = self
+                    .snapshot(target, query.mode)
+                    .await
+                    .map_err(unavailable)?;
+                reset = reset
+                    || self.client.identity.epoch() != epoch
+                    || self.must_reset(target, query.min_index);
+                let (from, unchanged_index) = {
+                    let (kind, min_index) = (target.kind(), query.min_index);
+                    let mut step =
+                        decide::after_range(kind, min_index, &now.kvs, now.revision, reset);
+                    if step == Step::CompareHistory {
+                        let then = self.history(target, min_index).await.map_err(unavailable)?;
+                        step = decide::after_history(
+                            kind,
+                            min_index,
+                            then.as_deref(),
+                            &now.kvs,
+                            now.revision,
+                        );
+                    }
+                    match step {
+                        Step::Answer { index } => break now.found(index),
+                        Step::Watch {
+                            from,
+                            unchanged_index,
+                        } => (from, unchanged_index),
+                        // `after_history` never asks for history again.
+                        Step::CompareHistory => break now.found(min_index.max(1)),
+                    }
+                };
+                // Kept for the whole wait: no spare capacity.
+                now.kvs.shrink_to_fit();
+                now.companions.shrink_to_fit();
+                // The range answered and the watch starts right after it: the caller's data
+                // is current (see `contact::accepted`).
+                accepted();
+                let mut watch = {
+                    let (key, range_end) = target.range();
+                    self.hub.watch(key, range_end, from)
+                };
+                // The read is held now: the caller's data is current (see
+                // `contact::accepted`).
+                accepted();
+                // An outage that started before the watch was registered (the hub fires the
+                // watches open when one starts).
+                let fired = if self.faults.get().fail {
+                    Fired::Outage
+                } else {
+                    tokio::select! {
+                        fired = watch.outcome() => fired,
+                        // The wait passed: as if closed, the unchanged data answers.
+                        () = tokio::time::sleep_until(deadline) => Fired::Closed,
+                    }
+                };
+                drop(watch);
+                let outcome = match fired {
+                    Fired::Closed => break now.found(unchanged_index),
+                    Fired::Outage => {
+                        bump(&self.counters.injected_failures);
+                        return Err(UpstreamError::Unavailable(
+                            "injected outage ended an open blocking query".to_owned(),
+                        ));
+                    }
+                    Fired::Etcd(outcome) => outcome,
+                };
+                match decide::after_watch(target.kind(), outcome) {
+                    Next::Answer(answer) => {
+                        break Found {
+                            answer,
+                            companions: Vec::new(),
+                        };
+                    }
+                    Next::RangeAgain => {
+                        let now = self
+                            .snapshot(target, query.mode)
+                            .await
+                            .map_err(unavailable)?;
+                        let index = decide::index_of(target.kind(), &now.kvs, now.revision);
+                        break now.found(index);
+                    }
+                    Next::Reset => reset = true,
+                    Next::Restart if restarts < MAX_RESTARTS => restarts += 1,
+                    Next::Restart => break now.found(unchanged_index),
+                    Next::Fail(error) => return Err(unavailable(error)),
                 }
             };
-            drop(watch);
-            match decide::after_watch(kind, outcome) {
-                Next::Answer(answer) => {
-                    return Ok(Found {
-                        answer,
-                        companions: Vec::new(),
-                    });
-                }
-                Next::RangeAgain => {
-                    let now = self
-                        .snapshot(target, query.mode)
-                        .await
-                        .map_err(unavailable)?;
-                    let index = decide::index_of(kind, &now.kvs, now.revision);
-                    return Ok(Found {
-                        answer: Answer {
-                            kvs: now.kvs,
-                            index,
-                        },
-                        companions: now.companions,
-                    });
-                }
-                Next::Reset => reset = true,
-                Next::Restart if restarts < MAX_RESTARTS => restarts += 1,
-                Next::Restart => return Ok(found(unchanged_index)),
-                Next::Fail(error) => return Err(unavailable(error)),
-            }
+            self.note_answered(target);
+            Ok(found)
         }
     }
 
@@ -688,18 +699,6 @@ impl EtcdUpstream {
     }
 }
 
-/// Completes when fault injection switches the outage on.
-async fn faults_failing(faults: &mut signal::Receiver<FaultSettings>, current: &Faults) {
-    loop {
-        if faults.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-        if current.get().fail {
-            return;
-        }
-    }
-}
-
 fn delete_op(range: (Vec<u8>, Vec<u8>)) -> RequestOp {
     op(Request::DeleteRange(DeleteRangeRequest {
         key: range.0,
@@ -713,15 +712,17 @@ impl Upstream for EtcdUpstream {
         key: &'a str,
         query: Query,
     ) -> BoxFuture<'a, Result<KeyRead, UpstreamError>> {
-        async move {
-            let found = self.read(Target::Key(key), query).await?;
-            let index = found.answer.index;
-            Ok(KeyRead {
-                entry: found.entries().next(),
-                index,
+        // `map`, not an async block around the read: the read's future is the whole state.
+        self.read(Target::Key(key), query)
+            .map(|found| {
+                let found = found?;
+                let index = found.answer.index;
+                Ok(KeyRead {
+                    entry: found.entries().next(),
+                    index,
+                })
             })
-        }
-        .boxed()
+            .boxed()
     }
 
     fn list<'a>(
@@ -729,15 +730,16 @@ impl Upstream for EtcdUpstream {
         prefix: &'a str,
         query: Query,
     ) -> BoxFuture<'a, Result<ListRead, UpstreamError>> {
-        async move {
-            let found = self.read(Target::Prefix(prefix), query).await?;
-            let index = found.answer.index;
-            Ok(ListRead {
-                entries: found.entries().collect(),
-                index,
+        self.read(Target::Prefix(prefix), query)
+            .map(|found| {
+                let found = found?;
+                let index = found.answer.index;
+                Ok(ListRead {
+                    entries: found.entries().collect(),
+                    index,
+                })
             })
-        }
-        .boxed()
+            .boxed()
     }
 
     fn put<'a>(
@@ -898,6 +900,26 @@ impl Upstream for EtcdUpstream {
 
     fn close(&self) {
         self.is_closed.store(true, Ordering::Release);
-        self.closed.send_replace(true);
+        self.hub.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::FaultSettings;
+
+    /// A blocking read's future lives as long as the read waits: one per watched key. Keep it
+    /// small (it was 1 256 B in two boxes before the watch hub took over close and outage).
+    #[tokio::test]
+    async fn a_blocking_read_is_one_small_future() {
+        let etcd = EtcdUpstream::new(
+            EtcdSettings::new(vec!["http://127.0.0.1:1".to_owned()]),
+            Faults::new(FaultSettings::default()),
+        )
+        .expect("an upstream");
+        let read = etcd.get("k", Query::blocking(5, Duration::from_secs(1)));
+        let size = std::mem::size_of_val(&*read);
+        assert!(size <= 448, "the blocking read's future takes {size} B");
     }
 }

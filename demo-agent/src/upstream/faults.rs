@@ -1,7 +1,7 @@
 //! Fault injection for an upstream: simulated latency, a random failure rate, and an outage
 //! switch that tests and users flip at run time (`PUT /v1/agent/upstream?fail=true`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -30,10 +30,22 @@ impl std::fmt::Display for FaultSettings {
     }
 }
 
+/// Told the new settings on every change; returns whether it wants to hear more.
+type Listener = Box<dyn Fn(&FaultSettings) -> bool + Send + Sync>;
+
 /// Shared, live fault settings: changed at run time, observed by the upstream.
-#[derive(Debug)]
 pub struct Faults {
     settings: watch::Sender<FaultSettings>,
+    /// Called on every change, after the new settings are in force.
+    listeners: Mutex<Vec<Listener>>,
+}
+
+impl std::fmt::Debug for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Faults")
+            .field("settings", &self.get())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Faults {
@@ -41,6 +53,7 @@ impl Faults {
     pub fn new(settings: FaultSettings) -> Arc<Self> {
         Arc::new(Self {
             settings: watch::Sender::new(settings),
+            listeners: Mutex::default(),
         })
     }
 
@@ -52,6 +65,18 @@ impl Faults {
     /// Replaces the settings; open blocking reads fail at once if an outage starts.
     pub fn set(&self, settings: FaultSettings) {
         self.settings.send_replace(settings);
+        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        listeners.retain(|listener| listener(&settings));
+    }
+
+    /// Calls `listener` with the new settings on every [`Faults::set`] (synchronously, so keep
+    /// it short) until it returns `false`. For waiters too many to each hold a receiver.
+    pub(crate) fn on_change(
+        &self,
+        listener: impl Fn(&FaultSettings) -> bool + Send + Sync + 'static,
+    ) {
+        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        listeners.push(Box::new(listener));
     }
 
     /// A receiver that is told when the settings change.
@@ -67,7 +92,8 @@ impl Faults {
     pub(crate) async fn before_operation(&self) -> Result<(), String> {
         let latency = self.get().latency;
         if !latency.is_zero() {
-            tokio::time::sleep(latency).await;
+            // Boxed: the timer is rare, and the future of every upstream call embeds this one.
+            Box::pin(tokio::time::sleep(latency)).await;
         }
         let settings = self.get();
         if settings.fail {

@@ -5,8 +5,12 @@
 //! revision to start from. The hub sends the create request on the stream (or opens the
 //! stream, spawning its task, when there is none) and hands the watch's first answer —
 //! events, a cancellation (compaction), a cluster change — to the read, then cancels the etcd
-//! watch. Dropping the [`Watch`] cancels it too. Memory per open watch: one map entry with the
-//! key and a one-shot channel.
+//! watch. Dropping the [`Watch`] cancels it too. The hub also ends every open watch when the
+//! upstream closes ([`Fired::Closed`]) or an injected outage starts ([`Fired::Outage`]), so a
+//! waiting read needs no signal of its own for those.
+//!
+//! Memory per open watch: one map entry (the key, the range end, the start revision and the
+//! reader's waker); a fired watch's outcome waits in a second map until its reader takes it.
 //!
 //! # Invariants
 //!
@@ -24,10 +28,10 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use futures::channel::mpsc;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::codec::ProstCodec;
 use tonic::codegen::http::uri::PathAndQuery;
@@ -63,20 +67,33 @@ pub(crate) enum Outcome {
     Failed(EtcdError),
 }
 
+/// How a [`Watch`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fired {
+    /// etcd's answer (or the hub's, when no member could carry it).
+    Etcd(Outcome),
+    /// The upstream closed ([`WatchHub::close`]).
+    Closed,
+    /// An injected outage started ([`WatchHub::outage`]).
+    Outage,
+}
+
+/// An open watch: what to (re-)create on etcd, and whom to wake when it fires.
 #[derive(Debug)]
 struct Registered {
-    key: Vec<u8>,
-    range_end: Vec<u8>,
+    key: Box<[u8]>,
+    range_end: Box<[u8]>,
     start_revision: i64,
-    tx: oneshot::Sender<Outcome>,
+    /// The reader's waker, once it has polled.
+    waker: Option<Waker>,
 }
 
 impl Registered {
     fn create(&self, id: i64) -> WatchRequest {
         WatchRequest {
             request_union: Some(RequestUnion::Create(pb::WatchCreateRequest {
-                key: self.key.clone(),
-                range_end: self.range_end.clone(),
+                key: self.key.to_vec(),
+                range_end: self.range_end.to_vec(),
                 start_revision: self.start_revision,
                 watch_id: id,
             })),
@@ -95,6 +112,10 @@ fn cancel(id: i64) -> WatchRequest {
 #[derive(Debug, Default)]
 struct State {
     watches: HashMap<i64, Registered>,
+    /// Fired watches whose readers have not taken the outcome yet.
+    fired: HashMap<i64, Fired>,
+    /// The upstream closed: new watches fire at once with [`Fired::Closed`].
+    closed: bool,
     /// The request side of the open stream, if any.
     stream: Option<mpsc::UnboundedSender<WatchRequest>>,
     /// Whether the stream's task runs (it ends when no watch is left).
@@ -113,23 +134,33 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Fires (and forgets) watch `id` with `outcome`; cancels it on etcd if the stream is open.
-    fn fire(&self, state: &mut State, id: i64, outcome: Outcome) {
+    /// Fires (and forgets) watch `id` with `outcome`; cancels it on etcd if the stream is open
+    /// and `cancel_on_etcd` (etcd already dropped a watch it cancelled itself).
+    fn fire(&self, state: &mut State, id: i64, outcome: Fired, cancel_on_etcd: bool) {
         if let Some(watch) = state.watches.remove(&id) {
-            let _ = watch.tx.send(outcome);
-            if let Some(stream) = &state.stream {
+            state.fired.insert(id, outcome);
+            if let Some(waker) = watch.waker {
+                waker.wake();
+            }
+            if let (true, Some(stream)) = (cancel_on_etcd, &state.stream) {
                 let _ = stream.unbounded_send(cancel(id));
             }
         }
     }
 
-    fn fire_all(&self, state: &mut State, outcome: &Outcome) {
+    fn fire_all(&self, state: &mut State, outcome: &Fired) {
+        let state = &mut *state;
+        state.fired.reserve(state.watches.len());
         for (id, watch) in state.watches.drain() {
-            let _ = watch.tx.send(outcome.clone());
+            state.fired.insert(id, outcome.clone());
+            if let Some(waker) = watch.waker {
+                waker.wake();
+            }
             if let Some(stream) = &state.stream {
                 let _ = stream.unbounded_send(cancel(id));
             }
         }
+        state.watches.shrink_to_fit();
     }
 }
 
@@ -143,16 +174,39 @@ pub(crate) struct WatchHub {
 #[derive(Debug)]
 pub(crate) struct Watch {
     id: i64,
-    rx: oneshot::Receiver<Outcome>,
     hub: Weak<Shared>,
 }
 
 impl Watch {
-    /// The watch's outcome.
-    pub(crate) async fn outcome(&mut self) -> Outcome {
-        (&mut self.rx).await.unwrap_or_else(|_| Outcome::Canceled {
-            compact_revision: 0,
-            reason: "watch hub closed".to_owned(),
+    /// How the watch ended (waits until it does).
+    pub(crate) fn outcome(&mut self) -> impl Future<Output = Fired> + '_ {
+        let gone = || {
+            Fired::Etcd(Outcome::Canceled {
+                compact_revision: 0,
+                reason: "watch hub closed".to_owned(),
+            })
+        };
+        std::future::poll_fn(move |cx| {
+            let Some(hub) = self.hub.upgrade() else {
+                return Poll::Ready(gone());
+            };
+            let mut state = hub.lock();
+            if let Some(fired) = state.fired.remove(&self.id) {
+                return Poll::Ready(fired);
+            }
+            match state.watches.get_mut(&self.id) {
+                Some(watch) => {
+                    if !watch
+                        .waker
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()))
+                    {
+                        watch.waker = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+                None => Poll::Ready(gone()),
+            }
         })
     }
 }
@@ -167,6 +221,8 @@ impl Drop for Watch {
             if let Some(stream) = &state.stream {
                 let _ = stream.unbounded_send(cancel(self.id));
             }
+        } else {
+            state.fired.remove(&self.id);
         }
     }
 }
@@ -187,22 +243,55 @@ impl WatchHub {
         self.shared.lock().watches.len()
     }
 
+    /// Ends every open watch with [`Fired::Closed`], and every later one at once.
+    pub(crate) fn close(&self) {
+        let mut state = self.shared.lock();
+        state.closed = true;
+        self.shared.fire_all(&mut state, &Fired::Closed);
+    }
+
+    /// Ends every open watch with [`Fired::Outage`] (an injected outage started).
+    pub(crate) fn outage(&self) {
+        let mut state = self.shared.lock();
+        self.shared.fire_all(&mut state, &Fired::Outage);
+    }
+
+    /// A handle that calls [`WatchHub::outage`] while the hub exists (for a fault listener that
+    /// must not keep the hub alive); `false` once it is gone.
+    pub(crate) fn outage_switch(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let hub = Arc::downgrade(&self.shared);
+        move || match hub.upgrade() {
+            Some(shared) => {
+                WatchHub { shared }.outage();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Watches `key` (to `range_end`, empty for one key) from `start_revision` on.
     pub(crate) fn watch(&self, key: Vec<u8>, range_end: Vec<u8>, start_revision: u64) -> Watch {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
         let registered = Registered {
-            key,
-            range_end,
+            key: key.into_boxed_slice(),
+            range_end: range_end.into_boxed_slice(),
             start_revision: i64::try_from(start_revision).unwrap_or(i64::MAX),
-            tx,
+            waker: None,
         };
+        let watch = Watch {
+            id,
+            hub: Arc::downgrade(&self.shared),
+        };
+        let mut state = self.shared.lock();
+        if state.closed {
+            state.fired.insert(id, Fired::Closed);
+            return watch;
+        }
         self.shared
             .client
             .counters
             .watches
             .fetch_add(1, Ordering::Relaxed);
-        let mut state = self.shared.lock();
         if let Some(stream) = &state.stream {
             let _ = stream.unbounded_send(registered.create(id));
         }
@@ -212,11 +301,7 @@ impl WatchHub {
             drop(state);
             tokio::spawn(run(Arc::clone(&self.shared)));
         }
-        Watch {
-            id,
-            rx,
-            hub: Arc::downgrade(&self.shared),
-        }
+        watch
     }
 }
 
@@ -258,7 +343,7 @@ async fn run(shared: Arc<Shared>) {
             }
             tracing::warn!(%error, failures, watches = state.watches.len(), "etcd watch stream broke; re-creating its watches");
             if failures as usize > 2 * client.endpoints().len() {
-                shared.fire_all(&mut state, &Outcome::Failed(error));
+                shared.fire_all(&mut state, &Fired::Etcd(Outcome::Failed(error)));
                 state.running = false;
                 return;
             }
@@ -390,7 +475,7 @@ fn handle(
     let epoch = client.identity.observe(response.header.as_ref());
     let mut state = shared.lock();
     if epoch != before {
-        shared.fire_all(&mut state, &Outcome::ClusterChanged);
+        shared.fire_all(&mut state, &Fired::Etcd(Outcome::ClusterChanged));
         return None;
     }
     let id = response.watch_id;
@@ -402,14 +487,18 @@ fn handle(
                 message: response.cancel_reason,
             });
         }
-        if let Some(watch) = state.watches.remove(&id) {
-            let _ = watch.tx.send(Outcome::Canceled {
-                compact_revision: revision(response.compact_revision),
-                reason: response.cancel_reason,
-            });
-        }
+        let outcome = Outcome::Canceled {
+            compact_revision: revision(response.compact_revision),
+            reason: response.cancel_reason,
+        };
+        shared.fire(&mut state, id, Fired::Etcd(outcome), false);
     } else if !response.events.is_empty() {
-        shared.fire(&mut state, id, Outcome::Events(response.events));
+        shared.fire(
+            &mut state,
+            id,
+            Fired::Etcd(Outcome::Events(response.events)),
+            true,
+        );
     }
     None
 }
