@@ -928,6 +928,59 @@ pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> Arc<str> {
 }
 
 #[cfg(test)]
+mod key_tests {
+    use super::EntryKey;
+
+    /// Keys of every length around the inline limit, with and without a partition, match
+    /// exactly themselves: never a key whose parts are split elsewhere, and never a prefix.
+    #[test]
+    fn keys_match_only_themselves_on_both_sides_of_the_inline_limit() {
+        let text = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGH";
+        let mut parts = Vec::new();
+        for total in [0, 1, 7, 8, 9, 16, 17, 27, 28, 29, 30, 40] {
+            for dc in 0..=total.min(3) {
+                for token in 0..=(total - dc).min(2) {
+                    let k = total - dc - token;
+                    parts.push((&text[..k], &text[k..k + dc], &text[k + dc..total]));
+                }
+            }
+        }
+        for &(k, d, t) in &parts {
+            let key = EntryKey::new(k, d, t);
+            assert_eq!(key.parts(), (k, d));
+            assert_eq!(key.bytes(), format!("{k}{d}{t}").as_bytes());
+            for &(k2, d2, t2) in &parts {
+                assert_eq!(
+                    key.matches(k2, d2, t2),
+                    (k, d, t) == (k2, d2, t2),
+                    "{:?} against {:?}",
+                    (k, d, t),
+                    (k2, d2, t2)
+                );
+            }
+            // The same lengths with one byte changed, at each end of each part.
+            let joined = format!("{k}{d}{t}");
+            for at in [
+                0,
+                k.len().saturating_sub(1),
+                k.len() + d.len().saturating_sub(1),
+                joined.len().saturating_sub(1),
+            ] {
+                if at >= joined.len() {
+                    continue;
+                }
+                let mut other = joined.clone().into_bytes();
+                other[at] = b'_';
+                let other = String::from_utf8(other).unwrap();
+                let (k2, rest) = other.split_at(k.len());
+                let (d2, t2) = rest.split_at(d.len());
+                assert!(!key.matches(k2, d2, t2), "{joined:?} against {other:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod size_tests {
     use super::*;
     use crate::testing::MockType;
