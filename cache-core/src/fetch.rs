@@ -54,7 +54,7 @@ impl<T: CacheType> Store<T> {
         chain::needed(
             self.shared.is_closed(),
             self.opts.refresh && !slot.state.chain.refresh_stopped(),
-            slot.entry.watchers.load(Ordering::Acquire) > 0,
+            slot.state.watchers.load(Ordering::Acquire) > 0,
         )
     }
 
@@ -62,7 +62,7 @@ impl<T: CacheType> Store<T> {
     /// [`chain::next_fetch`] on this entry's state, with the runtime's jitter.
     fn next_fetch(&self, slot: &Slot<T>, now: Instant) -> Option<Duration> {
         let state = &slot.state;
-        let watched = slot.entry.watchers.load(Ordering::Acquire) > 0;
+        let watched = slot.state.watchers.load(Ordering::Acquire) > 0;
         let poll_every = if watched && !self.opts.supports_blocking {
             slot.entry
                 .watch
@@ -263,7 +263,7 @@ impl<T: CacheType> Store<T> {
                     return (None, None);
                 }
                 self.apply(slot, result, fatal, now);
-                let snapshot = (slot.entry.watchers.load(Ordering::Acquire) > 0)
+                let snapshot = (slot.state.watchers.load(Ordering::Acquire) > 0)
                     .then(|| self.snapshot_of(&slot.state, false, now));
                 let wait = self.next_fetch(slot, now);
                 slot.state.chain.fetch_done(wait);

@@ -227,7 +227,7 @@ impl<T: CacheType> Store<T> {
     }
 
     fn ttl_left(&self, slot: &Slot<T>, now_ns: u64) -> Option<Duration> {
-        if !slot.state.expiry_scheduled || slot.entry.watchers.load(Ordering::Relaxed) > 0 {
+        if !slot.state.expiry_scheduled || slot.state.watchers.load(Ordering::Relaxed) > 0 {
             return None;
         }
         let last_read = slot.last_read.load(Ordering::Relaxed);
@@ -246,7 +246,7 @@ impl<T: CacheType> Store<T> {
             age: state.fetched_at.map(|t| t.until(now_ns)),
             error: state.error().map(ToString::to_string),
             failing_for: state.failing_since().map(|t| t.until(now_ns)),
-            watchers: slot.entry.watchers.load(Ordering::Relaxed),
+            watchers: slot.state.watchers.load(Ordering::Relaxed) as usize,
             in_backoff: matches!(state.chain.chain(), Chain::Sleeping { .. })
                 && state.backoff().failures() > 0,
             fetching: state.chain.is_fetching(),

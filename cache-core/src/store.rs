@@ -204,10 +204,54 @@ pub(crate) struct EntryHandle<T: CacheType> {
     pub(crate) changed: Event,
     /// The entry's store, for the expiry queue.
     pub(crate) store: Weak<Store<T>>,
-    /// Active watches; an entry with watchers does not expire.
-    pub(crate) watchers: AtomicUsize,
     /// The watch records, offered every completed fetch.
-    pub(crate) watch: Mutex<Vec<Arc<dyn Watcher<T>>>>,
+    pub(crate) watch: Mutex<WatchList<T>>,
+}
+
+/// An entry's watch records. No allocation while the entry is unwatched: 8 bytes in the
+/// handle instead of a `Vec`'s 24, since most entries are never watched.
+#[allow(clippy::box_collection)] // on purpose: a thin pointer, allocated only when watched
+pub(crate) struct WatchList<T: CacheType>(Option<Box<Vec<Arc<dyn Watcher<T>>>>>);
+
+impl<T: CacheType> WatchList<T> {
+    pub(crate) fn new() -> Self {
+        Self(None)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |list| list.len())
+    }
+
+    pub(crate) fn get(&self, at: usize) -> Option<&Arc<dyn Watcher<T>>> {
+        self.0.as_ref()?.get(at)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<dyn Watcher<T>>> {
+        self.0.iter().flat_map(|list| list.iter())
+    }
+
+    pub(crate) fn push(&mut self, watcher: Arc<dyn Watcher<T>>) {
+        self.0.get_or_insert_with(Box::default).push(watcher);
+    }
+
+    /// Takes the watch at `at` out (`at < len`), moving the last one into its place; the list
+    /// is freed when it empties.
+    pub(crate) fn swap_remove(&mut self, at: usize) -> Option<Arc<dyn Watcher<T>>> {
+        let list = self.0.as_mut()?;
+        if at >= list.len() {
+            return None;
+        }
+        let taken = list.swap_remove(at);
+        if list.is_empty() {
+            self.0 = None;
+        }
+        Some(taken)
+    }
+
+    /// Every watch, leaving the list empty.
+    pub(crate) fn take(&mut self) -> Vec<Arc<dyn Watcher<T>>> {
+        self.0.take().map(|list| *list).unwrap_or_default()
+    }
 }
 
 /// The mutable state of an entry, guarded by its table's lock.
@@ -231,6 +275,10 @@ pub(crate) struct EntryState<T: CacheType> {
     /// only create it again and evict another one's (at worst each other's, forever). Atomic:
     /// a get leaving counts itself out under the read lock.
     pub(crate) waiters: AtomicU32,
+    /// Active watches; an entry with watchers does not expire nor is evicted for capacity.
+    /// In the state, where it costs no bytes, rather than in the handle; atomic, since a watch
+    /// leaving counts itself out under the read lock.
+    pub(crate) watchers: AtomicU32,
     /// What a healthy entry does not need: allocated on the first error, fetch state or rate
     /// limit, and dropped again once everything in it is back to its default.
     cold: Option<Box<Cold<T>>>,
@@ -285,6 +333,7 @@ impl<T: CacheType> EntryState<T> {
             resets: 0,
             expiry_scheduled: false,
             waiters: AtomicU32::new(0),
+            watchers: AtomicU32::new(0),
             cold: None,
         }
     }
@@ -627,8 +676,7 @@ impl<T: CacheType> Store<T> {
                     hash,
                     changed: Event::new(),
                     store: self.this.clone(),
-                    watchers: AtomicUsize::new(0),
-                    watch: Mutex::new(Vec::new()),
+                    watch: Mutex::new(WatchList::new()),
                 }),
                 state: EntryState::new(),
             })
@@ -786,7 +834,7 @@ impl<T: CacheType> Store<T> {
             state.trim();
             let first = !std::mem::replace(&mut state.expiry_scheduled, true);
             slot.touch(self.nanos(now));
-            let snapshot = (slot.entry.watchers.load(Ordering::Acquire) > 0)
+            let snapshot = (slot.state.watchers.load(Ordering::Acquire) > 0)
                 .then(|| self.snapshot_of(&slot.state, false, now));
             (slot.entry.clone(), first, snapshot)
         });
@@ -832,7 +880,7 @@ impl<T: CacheType> ErasedStore for Store<T> {
                 // value count like the others: failing keys under churn must not grow the
                 // cache past its bound. So the bound holds unless more entries than it are
                 // watched or waited on at once.
-                if slot.entry.watchers.load(Ordering::Relaxed) > 0
+                if slot.state.watchers.load(Ordering::Relaxed) > 0
                     || slot.state.waiters.load(Ordering::Relaxed) > 0
                     || std::ptr::eq(Arc::as_ptr(&slot.entry) as *const (), keep)
                 {
@@ -869,8 +917,7 @@ impl<T: CacheType> ErasedStore for Store<T> {
                 table.iter().map(|slot| slot.entry.clone()).collect()
             };
             for entry in entries {
-                let list =
-                    std::mem::take(&mut *entry.watch.lock().unwrap_or_else(|p| p.into_inner()));
+                let list = entry.watch.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if !list.is_empty() {
                     for watcher in &list {
                         watcher.cancel();
@@ -886,11 +933,16 @@ impl<T: CacheType> Expirable for EntryHandle<T> {
     fn check_expiry(&self, now: Instant) -> Option<Instant> {
         let store = self.store.upgrade()?;
         let ttl = store.opts.last_get_ttl;
-        if self.watchers.load(Ordering::Relaxed) > 0 {
+        let (watched, last_read) = store.read_slot(self, |slot| {
+            (
+                slot.state.watchers.load(Ordering::Relaxed) > 0,
+                slot.last_read.load(Ordering::Relaxed),
+            )
+        })?;
+        if watched {
             // Watched entries stay alive while watched.
             return now.checked_add(ttl);
         }
-        let last_read = store.read_slot(self, |slot| slot.last_read.load(Ordering::Relaxed))?;
         let deadline = store.instant(last_read).checked_add(ttl)?;
         if deadline > now {
             return Some(deadline);
@@ -996,7 +1048,7 @@ mod size_tests {
             std::mem::size_of::<Slot<T>>()
         );
         assert!(
-            std::mem::size_of::<EntryHandle<T>>() <= 64,
+            std::mem::size_of::<EntryHandle<T>>() <= 40,
             "{}",
             std::mem::size_of::<EntryHandle<T>>()
         );

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::cache_type::{CacheRequest, CacheType};
 use crate::error::WatchError;
-use crate::store::{EntryHandle, EntryState, Snapshot, Store, Watcher, wake_all};
+use crate::store::{EntryHandle, EntryState, Snapshot, Store, WatchList, Watcher, wake_all};
 
 impl<T: CacheType> Store<T> {
     pub(crate) fn this(&self) -> Option<Arc<Self>> {
@@ -43,12 +43,16 @@ impl<T: CacheType> Store<T> {
         let mut list = entry.watch.lock().unwrap_or_else(|p| p.into_inner());
         let mut at = 0;
         while at < list.len() {
-            if list[at].offer(self, entry, snapshot) {
+            let keep = list.get(at).is_some_and(|w| w.offer(self, entry, snapshot));
+            if keep {
                 at += 1;
-            } else {
-                take_at(&mut list, at).cancel();
-                removed += 1;
+                continue;
             }
+            let Some(gone) = take_at(&mut list, at) else {
+                break;
+            };
+            gone.cancel();
+            removed += 1;
         }
         drop(list);
         if removed > 0 {
@@ -81,7 +85,7 @@ impl<T: CacheType> Store<T> {
             watcher.place().store(list.len(), Ordering::Relaxed);
             list.push(watcher.clone());
             drop(list);
-            slot.entry.watchers.fetch_add(1, Ordering::AcqRel);
+            slot.state.watchers.fetch_add(1, Ordering::AcqRel);
             self.counters.watches.fetch_add(1, Ordering::Relaxed);
             let state = &slot.state;
             let age = state.fetched_at.map(|t| self.since(t, now));
@@ -120,6 +124,7 @@ impl<T: CacheType> Store<T> {
             list.get(at)
                 .is_some_and(|w| w.id() == watcher.id())
                 .then(|| take_at(&mut list, at))
+                .flatten()
         };
         if let Some(watcher) = removed {
             watcher.cancel();
@@ -128,12 +133,16 @@ impl<T: CacheType> Store<T> {
     }
 
     pub(crate) fn watchers_removed(&self, entry: &Arc<EntryHandle<T>>, n: usize) {
-        let left = entry.watchers.fetch_sub(n, Ordering::AcqRel) - n;
         self.counters.watches.fetch_sub(n as u64, Ordering::Relaxed);
         // The TTL counts again from the last watch.
         let now = self.nanos(self.shared.rt.now());
-        self.read_slot(entry, |slot| slot.touch(now));
-        if left == 0 {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let left = self.read_slot(entry, |slot| {
+            slot.touch(now);
+            let before = slot.state.watchers.fetch_sub(n, Ordering::AcqRel);
+            before.saturating_sub(n)
+        });
+        if left == Some(0) {
             // Wake a chain that only ran for the watches, so that it stops now.
             wake_all(&entry.changed);
         }
@@ -142,10 +151,10 @@ impl<T: CacheType> Store<T> {
 
 /// Takes the watch at `at` out of its entry's list (by swapping the last one into its place,
 /// whose recorded place follows).
-fn take_at<T: CacheType>(list: &mut Vec<Arc<dyn Watcher<T>>>, at: usize) -> Arc<dyn Watcher<T>> {
-    let taken = list.swap_remove(at);
+fn take_at<T: CacheType>(list: &mut WatchList<T>, at: usize) -> Option<Arc<dyn Watcher<T>>> {
+    let taken = list.swap_remove(at)?;
     if let Some(moved) = list.get(at) {
         moved.place().store(at, Ordering::Relaxed);
     }
-    taken
+    Some(taken)
 }
