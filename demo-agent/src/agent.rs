@@ -61,7 +61,10 @@ impl Agent {
         })?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = AgentState::new(&config, shutdown_rx.clone())?;
-        let app = http::app(state.clone());
+        // The service without a router on top of it (`http::app` adds one for embedding).
+        let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(http::service(
+            state.clone(),
+        ));
         let mut graceful = shutdown_rx;
         let server = tokio::spawn(async move {
             axum::serve(listener, app)

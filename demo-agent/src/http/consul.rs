@@ -12,13 +12,13 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue};
-use base64::Engine as _;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Serialize;
 
 use super::error::ApiError;
 use super::params::Params;
+use super::response::{X_CONSUL_INDEX, number_value};
 use crate::upstream::{Entry, ReadMode};
 
 /// The datacenter this agent answers for (Consul's default name).
@@ -152,7 +152,7 @@ pub struct DirEntry<'a> {
     /// The writer's flags.
     pub flags: u64,
     /// The value in base64; `null` for an empty value (as Consul stores it).
-    pub value: Option<String>,
+    pub value: Option<Base64<'a>>,
     /// The session holding the lock; left out when none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<&'a str>,
@@ -168,11 +168,22 @@ impl<'a> From<&'a Entry> for DirEntry<'a> {
             lock_index: entry.lock_index,
             key: &entry.key,
             flags: entry.flags,
-            value: (!entry.value.is_empty()).then(|| BASE64.encode(&entry.value)),
+            value: (!entry.value.is_empty()).then_some(Base64(&entry.value)),
             session: entry.session.as_deref(),
             create_index: entry.create_index,
             modify_index: entry.modify_index,
         }
+    }
+}
+
+/// Bytes that serialize as a base64 string (standard alphabet, padded), written straight
+/// into the output without an intermediate `String`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Base64<'a>(pub &'a [u8]);
+
+impl Serialize for Base64<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&base64::display::Base64Display::new(self.0, &BASE64))
     }
 }
 
@@ -206,11 +217,15 @@ pub fn list_keys<'a>(
 /// The agent answers only after its upstream did (or from its cache), so it reports a known
 /// leader and a last contact of 0 ms, as a Consul server reading its own state does.
 pub fn set_read_headers(headers: &mut HeaderMap, index: u64, mode: ReadMode) {
-    headers.insert("x-consul-index", HeaderValue::from(index.max(1)));
-    headers.insert("x-consul-knownleader", HeaderValue::from_static("true"));
-    headers.insert("x-consul-lastcontact", HeaderValue::from_static("0"));
+    static KNOWN_LEADER: HeaderName = HeaderName::from_static("x-consul-knownleader");
+    static LAST_CONTACT: HeaderName = HeaderName::from_static("x-consul-lastcontact");
+    static CONSISTENCY: HeaderName = HeaderName::from_static("x-consul-effective-consistency");
+    headers.reserve(4);
+    headers.insert(X_CONSUL_INDEX.clone(), number_value(index.max(1)));
+    headers.insert(KNOWN_LEADER.clone(), HeaderValue::from_static("true"));
+    headers.insert(LAST_CONTACT.clone(), HeaderValue::from_static("0"));
     headers.insert(
-        "x-consul-effective-consistency",
+        CONSISTENCY.clone(),
         HeaderValue::from_static(mode.consul_name()),
     );
 }

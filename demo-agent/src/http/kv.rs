@@ -45,7 +45,7 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::params::{self, CacheControl, Params};
-use super::response::{set_cache_headers, set_index_headers};
+use super::response::{APPLICATION_JSON, set_cache_headers, set_index_headers};
 use super::state::AgentState;
 use crate::config::KvCacheMode;
 use crate::types::{KvRequest, ListRequest, ReadOptions};
@@ -247,7 +247,8 @@ enum Shape<'a> {
     Keys { separator: Option<&'a str> },
 }
 
-async fn consul_read(
+/// A Consul KV read (`GET /v1/kv/<key>`, and the root with `?recurse` or `?keys`).
+pub(super) async fn consul_read(
     state: &AgentState,
     key: String,
     query: Option<&str>,
@@ -312,7 +313,7 @@ async fn consul_read(
     let response = if is_prefix {
         let request = ListRequest::new(key.clone(), read);
         let held = read_holding(state, &state.inner.list, request, max_age).await;
-        if held.outcome.error.is_none() && held.outcome.index >= written {
+        if written > 0 && held.outcome.error.is_none() && held.outcome.index >= written {
             state.inner.writes.seen(&key, true, held.outcome.index);
         }
         held.respond(cached, |list, index| {
@@ -339,13 +340,14 @@ async fn consul_read(
         })
     } else {
         let raw = matches!(shape, Shape::Key { raw: true });
+        // The key is needed after the read only to forget a write it has seen.
+        let written_key = (written > 0).then(|| key.clone());
         let request = KvRequest { key, read };
-        let held = read_holding(state, &state.inner.kv, request.clone(), max_age).await;
-        if held.outcome.error.is_none() && held.outcome.index >= written {
-            state
-                .inner
-                .writes
-                .seen(&request.key, false, held.outcome.index);
+        let held = read_holding(state, &state.inner.kv, request, max_age).await;
+        if let Some(key) = written_key {
+            if held.outcome.error.is_none() && held.outcome.index >= written {
+                state.inner.writes.seen(&key, false, held.outcome.index);
+            }
         }
         held.respond(cached, |read, index| {
             let index = if cached { index } else { read.index.max(1) };
@@ -499,6 +501,10 @@ fn raw_response(value: &[u8]) -> Response {
     response
 }
 
+/// How many headers a read's response carries at most (content type, four Consul headers,
+/// `X-Cache`, `Age`, `Warning`).
+const RESPONSE_HEADERS: usize = 8;
+
 /// A JSON body, indented for `?pretty`.
 fn json_response<T: serde::Serialize + ?Sized>(body: &T, pretty: bool) -> Response {
     let encoded = if pretty {
@@ -509,7 +515,12 @@ fn json_response<T: serde::Serialize + ?Sized>(body: &T, pretty: bool) -> Respon
     match encoded {
         Ok(mut bytes) => {
             bytes.push(b'\n');
-            ([(CONTENT_TYPE, "application/json")], bytes).into_response()
+            let mut response = Response::new(Body::from(bytes));
+            let headers = response.headers_mut();
+            // Room for the read headers that follow, so the map is not grown again.
+            headers.reserve(RESPONSE_HEADERS);
+            headers.insert(CONTENT_TYPE, APPLICATION_JSON.clone());
+            response
         }
         Err(error) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -705,13 +716,14 @@ where
     let stale_if_error = read.stale_if_error;
     // A revalidation: a simple-mode, cached, non-blocking read that must check upstream.
     let mut revalidating = simple && read.cached && !read.block && read.must_revalidate;
-    let mut started = tokio::time::Instant::now();
+    // Only a revalidation needs to know when it started (a clock read per request otherwise).
+    let mut started = revalidating.then(tokio::time::Instant::now);
     if let Some(max_age) = max_age.filter(|_| simple && read.cached) {
         if outcome.error.is_none() && outcome.hit && outcome.age > max_age {
             read.must_revalidate = true;
             read.block = false;
             revalidating = true;
-            started = tokio::time::Instant::now();
+            started = Some(tokio::time::Instant::now());
             outcome = cache.get_outcome(&request).await.into();
         }
     }
@@ -719,7 +731,7 @@ where
         && outcome.error.is_none()
         && !outcome.hit
         && outcome.value.is_some()
-        && outcome.age > started.elapsed()
+        && started.is_some_and(|started| outcome.age > started.elapsed())
     {
         // The value predates this read, so the fetch it waited for failed, yet the cache
         // answered with the old value and no error (after a failed must-revalidate fetch the

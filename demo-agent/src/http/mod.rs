@@ -28,6 +28,8 @@ pub mod consul;
 pub mod error;
 mod history;
 mod kv;
+mod kv_direct;
+mod layers;
 pub mod params;
 pub mod response;
 pub mod state;
@@ -36,16 +38,18 @@ mod ui;
 mod watch;
 
 use std::any::Any;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tower::{Service, ServiceBuilder};
 
 use crate::upstream::MAX_WAIT;
 use error::ApiError;
@@ -55,8 +59,8 @@ use state::AgentState;
 /// The request timeout: above the longest blocking wait, so no long-poll is cut short.
 pub const REQUEST_TIMEOUT: Duration = MAX_WAIT.saturating_add(Duration::from_secs(60));
 
-/// The agent's router with every route and layer, ready to serve.
-pub fn app(state: AgentState) -> Router {
+/// Every route, with its handler, and the fallbacks.
+fn routes(state: AgentState) -> Router {
     let mut router = Router::new()
         .route(
             "/v1/kv",
@@ -108,45 +112,86 @@ pub fn app(state: AgentState) -> Router {
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Only handlers that read a body look at this limit; `GET /v1/kv/<key>`, served
+        // beside the router, reads none.
         .layer(DefaultBodyLimit::max(params::MAX_VALUE_BYTES))
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            REQUEST_TIMEOUT,
-        ))
-        // 5xx answers are logged by `log_server_errors` (with method, path and cause).
-        .layer(
-            TraceLayer::new_for_http()
-                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
-        )
-        .layer(axum::middleware::from_fn(log_server_errors))
         .with_state(state)
 }
 
-/// Logs every 5xx answer at warn with its method, path, status and cause (the message of the
-/// [`ApiError`] behind it, see [`error::ErrorCause`]).
-async fn log_server_errors(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let method = request.method().clone();
-    let uri = request.uri().clone();
-    let response = next.run(request).await;
-    let status = response.status();
-    if status.is_server_error() {
-        let cause = response.extensions().get::<error::ErrorCause>().map_or(
-            "no cause recorded (the request timed out, or a layer answered)",
-            |cause| cause.0.as_str(),
-        );
-        tracing::warn!(
-            %method,
-            path = %uri.path(),
-            status = status.as_u16(),
-            %cause,
-            "request failed"
-        );
+/// The agent's router with every route and layer, ready to serve (or to nest in another
+/// router). [`service`] is the same without the router's own layer on top: what the agent
+/// serves.
+pub fn app(state: AgentState) -> Router {
+    Router::new().fallback_service(service(state))
+}
+
+/// The agent's HTTP service: every route of [`app`] and its layers, for `axum::serve` (through
+/// `axum::ServiceExt::into_make_service`) or any tower server.
+pub fn service(state: AgentState) -> AgentService {
+    let router = routes(state.clone());
+    // The layers wrap the routes once. (`Router::layer` wraps every route on its own: each
+    // layer a boxed service that is cloned, with everything inside it, on every request.)
+    // Outermost first.
+    let stack = ServiceBuilder::new()
+        // 5xx answers are logged with method, path and cause (including timeouts and panics).
+        .layer(layers::LogServerErrorsLayer)
+        .layer(layers::DebugTraceLayer)
+        .layer(layers::RequestTimeoutLayer::new(REQUEST_TIMEOUT))
+        .layer(layers::CatchPanicLayer::new(panic_response))
+        .service(kv_direct::KvReadShortcut::new(state, router));
+    AgentService { stack }
+}
+
+/// The layers of [`service`], outermost first, around the routes.
+type Stack = layers::LogServerErrors<
+    layers::DebugTrace<layers::RequestTimeout<layers::CatchPanic<kv_direct::KvReadShortcut>>>,
+>;
+
+/// The agent's HTTP service (see [`service`]); cheap to clone.
+#[derive(Clone)]
+pub struct AgentService {
+    stack: Stack,
+}
+
+impl std::fmt::Debug for AgentService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentService").finish_non_exhaustive()
     }
-    response
+}
+
+impl Service<Request> for AgentService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = AgentFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.stack.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        AgentFuture {
+            inner: self.stack.call(request),
+        }
+    }
+}
+
+/// The answer of [`AgentService`] to one request, on its way.
+pub struct AgentFuture {
+    inner: <Stack as Service<Request>>::Future,
+}
+
+impl std::fmt::Debug for AgentFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentFuture").finish_non_exhaustive()
+    }
+}
+
+impl Future for AgentFuture {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.inner).poll(cx)
+    }
 }
 
 async fn not_found(uri: Uri) -> ApiError {

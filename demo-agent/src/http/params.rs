@@ -215,6 +215,39 @@ impl CacheControl {
     }
 }
 
+/// Percent-decodes `text` (`%` and two hex digits is a byte; any other `%` stays as it is, as
+/// the router decodes path parameters) and returns it if the bytes are UTF-8.
+pub fn percent_decode_utf8(text: &str) -> Option<String> {
+    if !text.contains('%') {
+        return Some(text.to_owned());
+    }
+    fn hex(digit: u8) -> Option<u8> {
+        match digit {
+            b'0'..=b'9' => Some(digit - b'0'),
+            b'a'..=b'f' => Some(digit - b'a' + 10),
+            b'A'..=b'F' => Some(digit - b'A' + 10),
+            _ => None,
+        }
+    }
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        if byte == b'%' {
+            let high = bytes.get(at + 1).copied().and_then(hex);
+            let low = bytes.get(at + 2).copied().and_then(hex);
+            if let (Some(high), Some(low)) = (high, low) {
+                decoded.push(high << 4 | low);
+                at += 3;
+                continue;
+            }
+        }
+        decoded.push(byte);
+        at += 1;
+    }
+    String::from_utf8(decoded).ok()
+}
+
 /// Checks a key: non-empty and at most [`MAX_KEY_BYTES`].
 ///
 /// # Errors
@@ -328,6 +361,18 @@ mod tests {
         assert!(!p.flag("absent").unwrap());
         assert_eq!(p.all("key").collect::<Vec<_>>(), ["a", "b/c"]);
         assert!(Params::parse(Some("cached=maybe")).flag("cached").is_err());
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode_utf8("a/b").as_deref(), Some("a/b"));
+        assert_eq!(percent_decode_utf8("%41%2f%2F+").as_deref(), Some("A//+"));
+        assert_eq!(percent_decode_utf8("%").as_deref(), Some("%"));
+        assert_eq!(percent_decode_utf8("%4").as_deref(), Some("%4"));
+        assert_eq!(percent_decode_utf8("%g1%").as_deref(), Some("%g1%"));
+        assert_eq!(percent_decode_utf8("%E2%82%AC").as_deref(), Some("€"));
+        assert_eq!(percent_decode_utf8("%E2%82"), None);
+        assert_eq!(percent_decode_utf8("%C3%28"), None);
     }
 
     #[test]
