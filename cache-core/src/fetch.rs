@@ -18,6 +18,13 @@ use crate::metrics::bump;
 use crate::runtime::Sleep;
 use crate::store::{EntryHandle, EntryState, Slot, Store, panic_message, wake_all};
 
+/// What a fetch attempt gave: its result, or the panic it raised.
+type FetchOutcome<T> =
+    std::thread::Result<Result<FetchResult<<T as CacheType>::Value>, <T as CacheType>::Error>>;
+
+/// A fetch ready to start: its options, and whether to arm the "connected" timer.
+type Ready<T> = (FetchOptions<<T as CacheType>::Value>, bool);
+
 /// How long a refresh type's blocking fetch must stay open to count as connected again (the
 /// reference's 31 s: yamux keepalives are every 30 s, so a blackholed connection has failed by
 /// then).
@@ -115,117 +122,190 @@ impl<T: CacheType> Store<T> {
     /// One fetch after another for an entry, until nothing needs it any more: for refresh types
     /// until eviction, close, a fatal error or give-up; for any type while it is watched. A
     /// newer chain taking over (a get that found the entry invalid) also stops it.
-    async fn fetch_chain(
+    ///
+    /// The task of every entry being fetched or refreshed, so its size is memory per entry:
+    /// not an `async fn` (which would keep its arguments twice), and each stage is a future
+    /// of its own, so the task holds only the stage it is in.
+    #[allow(clippy::manual_async_fn)] // an `async fn` keeps its arguments twice
+    fn fetch_chain(
         self: Arc<Self>,
         entry: Arc<EntryHandle<T>>,
         generation: u32,
         request: T::Request,
         first_at: Option<Option<Instant>>,
-    ) {
-        let rt = self.shared.rt.clone();
-        let mut sleep: Option<Sleep> = None;
-        // `None`: fetch now; `Some(None)`: sleep until woken (a wait too long to represent).
-        let mut next_at: Option<Option<Instant>> = first_at;
-        loop {
-            if let Some(deadline) = next_at {
-                // Wait for the next fetch; wake early on eviction, replacement, close, or a
-                // request to retry now.
-                loop {
-                    let changed = entry.changed.listen();
-                    let closed = self.shared.close_event.listen();
-                    let claimed = self.with_slot(&entry, |slot| {
-                        if !slot.state.chain.owns(generation) {
-                            return Some(false);
-                        }
-                        if !self.chain_needed(slot) {
-                            slot.state.chain.stop(generation);
-                            return Some(false);
-                        }
-                        let due = deadline.is_some_and(|d| rt.now() >= d);
-                        slot.state.chain.claim(generation, due).then_some(true)
-                    });
-                    match claimed {
-                        None | Some(Some(false)) => return,
-                        Some(Some(true)) => break,
-                        Some(None) => {}
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        async move {
+            let mut sleep: Option<Sleep> = None;
+            // `None`: fetch now; `Some(None)`: sleep until woken (a wait too long to represent).
+            let mut next_at: Option<Option<Instant>> = first_at;
+            loop {
+                if let Some(deadline) = next_at {
+                    if !self
+                        .wait_turn(&entry, generation, deadline, &mut sleep)
+                        .await
+                    {
+                        return;
                     }
-                    match deadline {
-                        Some(deadline) => {
-                            let timer = sleep.get_or_insert_with(|| Sleep::until(&*rt, deadline));
-                            timer.reset(deadline);
-                            select(select(changed, closed), timer).await;
-                        }
-                        None => {
-                            select(changed, closed).await;
-                        }
+                }
+                // The options go straight into the fetch: the task keeps no copy of them.
+                let fetch = match self.reserve(&entry, generation, &mut sleep).await {
+                    Some(ready) => self.run_fetch(&entry, generation, ready, &request),
+                    None => return,
+                };
+                let Some(result) = fetch.await else {
+                    return;
+                };
+                match self.complete(&entry, generation, result) {
+                    Some(wait) => next_at = Some(wait),
+                    None => return,
+                }
+            }
+        }
+    }
+
+    /// Waits until the chain's next fetch is due (`deadline`; `None`: until woken), waking
+    /// early on eviction, replacement, close, or a request to retry now. Returns whether the
+    /// chain claimed its fetch (`false`: it ends).
+    #[allow(clippy::manual_async_fn)] // an `async fn` keeps its arguments twice
+    fn wait_turn<'a>(
+        &'a self,
+        entry: &'a Arc<EntryHandle<T>>,
+        generation: u32,
+        deadline: Option<Instant>,
+        sleep: &'a mut Option<Sleep>,
+    ) -> impl std::future::Future<Output = bool> + 'a {
+        async move {
+            let rt = &self.shared.rt;
+            loop {
+                let changed = entry.changed.listen();
+                let closed = self.shared.close_event.listen();
+                let claimed = self.with_slot(entry, |slot| {
+                    if !slot.state.chain.owns(generation) {
+                        return Some(false);
+                    }
+                    if !self.chain_needed(slot) {
+                        slot.state.chain.stop(generation);
+                        return Some(false);
+                    }
+                    let due = deadline.is_some_and(|d| rt.now() >= d);
+                    slot.state.chain.claim(generation, due).then_some(true)
+                });
+                match claimed {
+                    None | Some(Some(false)) => return false,
+                    Some(Some(true)) => return true,
+                    Some(None) => {}
+                }
+                match deadline {
+                    Some(deadline) => {
+                        let timer = sleep.get_or_insert_with(|| Sleep::until(&**rt, deadline));
+                        timer.reset(deadline);
+                        select(select(changed, closed), timer).await;
+                    }
+                    None => {
+                        select(changed, closed).await;
                     }
                 }
             }
+        }
+    }
 
-            // One table lock per fetch: the ownership check, the per-entry rate limit (re-read
-            // each time so reloaded options apply) and the fetch options together. A fetch
-            // that must wait reserves its token first, so late timer wake-ups cost no rate.
+    /// One table lock per fetch: the ownership check, the per-entry rate limit (re-read each
+    /// time so reloaded options apply) and the fetch options together. A fetch that must wait
+    /// reserves its token first, so late timer wake-ups cost no rate. `None`: the entry was
+    /// evicted or the chain replaced while waiting.
+    #[allow(clippy::manual_async_fn)] // an `async fn` keeps its arguments twice
+    fn reserve<'a>(
+        &'a self,
+        entry: &'a Arc<EntryHandle<T>>,
+        generation: u32,
+        sleep: &'a mut Option<Sleep>,
+    ) -> impl std::future::Future<Output = Option<Ready<T>>> + 'a {
+        async move {
+            let rt = &self.shared.rt;
             let mut reserved = false;
-            let (mut opts, connected_timer) = loop {
-                let limit = self.shared.rate_limit();
+            loop {
                 let limit_changed = self.shared.limit_changed.listen();
                 let changed = entry.changed.listen();
                 let now = rt.now();
-                let step = self.with_slot(&entry, |slot| {
-                    if !slot.state.chain.owns(generation) {
-                        return None;
-                    }
-                    if limit.per_second.is_some() {
-                        let bucket = slot.state.bucket();
-                        let wait = if reserved {
-                            bucket.reserved_wait(now, &limit)
-                        } else {
-                            bucket.reserve(now, &limit)
-                        };
-                        reserved = true;
-                        if !wait.is_zero() {
-                            return Some(Err(wait));
-                        }
-                    }
-                    Some(Ok(self.fetch_options(&slot.state)))
-                });
-                match step {
-                    Some(Some(Ok(ready))) => break ready,
-                    Some(Some(Err(wait))) => {
-                        // Re-check when the limit is reloaded or the entry is evicted; a wait
-                        // too long to represent lasts until one of those.
-                        let woken = select(limit_changed, changed);
-                        match now.checked_add(wait) {
-                            Some(at) => {
-                                let timer = sleep.get_or_insert_with(|| Sleep::until(&*rt, at));
-                                timer.reset(at);
-                                select(woken, timer).await;
-                            }
-                            None => {
-                                woken.await;
-                            }
-                        }
-                    }
+                // Only the wait is kept across the await below, not the step or the limit.
+                let wait = match self.reserve_step(entry, generation, now, &mut reserved) {
+                    Some(Some(Ok(ready))) => return Some(ready),
+                    Some(Some(Err(wait))) => wait,
                     // Evicted or replaced while waiting.
-                    _ => return,
+                    _ => return None,
+                };
+                // Re-check when the limit is reloaded or the entry is evicted; a wait too long to
+                // represent lasts until one of those.
+                let woken = select(limit_changed, changed);
+                match now.checked_add(wait) {
+                    Some(at) => {
+                        let timer = sleep.get_or_insert_with(|| Sleep::until(&**rt, at));
+                        timer.reset(at);
+                        select(woken, timer).await;
+                    }
+                    None => {
+                        woken.await;
+                    }
                 }
-            };
-            if self.opts.supports_blocking {
-                opts.connected = self.connected_signal(&entry, generation);
             }
+        }
+    }
 
-            // The fetch runs until it completes, or until its entry is removed (capacity, TTL,
-            // a new registration of the type): nothing could store its result then, so it is
-            // dropped, which frees whatever it holds upstream (a connection, a blocking query)
-            // at once instead of at the end of its query timeout.
-            let mut fetch =
-                std::pin::pin!(AssertUnwindSafe(self.ty.fetch(opts, &request)).catch_unwind());
-            let mut threshold = connected_timer.then(|| Sleep::after(&*rt, CONNECTED_THRESHOLD));
-            let result = loop {
-                let changed = entry.changed.listen();
-                if self.read_slot(&entry, |_| ()).is_none() {
-                    return;
+    /// One look at the entry for [`Store::reserve`]: the fetch options when the fetch may
+    /// start, or the wait for its rate-limit token (reserved on the first look). `None`: the
+    /// chain no longer owns the entry.
+    fn reserve_step(
+        &self,
+        entry: &Arc<EntryHandle<T>>,
+        generation: u32,
+        now: Instant,
+        reserved: &mut bool,
+    ) -> Option<Option<Result<Ready<T>, Duration>>> {
+        let limit = self.shared.rate_limit();
+        self.with_slot(entry, |slot| {
+            if !slot.state.chain.owns(generation) {
+                return None;
+            }
+            if limit.per_second.is_some() {
+                let bucket = slot.state.bucket();
+                let wait = if *reserved {
+                    bucket.reserved_wait(now, &limit)
+                } else {
+                    bucket.reserve(now, &limit)
+                };
+                *reserved = true;
+                if !wait.is_zero() {
+                    return Some(Err(wait));
                 }
+            }
+            Some(Ok(self.fetch_options(&slot.state)))
+        })
+    }
+
+    /// Runs one fetch until it completes, or until its entry is removed (capacity, TTL, a new
+    /// registration of the type): nothing could store its result then, so it is dropped
+    /// (`None`), which frees whatever it holds upstream (a connection, a blocking query) at once
+    /// instead of at the end of its query timeout.
+    fn run_fetch<'a>(
+        &'a self,
+        entry: &'a Arc<EntryHandle<T>>,
+        generation: u32,
+        (mut opts, connected_timer): (FetchOptions<T::Value>, bool),
+        request: &'a T::Request,
+    ) -> impl std::future::Future<Output = Option<FetchOutcome<T>>> + 'a {
+        // Built before the future: it holds the fetch, not the options that made it.
+        if self.opts.supports_blocking {
+            opts.connected = self.connected_signal(entry, generation);
+        }
+        let fetch = AssertUnwindSafe(self.ty.fetch(opts, request)).catch_unwind();
+        let threshold =
+            connected_timer.then(|| Sleep::after(&*self.shared.rt, CONNECTED_THRESHOLD));
+        async move {
+            let mut fetch = std::pin::pin!(fetch);
+            let mut threshold = threshold;
+            loop {
+                let changed = entry.changed.listen();
+                self.read_slot(entry, |_| ())?;
                 let step = match threshold.as_mut() {
                     Some(timer) => match select(fetch.as_mut(), select(changed, timer)).await {
                         Either::Left((result, _)) => Ok(result),
@@ -238,50 +318,57 @@ impl<T: CacheType> Store<T> {
                     },
                 };
                 match step {
-                    Ok(result) => break result,
+                    Ok(result) => return Some(result),
                     Err(false) => {}
                     Err(true) => {
                         // A blocking fetch open this long means the server is reachable.
                         threshold = None;
-                        self.with_slot(&entry, |slot| slot.state.clear_lost_contact());
+                        self.with_slot(entry, |slot| slot.state.clear_lost_contact());
                     }
                 }
-            };
-
-            let now = rt.now();
-            // User code (`is_fatal`) runs before the table lock is taken, contained like fetch.
-            let fatal = match &result {
-                Ok(Err(error)) => {
-                    std::panic::catch_unwind(AssertUnwindSafe(|| self.ty.is_fatal(error)))
-                        .unwrap_or(false)
-                }
-                _ => false,
-            };
-            let next = self.with_slot(&entry, |slot| {
-                if !slot.state.chain.owns(generation) {
-                    // Replaced by a newer chain while in flight: the newer one owns the entry.
-                    return (None, None);
-                }
-                self.apply(slot, result, fatal, now);
-                let snapshot = (slot.state.watchers.load(Ordering::Acquire) > 0)
-                    .then(|| self.snapshot_of(&slot.state, false, now));
-                let wait = self.next_fetch(slot, now);
-                slot.state.chain.fetch_done(wait);
-                (wait, snapshot)
-            });
-            wake_all(&entry.changed);
-            let Some((wait, snapshot)) = next else {
-                // Evicted during the fetch: never re-inserted.
-                return;
-            };
-            if let Some(snapshot) = snapshot {
-                self.deliver(&entry, &snapshot);
             }
-            let Some(wait) = wait else {
-                return;
-            };
-            next_at = Some(now.checked_add(wait));
         }
+    }
+
+    /// Stores a fetch's outcome, wakes the entry's waiters and offers it to its watches.
+    /// Returns when the chain fetches next (`None`: it ends).
+    fn complete(
+        &self,
+        entry: &Arc<EntryHandle<T>>,
+        generation: u32,
+        result: FetchOutcome<T>,
+    ) -> Option<Option<Instant>> {
+        let now = self.shared.rt.now();
+        // User code (`is_fatal`) runs before the table lock is taken, contained like fetch.
+        let fatal = match &result {
+            Ok(Err(error)) => {
+                std::panic::catch_unwind(AssertUnwindSafe(|| self.ty.is_fatal(error)))
+                    .unwrap_or(false)
+            }
+            _ => false,
+        };
+        let next = self.with_slot(entry, |slot| {
+            if !slot.state.chain.owns(generation) {
+                // Replaced by a newer chain while in flight: the newer one owns the entry.
+                return (None, None);
+            }
+            self.apply(slot, result, fatal, now);
+            let snapshot = (slot.state.watchers.load(Ordering::Acquire) > 0)
+                .then(|| self.snapshot_of(&slot.state, false, now));
+            let wait = self.next_fetch(slot, now);
+            slot.state.chain.fetch_done(wait);
+            (wait, snapshot)
+        });
+        wake_all(&entry.changed);
+        let Some((wait, snapshot)) = next else {
+            // Evicted during the fetch: never re-inserted.
+            return None;
+        };
+        if let Some(snapshot) = snapshot {
+            self.deliver(entry, &snapshot);
+        }
+        let wait = wait?;
+        Some(now.checked_add(wait))
     }
 
     /// The options for the next fetch, and whether to arm the "connected" timer.
