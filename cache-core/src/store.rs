@@ -231,7 +231,10 @@ impl<T: CacheType> WatchList<T> {
     }
 
     pub(crate) fn push(&mut self, watcher: Arc<dyn Watcher<T>>) {
-        self.0.get_or_insert_with(Box::default).push(watcher);
+        // Room for one at first: most watched entries have a single watch.
+        self.0
+            .get_or_insert_with(|| Box::new(Vec::with_capacity(1)))
+            .push(watcher);
     }
 
     /// Takes the watch at `at` out (`at < len`), moving the last one into its place; the list
