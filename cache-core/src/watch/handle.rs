@@ -7,6 +7,8 @@ use std::sync::Arc;
 pub(crate) trait WatchEnd: Send + Sync {
     fn ended(&self) -> bool;
     fn listen(&self) -> event_listener::EventListener;
+    /// Ends the watch: its sink is dropped and it leaves its entry. Idempotent.
+    fn stop(&self);
 }
 
 /// Keeps a watch running; dropping it cancels the watch (Consul cancels with a context).
@@ -15,8 +17,9 @@ pub(crate) trait WatchEnd: Send + Sync {
 /// reference behind; the shared fetch other callers rely on is never cancelled.
 #[must_use = "dropping a WatchHandle cancels the watch"]
 pub struct WatchHandle {
-    pub(crate) cancel: Option<Box<dyn FnOnce() + Send + Sync>>,
     pub(crate) end: Arc<dyn WatchEnd>,
+    /// Whether dropping the handle stops the watch (not after `detach`).
+    pub(crate) attached: bool,
 }
 
 impl fmt::Debug for WatchHandle {
@@ -29,16 +32,14 @@ impl fmt::Debug for WatchHandle {
 
 impl WatchHandle {
     /// Cancels the watch now (the same as dropping the handle).
-    pub fn cancel(mut self) {
-        if let Some(cancel) = self.cancel.take() {
-            cancel();
-        }
+    pub fn cancel(self) {
+        // Dropping does it.
     }
 
     /// Lets the watch run until its receiver is dropped or the cache closes, as Consul's
     /// `Notify` with a context that is never cancelled.
     pub fn detach(mut self) {
-        self.cancel = None;
+        self.attached = false;
     }
 
     /// Whether the watch is still running (not cancelled, receiver present, cache open).
@@ -64,8 +65,8 @@ impl WatchHandle {
 
 impl Drop for WatchHandle {
     fn drop(&mut self) {
-        if let Some(cancel) = self.cancel.take() {
-            cancel();
+        if self.attached {
+            self.end.stop();
         }
     }
 }

@@ -240,26 +240,32 @@ where
         if !closed {
             return true;
         }
-        match self.home.get() {
-            Some((store, entry)) => {
-                if let (Some(store), Some(entry)) = (store.upgrade(), entry.upgrade()) {
-                    store.remove_watcher(&entry, self);
-                }
-                self.cancel();
-            }
-            None => self.cancel(),
-        }
+        WatchEnd::stop(self);
         false
     }
 }
 
-impl<T: CacheType, C: Send + Sync, S: Send> WatchEnd for Record<T, C, S> {
+impl<T, C, S> WatchEnd for Record<T, C, S>
+where
+    T: CacheType,
+    C: Clone + Send + Sync + 'static,
+    S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
+{
     fn ended(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
     }
 
     fn listen(&self) -> event_listener::EventListener {
         self.cancel_event.listen()
+    }
+
+    fn stop(&self) {
+        self.cancel();
+        if let Some((store, entry)) = self.home.get() {
+            if let (Some(store), Some(entry)) = (store.upgrade(), entry.upgrade()) {
+                store.remove_watcher(&entry, self);
+            }
+        }
     }
 }
 
@@ -319,15 +325,8 @@ where
         .set((Arc::downgrade(store), Arc::downgrade(&entry)));
     let sweepable: Arc<dyn Sweep> = record.clone();
     register_sweep(&store.shared, Arc::downgrade(&sweepable));
-    let weak_store: Weak<Store<T>> = Arc::downgrade(store);
-    let end: Arc<dyn WatchEnd> = record.clone();
     Ok(WatchHandle {
-        cancel: Some(Box::new(move || {
-            record.cancel();
-            if let Some(store) = weak_store.upgrade() {
-                store.remove_watcher(&entry, &*record);
-            }
-        })),
-        end,
+        end: record,
+        attached: true,
     })
 }
