@@ -13,11 +13,12 @@
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Serialize;
 
 use super::error::ApiError;
-use super::params::Params;
+use super::params::QueryParams;
 use super::response::{X_CONSUL_INDEX, number_value};
 use crate::upstream::{Entry, ReadMode};
 
@@ -48,11 +49,11 @@ const REFUSED: &[(&str, &str)] = &[
 
 /// The query of a Consul request, checked against the parameters its route takes.
 #[derive(Debug, Clone)]
-pub struct ConsulQuery {
-    params: Params,
+pub struct ConsulQuery<'a> {
+    params: QueryParams<'a>,
 }
 
-impl ConsulQuery {
+impl<'a> ConsulQuery<'a> {
     /// Parses `raw` and checks that every parameter is one of `allowed` or common to every route
     /// (`dc`, `ns`, `partition`, `token`, `pretty`), and
     /// that `dc`, `ns` and `partition` name this agent.
@@ -61,8 +62,9 @@ impl ConsulQuery {
     ///
     /// A 400 naming the first parameter that is unknown, refused, or names another
     /// datacenter, namespace or partition.
-    pub fn parse(raw: Option<&str>, allowed: &[&str]) -> Result<Self, ApiError> {
-        let params = Params::parse(raw);
+    pub fn parse(raw: Option<&'a str>, allowed: &[&str]) -> Result<Self, ApiError> {
+        let params = QueryParams::parse(raw);
+        // A repeated name is checked again, with the same outcome: the first bad one is named.
         for name in params.names() {
             if allowed.contains(&name) || COMMON.contains(&name) {
                 continue;
@@ -112,7 +114,7 @@ impl ConsulQuery {
     }
 
     /// The underlying parameters.
-    pub fn params(&self) -> &Params {
+    pub fn params(&self) -> &QueryParams<'a> {
         &self.params
     }
 
@@ -173,6 +175,85 @@ impl<'a> From<&'a Entry> for DirEntry<'a> {
             create_index: entry.create_index,
             modify_index: entry.modify_index,
         }
+    }
+}
+
+/// Writes `entries` as a JSON array of [`DirEntry`] into `out`, byte for byte as
+/// `serde_json::to_writer` writes `[DirEntry]` (compact), without building the entries or
+/// their base64 strings first.
+pub fn write_dir_entries<'a>(out: &mut Vec<u8>, entries: impl IntoIterator<Item = &'a Entry>) {
+    out.push(b'[');
+    for (n, entry) in entries.into_iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        write_dir_entry(out, entry);
+    }
+    out.push(b']');
+}
+
+/// One entry of [`write_dir_entries`].
+fn write_dir_entry(out: &mut Vec<u8>, entry: &Entry) {
+    out.extend_from_slice(b"{\"LockIndex\":");
+    write_number(out, entry.lock_index);
+    out.extend_from_slice(b",\"Key\":");
+    write_string(out, &entry.key);
+    out.extend_from_slice(b",\"Flags\":");
+    write_number(out, entry.flags);
+    out.extend_from_slice(b",\"Value\":");
+    if entry.value.is_empty() {
+        out.extend_from_slice(b"null");
+    } else {
+        write_base64(out, &entry.value);
+    }
+    if let Some(session) = &entry.session {
+        out.extend_from_slice(b",\"Session\":");
+        write_string(out, session);
+    }
+    out.extend_from_slice(b",\"CreateIndex\":");
+    write_number(out, entry.create_index);
+    out.extend_from_slice(b",\"ModifyIndex\":");
+    write_number(out, entry.modify_index);
+    out.push(b'}');
+}
+
+/// A JSON number, as serde_json writes it.
+fn write_number(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// A JSON string, escaped as serde_json escapes it.
+fn write_string(out: &mut Vec<u8>, text: &str) {
+    // Writing into a `Vec` cannot fail, and a `str` always serializes.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+/// `bytes` in base64 (standard, padded) as a JSON string.
+fn write_base64(out: &mut Vec<u8>, bytes: &[u8]) {
+    let start = out.len();
+    out.push(b'"');
+    let encoded = base64::encoded_len(bytes.len(), true).and_then(|len| {
+        out.resize(start + 1 + len, 0);
+        out.get_mut(start + 1..)
+            .and_then(|tail| BASE64.encode_slice(bytes, tail).ok())
+    });
+    if encoded.is_some() {
+        out.push(b'"');
+    } else {
+        // Only for a value too large to encode into memory at once.
+        out.truncate(start);
+        let _ = serde_json::to_writer(&mut *out, &Base64(bytes));
     }
 }
 
@@ -285,6 +366,48 @@ mod tests {
         );
         let empty = entry("k");
         assert!(DirEntry::from(&empty).value.is_none());
+    }
+
+    #[test]
+    fn written_entries_match_serde() {
+        let entries = [
+            Entry {
+                key: "k".to_owned(),
+                value: b"bar".to_vec(),
+                flags: 42,
+                create_index: 3,
+                modify_index: 5,
+                lock_index: 0,
+                session: None,
+            },
+            Entry {
+                key: "quote\"back\\slash/\u{1}\ttab/é/€".to_owned(),
+                value: (0..=255).collect(),
+                flags: u64::MAX,
+                create_index: 1,
+                modify_index: 10_000_000_000,
+                lock_index: 7,
+                session: Some("sess\"ion".to_owned()),
+            },
+            entry(""),
+            Entry {
+                value: vec![0],
+                ..entry("a/b/")
+            },
+            Entry {
+                value: vec![1, 2],
+                ..entry("x")
+            },
+        ];
+        for n in 0..=entries.len() {
+            let mut written = Vec::new();
+            write_dir_entries(&mut written, &entries[..n]);
+            let dir: Vec<DirEntry<'_>> = entries[..n].iter().map(DirEntry::from).collect();
+            assert_eq!(
+                String::from_utf8(written).unwrap(),
+                serde_json::to_string(&dir).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -49,7 +49,7 @@ use super::response::{APPLICATION_JSON, set_cache_headers, set_index_headers};
 use super::state::AgentState;
 use crate::config::KvCacheMode;
 use crate::types::{KvRequest, ListRequest, ReadOptions};
-use crate::upstream::{KeyRead, ListRead, RESERVED_PREFIX, ReadMode, UpstreamError};
+use crate::upstream::{Entry, KeyRead, ListRead, RESERVED_PREFIX, ReadMode, UpstreamError};
 
 /// How long a long-poll cut short by shutdown may take to read the data as it is.
 const ANSWER_NOW_TIMEOUT: Duration = Duration::from_secs(5);
@@ -329,11 +329,7 @@ pub(super) async fn consul_read(
                     }
                 }
                 _ if list.entries.is_empty() => not_found(),
-                _ => {
-                    let entries: Vec<DirEntry<'_>> =
-                        list.entries.iter().map(DirEntry::from).collect();
-                    json_response(&entries, pretty)
-                }
+                _ => dir_entries_response(&list.entries, pretty),
             };
             consul::set_read_headers(response.headers_mut(), index, effective);
             response
@@ -354,7 +350,7 @@ pub(super) async fn consul_read(
             let mut response = match &read.entry {
                 None => not_found(),
                 Some(entry) if raw => raw_response(&entry.value),
-                Some(entry) => json_response(&[DirEntry::from(entry)], pretty),
+                Some(entry) => dir_entries_response(std::slice::from_ref(entry), pretty),
             };
             consul::set_read_headers(response.headers_mut(), index, effective);
             response
@@ -505,6 +501,23 @@ fn raw_response(value: &[u8]) -> Response {
 /// `X-Cache`, `Age`, `Warning`).
 const RESPONSE_HEADERS: usize = 8;
 
+/// Entries in Consul's shape (`[DirEntry]`), indented for `?pretty`.
+fn dir_entries_response(entries: &[Entry], pretty: bool) -> Response {
+    if pretty {
+        let entries: Vec<DirEntry<'_>> = entries.iter().map(DirEntry::from).collect();
+        return json_response(&entries, pretty);
+    }
+    // About the size of the answer: fixed text, key, base64 value (4/3), indexes.
+    let size: usize = entries
+        .iter()
+        .map(|entry| 128 + entry.key.len() + entry.value.len() / 3 * 4)
+        .sum();
+    let mut body = Vec::with_capacity(size + 4);
+    consul::write_dir_entries(&mut body, entries);
+    body.push(b'\n');
+    json_body_response(body)
+}
+
 /// A JSON body, indented for `?pretty`.
 fn json_response<T: serde::Serialize + ?Sized>(body: &T, pretty: bool) -> Response {
     let encoded = if pretty {
@@ -515,12 +528,7 @@ fn json_response<T: serde::Serialize + ?Sized>(body: &T, pretty: bool) -> Respon
     match encoded {
         Ok(mut bytes) => {
             bytes.push(b'\n');
-            let mut response = Response::new(Body::from(bytes));
-            let headers = response.headers_mut();
-            // Room for the read headers that follow, so the map is not grown again.
-            headers.reserve(RESPONSE_HEADERS);
-            headers.insert(CONTENT_TYPE, APPLICATION_JSON.clone());
-            response
+            json_body_response(bytes)
         }
         Err(error) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -528,6 +536,16 @@ fn json_response<T: serde::Serialize + ?Sized>(body: &T, pretty: bool) -> Respon
         )
         .into_response(),
     }
+}
+
+/// A response with an encoded JSON body.
+fn json_body_response(body: Vec<u8>) -> Response {
+    let mut response = Response::new(Body::from(body));
+    let headers = response.headers_mut();
+    // Room for the read headers that follow, so the map is not grown again.
+    headers.reserve(RESPONSE_HEADERS);
+    headers.insert(CONTENT_TYPE, APPLICATION_JSON.clone());
+    response
 }
 
 // ===== agent-shape handlers (/v1/agent/kv) =====

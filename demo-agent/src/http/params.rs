@@ -2,6 +2,7 @@
 //! `Cache-Control` request header, and the size limits. Every failure is a 400 naming the
 //! problem.
 
+use std::borrow::Cow;
 use std::num::IntErrorKind;
 use std::time::Duration;
 
@@ -97,18 +98,71 @@ impl Params {
     ///
     /// A 400 for a bad index or wait.
     pub fn blocking(&self) -> Result<Blocking, ApiError> {
-        let min_index = self.u64("index")?.unwrap_or(0);
-        let wait = match self.get("wait") {
-            None => DEFAULT_WAIT,
-            Some(raw) => parse_duration(raw)
-                .map_err(|e| ApiError::bad_request(format!("invalid wait: {e}")))?,
-        };
-        Ok(Blocking {
-            min_index,
-            // Consul caps a blocking query's wait at 10 minutes, silently.
-            wait: wait.min(MAX_BLOCKING_WAIT),
-        })
+        blocking(self.get("index"), self.get("wait"))
     }
+}
+
+/// Decoded query parameters like [`Params`], borrowing from the raw query every name and
+/// value that needed no decoding (the usual case), so that parsing allocates only the list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueryParams<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
+
+impl<'a> QueryParams<'a> {
+    /// Decodes a raw query string (`None`: no query).
+    pub fn parse(raw: Option<&'a str>) -> Self {
+        Self(form_urlencoded::parse(raw.unwrap_or("").as_bytes()).collect())
+    }
+
+    /// The last value of `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// Every parameter name, in order, repeats included.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(name, _)| name.as_ref())
+    }
+
+    /// An index-like number (`?index=`, `?cas=`).
+    ///
+    /// # Errors
+    ///
+    /// A 400 for a non-numeric, negative or overflowing value.
+    pub fn u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
+        self.get(name).map(|v| parse_u64(name, v)).transpose()
+    }
+
+    /// The blocking part of a read: `?index=N` and `?wait=D`.
+    ///
+    /// # Errors
+    ///
+    /// A 400 for a bad index or wait.
+    pub fn blocking(&self) -> Result<Blocking, ApiError> {
+        blocking(self.get("index"), self.get("wait"))
+    }
+}
+
+/// `?index=` and `?wait=` as given (absent: `None`).
+fn blocking(index: Option<&str>, wait: Option<&str>) -> Result<Blocking, ApiError> {
+    let min_index = index
+        .map(|v| parse_u64("index", v))
+        .transpose()?
+        .unwrap_or(0);
+    let wait = match wait {
+        None => DEFAULT_WAIT,
+        Some(raw) => {
+            parse_duration(raw).map_err(|e| ApiError::bad_request(format!("invalid wait: {e}")))?
+        }
+    };
+    Ok(Blocking {
+        min_index,
+        // Consul caps a blocking query's wait at 10 minutes, silently.
+        wait: wait.min(MAX_BLOCKING_WAIT),
+    })
 }
 
 fn parse_u64(name: &str, raw: &str) -> Result<u64, ApiError> {
@@ -351,6 +405,32 @@ mod tests {
             assert_eq!(e.status, 400);
             assert!(e.message.contains(needle), "{query}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn borrowed_params_decode_like_owned_ones() {
+        for query in [
+            "",
+            "cached",
+            "a=1&b=%2F&a=2&c+d=e+f&&=x&%zz",
+            "index=5&wait=1m30s",
+            "index=x",
+        ] {
+            let owned = Params::parse(Some(query));
+            let borrowed = QueryParams::parse(Some(query));
+            for name in [
+                "a", "b", "c d", "", "%zz", "cached", "index", "wait", "none",
+            ] {
+                assert_eq!(owned.get(name), borrowed.get(name), "{query}: {name}");
+            }
+            assert_eq!(owned.blocking(), borrowed.blocking(), "{query}");
+        }
+        assert_eq!(
+            QueryParams::parse(Some("a&b&a"))
+                .names()
+                .collect::<Vec<_>>(),
+            ["a", "b", "a"]
+        );
     }
 
     #[test]
