@@ -36,6 +36,7 @@ pub mod state;
 mod status;
 mod ui;
 mod watch;
+mod writes;
 
 use std::any::Any;
 use std::convert::Infallible;

@@ -53,7 +53,7 @@ pub(crate) struct StateInner {
     pub(crate) sse_streams: AtomicU64,
     pub(crate) debug_routes: bool,
     /// Writes made through this agent that cached reads must see (read your writes).
-    pub(crate) writes: crate::types::RecentWrites,
+    pub(crate) writes: super::writes::RecentWrites,
     /// The last minutes of the cache's counters, for the web view (`/v1/agent/cache`).
     pub(crate) history: History,
 }
@@ -119,7 +119,7 @@ impl AgentState {
                 shutdown,
                 sse_streams: AtomicU64::new(0),
                 debug_routes: config.debug_routes,
-                writes: crate::types::RecentWrites::default(),
+                writes: super::writes::RecentWrites::default(),
                 history: History::new(),
             }),
         };
