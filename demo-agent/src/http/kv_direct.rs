@@ -84,7 +84,7 @@ impl Service<Request> for KvReadShortcut {
                     response
                 }))
             }
-            None => ShortcutFuture::Router(self.router.call(request)),
+            None => ShortcutFuture::Router(Box::new(self.router.call(request))),
         }
     }
 }
@@ -102,17 +102,14 @@ fn set_content_length(response: &mut Response<Body>) {
     }
 }
 
-/// The future of [`KvReadShortcut`]: the direct read, or the router's answer.
-#[allow(
-    clippy::large_enum_variant,
-    reason = "moved once, when called; boxing the router's future would cost every other \
-              request an allocation"
-)]
+/// The future of [`KvReadShortcut`]: the direct read, or the router's answer. Both are boxed:
+/// the layers above hold this future inline and move it as they return it, so it is kept
+/// small.
 pub(crate) enum ShortcutFuture {
     /// A `GET /v1/kv/<key>`, served directly.
     Direct(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
     /// Anything else, through the router.
-    Router(<Router as Service<Request>>::Future),
+    Router(Box<<Router as Service<Request>>::Future>),
 }
 
 impl Future for ShortcutFuture {
@@ -121,7 +118,7 @@ impl Future for ShortcutFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut *self {
             Self::Direct(future) => future.as_mut().poll(cx).map(Ok),
-            Self::Router(future) => Pin::new(future).poll(cx),
+            Self::Router(future) => Pin::new(&mut **future).poll(cx),
         }
     }
 }
