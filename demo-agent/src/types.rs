@@ -10,7 +10,7 @@
 //! straight to the type's fetch: uncached reads take the same path to the upstream as cached
 //! ones, without coalescing or storing.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cache_core::{
@@ -315,102 +315,6 @@ pub fn short_type_name(rust_name: &str) -> &str {
     }
 }
 
-// ===== read your writes =====
-
-/// The writes made through this agent that a cached read may not have seen yet: key (or
-/// prefix, for a recursive delete) and index. A cached read of a key, or of a prefix over
-/// it, asks the cache for at least that index; once a read has seen it, it is forgotten.
-/// Bounded: past [`RecentWrites::CAPACITY`] the oldest records go first (a read then only
-/// misses the guarantee for a key written thousands of writes ago and never read since).
-#[derive(Debug, Default)]
-pub struct RecentWrites {
-    writes: Mutex<std::collections::VecDeque<Write>>,
-    /// How many records there are, so that reads skip the lock when there are none (the
-    /// common case: a cached read of a key nobody wrote through this agent lately).
-    pending: std::sync::atomic::AtomicUsize,
-}
-
-#[derive(Debug, Clone)]
-struct Write {
-    key: String,
-    prefix: bool,
-    index: u64,
-}
-
-impl Write {
-    /// Whether a read of `key` (`prefix`: everything under it) covers this write.
-    fn covers(&self, key: &str, prefix: bool) -> bool {
-        match (self.prefix, prefix) {
-            (false, false) => self.key == key,
-            (false, true) => self.key.starts_with(key),
-            (true, false) => key.starts_with(&self.key),
-            (true, true) => key.starts_with(&self.key) || self.key.starts_with(key),
-        }
-    }
-}
-
-impl RecentWrites {
-    /// The most records kept.
-    pub const CAPACITY: usize = 4096;
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Write>> {
-        self.writes.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Remembers a successful write of `key` (`prefix`: a recursive delete) at `index`.
-    pub fn record(&self, key: &str, prefix: bool, index: u64) {
-        let mut writes = self.lock();
-        writes.retain(|w| !(w.prefix == prefix && w.key == key));
-        if writes.len() >= Self::CAPACITY {
-            writes.pop_front();
-        }
-        writes.push_back(Write {
-            key: key.to_owned(),
-            prefix,
-            index,
-        });
-        self.pending
-            .store(writes.len(), std::sync::atomic::Ordering::Release);
-    }
-
-    /// The highest index of a remembered write that a read of `key` covers (0: none).
-    pub fn floor(&self, key: &str, prefix: bool) -> u64 {
-        if self.pending.load(std::sync::atomic::Ordering::Acquire) == 0 {
-            return 0;
-        }
-        let writes = self.lock();
-        if writes.is_empty() {
-            return 0;
-        }
-        writes
-            .iter()
-            .filter(|w| w.covers(key, prefix))
-            .map(|w| w.index)
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// A read of `key` saw index `index`: forget the writes it covers up to that index.
-    pub fn seen(&self, key: &str, prefix: bool, index: u64) {
-        if self.pending.load(std::sync::atomic::Ordering::Acquire) == 0 {
-            return;
-        }
-        let mut writes = self.lock();
-        if !writes.is_empty() {
-            writes.retain(|w| {
-                let covered = if prefix {
-                    w.key.starts_with(key)
-                } else {
-                    !w.prefix && w.key == key
-                };
-                !(covered && w.index <= index)
-            });
-            self.pending
-                .store(writes.len(), std::sync::atomic::Ordering::Release);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,25 +348,5 @@ mod tests {
             "{}",
             std::mem::size_of_val(&fetch)
         );
-    }
-
-    #[test]
-    fn recent_writes_cover_keys_and_prefixes_until_seen() {
-        let w = RecentWrites::default();
-        assert_eq!(w.floor("a", false), 0);
-        w.record("app/a", false, 5);
-        w.record("app/", true, 7);
-        assert_eq!(w.floor("app/a", false), 7);
-        assert_eq!(w.floor("app/b", false), 7);
-        assert_eq!(w.floor("other", false), 0);
-        assert_eq!(w.floor("ap", true), 7);
-        assert_eq!(w.floor("app/a/x", true), 7);
-        // A read of the key forgets only the key's own write.
-        w.seen("app/a", false, 7);
-        assert_eq!(w.floor("app/a", false), 7);
-        // A read of the prefix at or above both forgets both.
-        w.seen("app/", true, 7);
-        assert_eq!(w.floor("app/a", false), 0);
-        assert_eq!(w.floor("", true), 0);
     }
 }
