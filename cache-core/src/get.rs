@@ -17,7 +17,8 @@ use crate::error::GetError;
 use crate::metrics::bump;
 use crate::outcome::{GetOutcome, ResultMeta};
 use crate::runtime::{BoxFuture, Sleep};
-use crate::store::{EntryHandle, EntryState, Store, panic_message};
+use crate::store::{EntryHandle, EntryState, Slot, Store, panic_message};
+use event_listener::EventListener;
 
 // ===== impl Store: get =====
 
@@ -177,94 +178,94 @@ impl<T: CacheType> Store<T> {
             }
             let now = self.shared.rt.now();
             let info = request.cache_info();
-            if let Some(resets) = seen_resets {
-                // Woken: most wake-ups find their answer, and under the read lock every get
-                // woken by one fetch looks at once instead of queueing for the write lock.
+            // Under the read lock first: the answer (most wake-ups find it), or joining the
+            // fetch in flight (every get of a miss storm but the first). Every get woken by
+            // one fetch looks at once instead of queueing for the write lock.
+            let joined = {
                 let table = self.read(hash);
                 let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
-                if let Some(slot) = table.find(hash, |s| s.key.matches(key, dc, token)) {
+                match table.find(hash, |s| s.key.matches(key, dc, token)) {
+                    Some(slot) => {
+                        slot.touch(self.nanos(now));
+                        let seen = Seen {
+                            attempts: seen_attempts,
+                            resets: *seen_resets.get_or_insert(slot.state.resets),
+                            first,
+                        };
+                        let answer = self.answer(
+                            &slot.state,
+                            &info,
+                            now,
+                            seen,
+                            must_revalidate,
+                            &mut attempted,
+                        );
+                        if let Some(outcome) = answer {
+                            return outcome;
+                        }
+                        slot.state.chain.is_fetching().then(|| {
+                            if first {
+                                self.count_miss(&slot.state);
+                            }
+                            self.wait_on(slot, &mut waiting, &mut seen_attempts)
+                        })
+                    }
+                    None => None,
+                }
+            };
+            let step = match joined {
+                Some(listener) => Ok(listener),
+                None => self.with_entry(hash, &info, |slot| {
                     slot.touch(self.nanos(now));
+                    let seen = Seen {
+                        attempts: seen_attempts,
+                        resets: *seen_resets.get_or_insert(slot.state.resets),
+                        first,
+                    };
                     let answer = self.answer(
                         &slot.state,
                         &info,
                         now,
-                        Seen {
-                            attempts: seen_attempts,
-                            resets,
-                            first,
-                        },
+                        seen,
                         must_revalidate,
                         &mut attempted,
                     );
                     if let Some(outcome) = answer {
-                        return outcome;
+                        return Err(outcome);
                     }
-                }
-            }
-            let step = self.with_entry(hash, &info, |slot| {
-                slot.touch(self.nanos(now));
-                let seen = Seen {
-                    attempts: seen_attempts,
-                    resets: *seen_resets.get_or_insert(slot.state.resets),
-                    first,
-                };
-                let answer = self.answer(
-                    &slot.state,
-                    &info,
-                    now,
-                    seen,
-                    must_revalidate,
-                    &mut attempted,
-                );
-                if let Some(outcome) = answer {
-                    return Err(outcome);
-                }
-                let state = &slot.state;
-                if first {
-                    if state.value.is_some() {
-                        bump(&self.counters.misses_blocking);
-                    } else {
-                        bump(&self.counters.misses_new);
+                    if first {
+                        self.count_miss(&slot.state);
                     }
-                }
-                if !slot.state.chain.is_fetching() && self.shared.is_closed() {
-                    // A closed cache starts nothing new: answer at once with what there is.
-                    return Err(GetOutcome {
-                        value: slot.state.value.clone(),
-                        meta: self.meta(&slot.state, false, now),
-                        error: Some(GetError::Closed),
-                    });
-                }
-                if !slot.state.chain.is_fetching() {
-                    let backoff = if attempted {
-                        slot.state
-                            .backoff()
-                            .wait(&self.shared.backoff, self.shared.rt.jitter())
-                    } else {
-                        Duration::ZERO
-                    };
-                    match retry_at {
-                        Some(at) if now >= at => {
-                            retry_at = None;
-                            self.start_fetch(slot, request.clone());
+                    if !slot.state.chain.is_fetching() && self.shared.is_closed() {
+                        // A closed cache starts nothing new: answer at once with what there is.
+                        return Err(GetOutcome {
+                            value: slot.state.value.clone(),
+                            meta: self.meta(&slot.state, false, now),
+                            error: Some(GetError::Closed),
+                        });
+                    }
+                    if !slot.state.chain.is_fetching() {
+                        let backoff = if attempted {
+                            slot.state
+                                .backoff()
+                                .wait(&self.shared.backoff, self.shared.rt.jitter())
+                        } else {
+                            Duration::ZERO
+                        };
+                        match retry_at {
+                            Some(at) if now >= at => {
+                                retry_at = None;
+                                self.start_fetch(slot, request.clone());
+                            }
+                            Some(_) => {}
+                            None if backoff.is_zero() => self.start_fetch(slot, request.clone()),
+                            // A backoff too long to represent: wait for a fetch by someone else.
+                            None => retry_at = now.checked_add(backoff),
                         }
-                        Some(_) => {}
-                        None if backoff.is_zero() => self.start_fetch(slot, request.clone()),
-                        // A backoff too long to represent: wait for a fetch by someone else.
-                        None => retry_at = now.checked_add(backoff),
                     }
-                }
-                seen_attempts = Some(slot.state.attempts);
-                if !waiting
-                    .entry
-                    .as_ref()
-                    .is_some_and(|e| Arc::ptr_eq(e, &slot.entry))
-                {
-                    slot.state.waiters.fetch_add(1, Ordering::Relaxed);
-                    waiting.entry = Some(slot.entry.clone());
-                }
-                Ok(slot.entry.changed.listen())
-            });
+                    Ok(self.wait_on(slot, &mut waiting, &mut seen_attempts))
+                }),
+            };
             drop(info);
             first = false;
             let listener = match step {
@@ -295,6 +296,35 @@ impl<T: CacheType> Store<T> {
             // The reference revalidates once: after a fetch, the entry counts as current.
             must_revalidate = false;
         }
+    }
+
+    fn count_miss(&self, state: &EntryState<T>) {
+        if state.value.is_some() {
+            bump(&self.counters.misses_blocking);
+        } else {
+            bump(&self.counters.misses_new);
+        }
+    }
+
+    /// Makes a get wait for the entry's next completed fetch: notes the attempts it has seen,
+    /// counts it among the entry's waiters, and listens. Under the table lock (read or
+    /// write), so the completion, which takes the write lock, cannot slip in between.
+    fn wait_on<'a>(
+        &self,
+        slot: &Slot<T>,
+        waiting: &mut Waiting<'a, T>,
+        seen_attempts: &mut Option<u64>,
+    ) -> EventListener {
+        *seen_attempts = Some(slot.state.attempts);
+        if !waiting
+            .entry
+            .as_ref()
+            .is_some_and(|e| Arc::ptr_eq(e, &slot.entry))
+        {
+            slot.state.waiters.fetch_add(1, Ordering::Relaxed);
+            waiting.entry = Some(slot.entry.clone());
+        }
+        slot.entry.changed.listen()
     }
 
     /// What a waiting get finds in its entry: its answer, or `None` to wait (again). Reads
