@@ -65,20 +65,18 @@ impl<T: CacheType> Store<T> {
     /// The hit path: one read lock, no allocation, and the runtime's cheapest clock.
     #[inline]
     fn try_hit(&self, hash: u64, info: &RequestInfo<'_>) -> Option<GetOutcome<T::Value, T::Error>> {
-        let table = self.read(hash);
-        let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
-        let slot = table.find(hash, |s| s.key.matches(key, dc, token))?;
-        let now_ns = self.shared.hit_nanos();
-        if !self.is_valid_at(&slot.state, info, info.must_revalidate, now_ns) {
-            return None;
-        }
-        slot.touch(now_ns);
-        let outcome = GetOutcome {
-            value: slot.state.value.clone(),
-            meta: self.meta_at(&slot.state, true, now_ns),
-            error: None,
-        };
-        drop(table);
+        let outcome = self.read_key(hash, info, |slot| {
+            let now_ns = self.shared.hit_nanos();
+            if !self.is_valid_at(&slot.state, info, info.must_revalidate, now_ns) {
+                return None;
+            }
+            slot.touch(now_ns);
+            Some(GetOutcome {
+                value: slot.state.value.clone(),
+                meta: self.meta_at(&slot.state, true, now_ns),
+                error: None,
+            })
+        })??;
         self.counters.hits.incr();
         Some(outcome)
     }
@@ -144,7 +142,7 @@ impl<T: CacheType> Store<T> {
                 error: Some(GetError::Replaced(self.name)),
             };
         }
-        let (deadline, mut must_revalidate) = {
+        let (deadline, must_revalidate) = {
             let info = request.cache_info();
             // A timeout too long to represent means no timeout.
             let deadline = info
@@ -153,14 +151,14 @@ impl<T: CacheType> Store<T> {
                 .and_then(|t| start.checked_add(t));
             (deadline, info.must_revalidate)
         };
+        let mut seen = Seen {
+            attempts: None,
+            resets: None,
+            first: true,
+            attempted: false,
+            must_revalidate,
+        };
         let mut sleep: Option<Sleep> = None;
-        let mut first = true;
-        let mut seen_attempts: Option<u64> = None;
-        let mut seen_resets: Option<u32> = None;
-        // Set once an attempt this get waited for succeeded without satisfying it (a blocking
-        // fetch that saw no change, or one with no value): further attempts respect the entry's
-        // backoff, so a type answering index 0 or nothing at once cannot spin the get.
-        let mut attempted = false;
         let mut retry_at: Option<Instant> = None;
         let mut retry_sleep: Option<Sleep> = None;
         // Counts this get among the entry's waiters while it waits (see `EntryState::waiters`).
@@ -181,59 +179,25 @@ impl<T: CacheType> Store<T> {
             // Under the read lock first: the answer (most wake-ups find it), or joining the
             // fetch in flight (every get of a miss storm but the first). Every get woken by
             // one fetch looks at once instead of queueing for the write lock.
-            let joined = {
-                let table = self.read(hash);
-                let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
-                match table.find(hash, |s| s.key.matches(key, dc, token)) {
-                    Some(slot) => {
-                        slot.touch(self.nanos(now));
-                        let seen = Seen {
-                            attempts: seen_attempts,
-                            resets: *seen_resets.get_or_insert(slot.state.resets),
-                            first,
-                        };
-                        let answer = self.answer(
-                            &slot.state,
-                            &info,
-                            now,
-                            seen,
-                            must_revalidate,
-                            &mut attempted,
-                        );
-                        if let Some(outcome) = answer {
-                            return outcome;
-                        }
-                        slot.state.chain.is_fetching().then(|| {
-                            if first {
-                                self.count_miss(&slot.state);
-                            }
-                            self.wait_on(slot, &mut waiting, &mut seen_attempts)
-                        })
-                    }
-                    None => None,
+            let joined = self.read_key(hash, &info, |slot| {
+                if let Some(outcome) = self.look(slot, &info, now, &mut seen) {
+                    return Err(outcome);
                 }
-            };
+                Ok(slot.state.chain.is_fetching().then(|| {
+                    if seen.first {
+                        self.count_miss(&slot.state);
+                    }
+                    self.wait_on(slot, &mut waiting, &mut seen)
+                }))
+            });
             let step = match joined {
-                Some(listener) => Ok(listener),
-                None => self.with_entry(hash, &info, |slot| {
-                    slot.touch(self.nanos(now));
-                    let seen = Seen {
-                        attempts: seen_attempts,
-                        resets: *seen_resets.get_or_insert(slot.state.resets),
-                        first,
-                    };
-                    let answer = self.answer(
-                        &slot.state,
-                        &info,
-                        now,
-                        seen,
-                        must_revalidate,
-                        &mut attempted,
-                    );
-                    if let Some(outcome) = answer {
+                Some(Err(outcome)) => return outcome,
+                Some(Ok(Some(listener))) => Ok(listener),
+                _ => self.with_entry(hash, &info, |slot| {
+                    if let Some(outcome) = self.look(slot, &info, now, &mut seen) {
                         return Err(outcome);
                     }
-                    if first {
+                    if seen.first {
                         self.count_miss(&slot.state);
                     }
                     if !slot.state.chain.is_fetching() && self.shared.is_closed() {
@@ -245,7 +209,7 @@ impl<T: CacheType> Store<T> {
                         });
                     }
                     if !slot.state.chain.is_fetching() {
-                        let backoff = if attempted {
+                        let backoff = if seen.attempted {
                             slot.state
                                 .backoff()
                                 .wait(&self.shared.backoff, self.shared.rt.jitter())
@@ -263,11 +227,11 @@ impl<T: CacheType> Store<T> {
                             None => retry_at = now.checked_add(backoff),
                         }
                     }
-                    Ok(self.wait_on(slot, &mut waiting, &mut seen_attempts))
+                    Ok(self.wait_on(slot, &mut waiting, &mut seen))
                 }),
             };
             drop(info);
-            first = false;
+            seen.first = false;
             let listener = match step {
                 Ok(listener) => listener,
                 Err(outcome) => return outcome,
@@ -294,7 +258,7 @@ impl<T: CacheType> Store<T> {
                 }
             }
             // The reference revalidates once: after a fetch, the entry counts as current.
-            must_revalidate = false;
+            seen.must_revalidate = false;
         }
     }
 
@@ -309,13 +273,13 @@ impl<T: CacheType> Store<T> {
     /// Makes a get wait for the entry's next completed fetch: notes the attempts it has seen,
     /// counts it among the entry's waiters, and listens. Under the table lock (read or
     /// write), so the completion, which takes the write lock, cannot slip in between.
-    fn wait_on<'a>(
+    fn wait_on(
         &self,
         slot: &Slot<T>,
-        waiting: &mut Waiting<'a, T>,
-        seen_attempts: &mut Option<u64>,
+        waiting: &mut Waiting<'_, T>,
+        seen: &mut Seen,
     ) -> EventListener {
-        *seen_attempts = Some(slot.state.attempts);
+        seen.attempts = Some(slot.state.attempts);
         if !waiting
             .entry
             .as_ref()
@@ -327,21 +291,21 @@ impl<T: CacheType> Store<T> {
         slot.entry.changed.listen()
     }
 
-    /// What a waiting get finds in its entry: its answer, or `None` to wait (again). Reads
-    /// only, so a woken get can look under the read lock. Sets `attempted` once an attempt the
-    /// get waited for completed without answering it.
-    fn answer(
+    /// A waiting get looks at its entry: its answer, or `None` to wait (again). Reads only
+    /// (the last-read stamp is atomic), so a woken get can look under the read lock.
+    fn look(
         &self,
-        state: &EntryState<T>,
+        slot: &Slot<T>,
         info: &RequestInfo<'_>,
         now: Instant,
-        seen: Seen,
-        must_revalidate: bool,
-        attempted: &mut bool,
+        seen: &mut Seen,
     ) -> Option<GetOutcome<T::Value, T::Error>> {
+        slot.touch(self.nanos(now));
+        let state = &slot.state;
+        let resets = *seen.resets.get_or_insert(state.resets);
         // An index that went backwards wakes a blocked get with the new value, whatever min
         // index it waited for (contract: Fetch 5).
-        let reset = state.resets > seen.resets && state.value.is_some();
+        let reset = state.resets > resets && state.value.is_some();
         // The attempt this get waited for failed: its error comes first, even when the old
         // value would now count as valid (a failed revalidation is a failure). An error of a
         // later attempt (a background refresh that failed right after this get's fetch
@@ -351,10 +315,10 @@ impl<T: CacheType> Store<T> {
                 if let Some(error) = state.error().filter(|_| !state.failing_after(attempts)) {
                     return Some(self.error_outcome(state, info, error.clone(), now));
                 }
-                *attempted = true;
+                seen.attempted = true;
             }
         }
-        if reset || self.is_valid(state, info, must_revalidate, now) {
+        if reset || self.is_valid(state, info, seen.must_revalidate, now) {
             if seen.first {
                 self.counters.hits.incr();
             }
@@ -399,30 +363,34 @@ impl<T: CacheType> Store<T> {
 
     fn timeout_outcome(&self, hash: u64, info: &RequestInfo<'_>) -> GetOutcome<T::Value, T::Error> {
         let now = self.shared.rt.now();
-        let table = self.read(hash);
-        let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
-        match table.find(hash, |s| s.key.matches(key, dc, token)) {
-            Some(slot) => GetOutcome {
-                value: slot.state.value.clone(),
-                meta: self.meta(&slot.state, false, now),
-                error: None,
-            },
-            None => GetOutcome {
-                value: None,
-                meta: ResultMeta::default(),
-                error: None,
-            },
-        }
+        self.read_key(hash, info, |slot| GetOutcome {
+            value: slot.state.value.clone(),
+            meta: self.meta(&slot.state, false, now),
+            error: None,
+        })
+        .unwrap_or(GetOutcome {
+            value: None,
+            meta: ResultMeta::default(),
+            error: None,
+        })
     }
 }
 
-/// What a waiting get has seen of its entry: the attempts completed when it began waiting,
-/// the index resets, and whether this is its first look.
-#[derive(Clone, Copy)]
+/// What a waiting get has seen of its entry, across its looks.
 struct Seen {
+    /// The entry's completed attempts when the get last began waiting (`None`: not yet).
     attempts: Option<u64>,
-    resets: u32,
+    /// The entry's index resets at the get's first look.
+    resets: Option<u32>,
+    /// No look yet: the get counts as a hit or a miss once.
     first: bool,
+    /// Set once an attempt this get waited for succeeded without satisfying it (a blocking
+    /// fetch that saw no change, or one with no value): further attempts respect the entry's
+    /// backoff, so a type answering index 0 or nothing at once cannot spin the get.
+    attempted: bool,
+    /// The request's `must_revalidate`, until the first fetch it waited for (the reference
+    /// revalidates once).
+    must_revalidate: bool,
 }
 
 /// A get's place among its entry's waiters; leaving it (answer, timeout or cancellation)

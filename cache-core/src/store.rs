@@ -647,6 +647,22 @@ impl<T: CacheType> Store<T> {
             .map(|slot| f(slot))
     }
 
+    /// Runs `f` on the entry of `info` under the table's read lock, if it is cached: the
+    /// lookup by key, as [`Store::read_slot`] is by handle.
+    #[inline]
+    pub(crate) fn read_key<R>(
+        &self,
+        hash: u64,
+        info: &RequestInfo<'_>,
+        f: impl FnOnce(&Slot<T>) -> R,
+    ) -> Option<R> {
+        let table = self.read(hash);
+        let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
+        table
+            .find(hash, |s| s.key.matches(key, dc, token))
+            .map(|slot| f(slot))
+    }
+
     /// Runs `f` on the slot of `entry` under the table's read lock, if it is still cached.
     pub(crate) fn read_slot<R>(
         &self,
