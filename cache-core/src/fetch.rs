@@ -5,7 +5,6 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -61,7 +60,7 @@ impl<T: CacheType> Store<T> {
         chain::needed(
             self.shared.is_closed(),
             self.opts.refresh && !slot.state.chain.refresh_stopped(),
-            slot.state.watchers.load(Ordering::Acquire) > 0,
+            slot.state.watched(),
         )
     }
 
@@ -69,7 +68,7 @@ impl<T: CacheType> Store<T> {
     /// [`chain::next_fetch`] on this entry's state, with the runtime's jitter.
     fn next_fetch(&self, slot: &Slot<T>, now: Instant) -> Option<Duration> {
         let state = &slot.state;
-        let watched = slot.state.watchers.load(Ordering::Acquire) > 0;
+        let watched = slot.state.watched();
         let poll_every = if watched && !self.opts.supports_blocking {
             slot.entry
                 .watch
@@ -229,8 +228,8 @@ impl<T: CacheType> Store<T> {
                 let now = rt.now();
                 // Only the wait is kept across the await below, not the step or the limit.
                 let wait = match self.reserve_step(entry, generation, now, &mut reserved) {
-                    Some(Some(Ok(ready))) => return Some(ready),
-                    Some(Some(Err(wait))) => wait,
+                    Some(Ok(ready)) => return Some(ready),
+                    Some(Err(wait)) => wait,
                     // Evicted or replaced while waiting.
                     _ => return None,
                 };
@@ -253,14 +252,14 @@ impl<T: CacheType> Store<T> {
 
     /// One look at the entry for [`Store::reserve`]: the fetch options when the fetch may
     /// start, or the wait for its rate-limit token (reserved on the first look). `None`: the
-    /// chain no longer owns the entry.
+    /// entry is gone or the chain no longer owns it.
     fn reserve_step(
         &self,
         entry: &Arc<EntryHandle<T>>,
         generation: u32,
         now: Instant,
         reserved: &mut bool,
-    ) -> Option<Option<Result<Ready<T>, Duration>>> {
+    ) -> Option<Result<Ready<T>, Duration>> {
         let limit = self.shared.rate_limit();
         self.with_slot(entry, |slot| {
             if !slot.state.chain.owns(generation) {
@@ -280,6 +279,7 @@ impl<T: CacheType> Store<T> {
             }
             Some(Ok(self.fetch_options(&slot.state)))
         })
+        .flatten()
     }
 
     /// Runs one fetch until it completes, or until its entry is removed (capacity, TTL, a new
@@ -353,8 +353,8 @@ impl<T: CacheType> Store<T> {
                 return (None, None);
             }
             self.apply(slot, result, fatal, now);
-            let snapshot = (slot.state.watchers.load(Ordering::Acquire) > 0)
-                .then(|| self.snapshot_of(&slot.state, false, now));
+            let snapshot =
+                (slot.state.watched()).then(|| self.snapshot_of(&slot.state, false, now));
             let wait = self.next_fetch(slot, now);
             slot.state.chain.fetch_done(wait);
             (wait, snapshot)

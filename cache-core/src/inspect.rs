@@ -151,13 +151,14 @@ impl PartialOrd for Ranked {
 }
 impl Ord for Ranked {
     fn cmp(&self, other: &Self) -> CmpOrdering {
-        let order = self.rank.cmp(&other.rank);
-        if self.descending {
-            order.reverse()
-        } else {
-            order
-        }
+        listing_order(&self.rank, &other.rank, self.descending)
     }
+}
+
+/// How two ranks compare in the listing's direction: `Less` is earlier in the listing.
+fn listing_order(a: &Rank, b: &Rank, descending: bool) -> CmpOrdering {
+    let order = a.cmp(b);
+    if descending { order.reverse() } else { order }
 }
 
 impl<T: CacheType> Store<T> {
@@ -181,15 +182,10 @@ impl<T: CacheType> Store<T> {
                 return;
             }
             let rank = self.rank(slot, query.sort, now_ns);
-            let later = |last: &Ranked| {
-                let order = rank.cmp(&last.rank);
-                if query.descending {
-                    order != CmpOrdering::Greater
-                } else {
-                    order != CmpOrdering::Less
-                }
+            let not_earlier = |last: &Ranked| {
+                listing_order(&rank, &last.rank, query.descending) != CmpOrdering::Less
             };
-            if heap.len() == keep && heap.peek().is_some_and(later) {
+            if heap.len() == keep && heap.peek().is_some_and(not_earlier) {
                 return;
             }
             heap.push(Ranked {
@@ -227,7 +223,7 @@ impl<T: CacheType> Store<T> {
     }
 
     fn ttl_left(&self, slot: &Slot<T>, now_ns: u64) -> Option<Duration> {
-        if !slot.state.expiry_scheduled || slot.state.watchers.load(Ordering::Relaxed) > 0 {
+        if !slot.state.expiry_scheduled || slot.state.watched() {
             return None;
         }
         let last_read = slot.last_read.load(Ordering::Relaxed);

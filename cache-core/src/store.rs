@@ -341,6 +341,11 @@ impl<T: CacheType> EntryState<T> {
         }
     }
 
+    /// Whether a watch is on the entry (then it neither expires nor is evicted for capacity).
+    pub(crate) fn watched(&self) -> bool {
+        self.watchers.load(Ordering::Acquire) > 0
+    }
+
     fn cold_mut(&mut self) -> &mut Cold<T> {
         self.cold.get_or_insert_with(Box::default)
     }
@@ -853,8 +858,8 @@ impl<T: CacheType> Store<T> {
             state.trim();
             let first = !std::mem::replace(&mut state.expiry_scheduled, true);
             slot.touch(self.nanos(now));
-            let snapshot = (slot.state.watchers.load(Ordering::Acquire) > 0)
-                .then(|| self.snapshot_of(&slot.state, false, now));
+            let snapshot =
+                (slot.state.watched()).then(|| self.snapshot_of(&slot.state, false, now));
             (slot.entry.clone(), first, snapshot)
         });
         if first {
@@ -899,7 +904,7 @@ impl<T: CacheType> ErasedStore for Store<T> {
                 // value count like the others: failing keys under churn must not grow the
                 // cache past its bound. So the bound holds unless more entries than it are
                 // watched or waited on at once.
-                if slot.state.watchers.load(Ordering::Relaxed) > 0
+                if slot.state.watched()
                     || slot.state.waiters.load(Ordering::Relaxed) > 0
                     || std::ptr::eq(Arc::as_ptr(&slot.entry) as *const (), keep)
                 {
@@ -953,10 +958,7 @@ impl<T: CacheType> Expirable for EntryHandle<T> {
         let store = self.store.upgrade()?;
         let ttl = store.opts.last_get_ttl;
         let (watched, last_read) = store.read_slot(self, |slot| {
-            (
-                slot.state.watchers.load(Ordering::Relaxed) > 0,
-                slot.last_read.load(Ordering::Relaxed),
-            )
+            (slot.state.watched(), slot.last_read.load(Ordering::Relaxed))
         })?;
         if watched {
             // Watched entries stay alive while watched.
