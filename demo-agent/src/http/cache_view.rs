@@ -268,7 +268,7 @@ struct PageQuery {
 }
 
 impl PageQuery {
-    fn parse(params: &Params) -> Result<Self, ApiError> {
+    fn parse(params: &Params<'_>) -> Result<Self, ApiError> {
         let type_name = match params.get("type") {
             None | Some("") => TYPES[0],
             Some(name) => TYPES.iter().copied().find(|t| *t == name).ok_or_else(|| {

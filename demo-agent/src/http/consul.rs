@@ -18,7 +18,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Serialize;
 
 use super::error::ApiError;
-use super::params::QueryParams;
+use super::params::Params;
 use super::response::{X_CONSUL_INDEX, number_value};
 use crate::upstream::{Entry, ReadMode};
 
@@ -50,7 +50,7 @@ const REFUSED: &[(&str, &str)] = &[
 /// The query of a Consul request, checked against the parameters its route takes.
 #[derive(Debug, Clone)]
 pub struct ConsulQuery<'a> {
-    params: QueryParams<'a>,
+    params: Params<'a>,
 }
 
 impl<'a> ConsulQuery<'a> {
@@ -63,7 +63,7 @@ impl<'a> ConsulQuery<'a> {
     /// A 400 naming the first parameter that is unknown, refused, or names another
     /// datacenter, namespace or partition.
     pub fn parse(raw: Option<&'a str>, allowed: &[&str]) -> Result<Self, ApiError> {
-        let params = QueryParams::parse(raw);
+        let params = Params::parse(raw);
         // A repeated name is checked again, with the same outcome: the first bad one is named.
         for name in params.names() {
             if allowed.contains(&name) || COMMON.contains(&name) {
@@ -114,7 +114,7 @@ impl<'a> ConsulQuery<'a> {
     }
 
     /// The underlying parameters.
-    pub fn params(&self) -> &QueryParams<'a> {
+    pub fn params(&self) -> &Params<'a> {
         &self.params
     }
 
@@ -335,6 +335,17 @@ mod tests {
         }
     }
 
+    /// The key `k` with value `bar`, flags 42, created at 3 and modified at 5.
+    fn sample_entry() -> Entry {
+        Entry {
+            value: b"bar".to_vec(),
+            flags: 42,
+            create_index: 3,
+            modify_index: 5,
+            ..entry("k")
+        }
+    }
+
     #[test]
     fn keys_with_a_separator() {
         let entries: Vec<Entry> = ["app/a", "app/b/c", "app/b/d", "app/e/", "apple", "b"]
@@ -351,15 +362,7 @@ mod tests {
 
     #[test]
     fn entries_in_consul_shape() {
-        let e = Entry {
-            key: "k".to_owned(),
-            value: b"bar".to_vec(),
-            flags: 42,
-            create_index: 3,
-            modify_index: 5,
-            lock_index: 0,
-            session: None,
-        };
+        let e = sample_entry();
         assert_eq!(
             serde_json::to_string(&DirEntry::from(&e)).unwrap(),
             r#"{"LockIndex":0,"Key":"k","Flags":42,"Value":"YmFy","CreateIndex":3,"ModifyIndex":5}"#
@@ -371,15 +374,7 @@ mod tests {
     #[test]
     fn written_entries_match_serde() {
         let entries = [
-            Entry {
-                key: "k".to_owned(),
-                value: b"bar".to_vec(),
-                flags: 42,
-                create_index: 3,
-                modify_index: 5,
-                lock_index: 0,
-                session: None,
-            },
+            sample_entry(),
             Entry {
                 key: "quote\"back\\slash/\u{1}\ttab/é/€".to_owned(),
                 value: (0..=255).collect(),

@@ -683,7 +683,7 @@ pub(crate) fn get_error(error: GetError<UpstreamError>) -> ApiError {
 
 /// The read options of a request, and its `Cache-Control: max-age`.
 fn read_options(
-    params: &Params,
+    params: &Params<'_>,
     headers: &HeaderMap,
 ) -> Result<(ReadOptions, Option<Duration>), ApiError> {
     let blocking = params.blocking()?;
@@ -796,7 +796,7 @@ where
 async fn list(
     state: &AgentState,
     prefix: String,
-    params: &Params,
+    params: &Params<'_>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let (read, max_age) = read_options(params, headers)?;

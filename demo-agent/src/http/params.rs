@@ -24,90 +24,13 @@ pub const MAX_BLOCKING_WAIT: Duration = Duration::from_secs(600);
 /// The most watches one `/v1/watch` stream may multiplex.
 pub const MAX_WATCHES_PER_STREAM: usize = 64;
 
-/// The decoded query parameters of a request, in order (names may repeat).
+/// The decoded query parameters of a request, in order (names may repeat). Every name and
+/// value that needed no decoding (the usual case) borrows from the raw query, so parsing
+/// allocates only the list.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Params(Vec<(String, String)>);
+pub struct Params<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
 
-impl Params {
-    /// Decodes a raw query string (`None`: no query).
-    pub fn parse(raw: Option<&str>) -> Self {
-        Self(
-            form_urlencoded::parse(raw.unwrap_or("").as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect(),
-        )
-    }
-
-    /// The last value of `name`, if present.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The distinct parameter names, in order of first appearance.
-    pub fn names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = Vec::new();
-        for (name, _) in &self.0 {
-            if !names.contains(&name.as_str()) {
-                names.push(name);
-            }
-        }
-        names
-    }
-
-    /// Every value of `name`, in order.
-    pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.0
-            .iter()
-            .filter(move |(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// A boolean switch such as `?cached`: present without a value (or `true`/`1`) is on,
-    /// `false`/`0` is off, absent is off.
-    ///
-    /// # Errors
-    ///
-    /// A 400 for any other value.
-    pub fn flag(&self, name: &str) -> Result<bool, ApiError> {
-        match self.get(name) {
-            None => Ok(false),
-            Some("" | "true" | "1") => Ok(true),
-            Some("false" | "0") => Ok(false),
-            Some(other) => Err(ApiError::bad_request(format!(
-                "invalid {name} {other:?}: use true or false (or the bare ?{name})"
-            ))),
-        }
-    }
-
-    /// An index-like number (`?index=`, `?cas=`).
-    ///
-    /// # Errors
-    ///
-    /// A 400 for a non-numeric, negative or overflowing value.
-    pub fn u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
-        self.get(name).map(|v| parse_u64(name, v)).transpose()
-    }
-
-    /// The blocking part of a read: `?index=N` and `?wait=D`.
-    ///
-    /// # Errors
-    ///
-    /// A 400 for a bad index or wait.
-    pub fn blocking(&self) -> Result<Blocking, ApiError> {
-        blocking(self.get("index"), self.get("wait"))
-    }
-}
-
-/// Decoded query parameters like [`Params`], borrowing from the raw query every name and
-/// value that needed no decoding (the usual case), so that parsing allocates only the list.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct QueryParams<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
-
-impl<'a> QueryParams<'a> {
+impl<'a> Params<'a> {
     /// Decodes a raw query string (`None`: no query).
     pub fn parse(raw: Option<&'a str>) -> Self {
         Self(form_urlencoded::parse(raw.unwrap_or("").as_bytes()).collect())
@@ -125,6 +48,31 @@ impl<'a> QueryParams<'a> {
     /// Every parameter name, in order, repeats included.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.0.iter().map(|(name, _)| name.as_ref())
+    }
+
+    /// Every value of `name`, in order.
+    pub fn all<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s str> + 's {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k == name)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// A boolean switch such as `?cached`: present without a value (or `true`/`1`) is on,
+    /// `false`/`0` is off, absent is off.
+    ///
+    /// # Errors
+    ///
+    /// A 400 for any other value.
+    pub fn flag(&self, name: &str) -> Result<bool, ApiError> {
+        match self.get(name) {
+            None => Ok(false),
+            Some("" | "true" | "1") => Ok(true),
+            Some("false" | "0") => Ok(false),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "invalid {name} {other:?}: use true or false (or the bare ?{name})"
+            ))),
+        }
     }
 
     /// An index-like number (`?index=`, `?cas=`).
@@ -416,19 +364,30 @@ mod tests {
             "index=5&wait=1m30s",
             "index=x",
         ] {
-            let owned = Params::parse(Some(query));
-            let borrowed = QueryParams::parse(Some(query));
+            let owned: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect();
+            let last = |name: &str| {
+                owned
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_str())
+            };
+            let borrowed = Params::parse(Some(query));
             for name in [
                 "a", "b", "c d", "", "%zz", "cached", "index", "wait", "none",
             ] {
-                assert_eq!(owned.get(name), borrowed.get(name), "{query}: {name}");
+                assert_eq!(last(name), borrowed.get(name), "{query}: {name}");
             }
-            assert_eq!(owned.blocking(), borrowed.blocking(), "{query}");
+            assert_eq!(
+                blocking(last("index"), last("wait")),
+                borrowed.blocking(),
+                "{query}"
+            );
         }
         assert_eq!(
-            QueryParams::parse(Some("a&b&a"))
-                .names()
-                .collect::<Vec<_>>(),
+            Params::parse(Some("a&b&a")).names().collect::<Vec<_>>(),
             ["a", "b", "a"]
         );
     }
