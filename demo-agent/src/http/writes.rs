@@ -1,11 +1,10 @@
 //! Read your writes: the writes made through this agent that a cached read may not have seen
 //! yet (see `kv`'s module docs).
 //!
-//! The records and their rules are those of [`crate::types::RecentWrites`]; what this adds is
-//! a way for the common read to skip the lock: a cached read of one key that no pending record
-//! can cover answers from two relaxed loads of counters that only writes change, so reads on
-//! different threads do not contend (with the lock, every cached read took it, and scanned
-//! every pending record, as long as any write through the agent was still unseen).
+//! The common read skips the lock: a cached read of one key that no pending record can cover
+//! answers from two loads of counters that only writes change, so reads on different threads
+//! do not contend (with only the lock, every cached read took it, and scanned every pending
+//! record, as long as any write through the agent was still unseen).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
