@@ -46,7 +46,7 @@ impl<T: CacheType> Store<T> {
         let Some(this) = self.this.upgrade() else {
             return;
         };
-        let (generation, replaced) = slot.state.chain.start(first_at.is_none());
+        let (generation, replaced) = slot.state_mut().chain.start(first_at.is_none());
         if replaced {
             // Wake the replaced chain so that it stops now, not at its next timer.
             wake_all(&slot.entry.changed);
@@ -59,16 +59,16 @@ impl<T: CacheType> Store<T> {
     fn chain_needed(&self, slot: &Slot<T>) -> bool {
         chain::needed(
             self.shared.is_closed(),
-            self.opts.refresh && !slot.state.chain.refresh_stopped(),
-            slot.state.watched(),
+            self.opts.refresh && !slot.state().chain.refresh_stopped(),
+            slot.state().watched(),
         )
     }
 
     /// The pause before the chain's next fetch, or `None` when it ends: the pure decision of
     /// [`chain::next_fetch`] on this entry's state, with the runtime's jitter.
     fn next_fetch(&self, slot: &Slot<T>, now: Instant) -> Option<Duration> {
-        let state = &slot.state;
-        let watched = slot.state.watched();
+        let state = slot.state();
+        let watched = slot.state().watched();
         let poll_every = if watched && !self.opts.supports_blocking {
             slot.entry
                 .watch
@@ -108,8 +108,8 @@ impl<T: CacheType> Store<T> {
                 return;
             };
             let failing = store.with_slot(&entry, |slot| {
-                if slot.state.chain.owns(generation) && slot.state.chain.is_fetching() {
-                    slot.state.connected()
+                if slot.state().chain.owns(generation) && slot.state().chain.is_fetching() {
+                    slot.state_mut().connected()
                 } else {
                     0
                 }
@@ -179,15 +179,18 @@ impl<T: CacheType> Store<T> {
                 let changed = entry.changed.listen();
                 let closed = self.shared.close_event.listen();
                 let claimed = self.with_slot(entry, |slot| {
-                    if !slot.state.chain.owns(generation) {
+                    if !slot.state().chain.owns(generation) {
                         return Some(false);
                     }
                     if !self.chain_needed(slot) {
-                        slot.state.chain.stop(generation);
+                        slot.state_mut().chain.stop(generation);
                         return Some(false);
                     }
                     let due = deadline.is_some_and(|d| rt.now() >= d);
-                    slot.state.chain.claim(generation, due).then_some(true)
+                    slot.state_mut()
+                        .chain
+                        .claim(generation, due)
+                        .then_some(true)
                 });
                 match claimed {
                     None | Some(Some(false)) => return false,
@@ -262,11 +265,11 @@ impl<T: CacheType> Store<T> {
     ) -> Option<Result<Ready<T>, Duration>> {
         let limit = self.shared.rate_limit();
         self.with_slot(entry, |slot| {
-            if !slot.state.chain.owns(generation) {
+            if !slot.state().chain.owns(generation) {
                 return None;
             }
             if limit.per_second.is_some() {
-                let bucket = slot.state.bucket();
+                let bucket = slot.state_mut().bucket();
                 let wait = if *reserved {
                     bucket.reserved_wait(now, &limit)
                 } else {
@@ -277,7 +280,7 @@ impl<T: CacheType> Store<T> {
                     return Some(Err(wait));
                 }
             }
-            Some(Ok(self.fetch_options(&slot.state)))
+            Some(Ok(self.fetch_options(slot.state())))
         })
         .flatten()
     }
@@ -323,7 +326,7 @@ impl<T: CacheType> Store<T> {
                     Err(true) => {
                         // A blocking fetch open this long means the server is reachable.
                         threshold = None;
-                        self.with_slot(entry, |slot| slot.state.clear_lost_contact());
+                        self.with_slot(entry, |slot| slot.state_mut().clear_lost_contact());
                     }
                 }
             }
@@ -348,15 +351,15 @@ impl<T: CacheType> Store<T> {
             _ => false,
         };
         let next = self.with_slot(entry, |slot| {
-            if !slot.state.chain.owns(generation) {
+            if !slot.state().chain.owns(generation) {
                 // Replaced by a newer chain while in flight: the newer one owns the entry.
                 return (None, None);
             }
             self.apply(slot, result, fatal, now);
             let snapshot =
-                (slot.state.watched()).then(|| self.snapshot_of(&slot.state, false, now));
+                (slot.state().watched()).then(|| self.snapshot_of(slot.state(), false, now));
             let wait = self.next_fetch(slot, now);
-            slot.state.chain.fetch_done(wait);
+            slot.state_mut().chain.fetch_done(wait);
             (wait, snapshot)
         });
         wake_all(&entry.changed);
@@ -400,8 +403,9 @@ impl<T: CacheType> Store<T> {
         fatal: bool,
         now: Instant,
     ) {
-        let state = &mut slot.state;
-        state.attempts += 1;
+        let state = slot.state_mut();
+        let first = !state.expiry_scheduled();
+        state.attempts = state.attempts.wrapping_add(1).max(1);
         let success = match result {
             Ok(Ok(result)) => {
                 bump(&self.counters.fetch_success);
@@ -455,13 +459,12 @@ impl<T: CacheType> Store<T> {
         let lose_contact = self.opts.refresh && state.error().is_some();
         state.record_outcome(success, self.stamp(now), lose_contact);
         state.trim();
-        if !state.expiry_scheduled {
+        if first {
             // The TTL clock starts when the first fetch completes.
-            state.expiry_scheduled = true;
             slot.touch(self.nanos(now));
             self.schedule_expiry(&slot.entry, now);
         }
-        let state = &mut slot.state;
+        let state = slot.state_mut();
         if self.opts.refresh && fatal {
             state.chain.stop_refresh();
         }

@@ -67,13 +67,13 @@ impl<T: CacheType> Store<T> {
     fn try_hit(&self, hash: u64, info: &RequestInfo<'_>) -> Option<GetOutcome<T::Value, T::Error>> {
         let outcome = self.read_key(hash, info, |slot| {
             let now_ns = self.shared.hit_nanos();
-            if !self.is_valid_at(&slot.state, info, info.must_revalidate, now_ns) {
+            if !self.is_valid_at(slot.state(), info, info.must_revalidate, now_ns) {
                 return None;
             }
             slot.touch(now_ns);
             Some(GetOutcome {
-                value: slot.state.value.clone(),
-                meta: self.meta_at(&slot.state, true, now_ns),
+                value: slot.state().value.clone(),
+                meta: self.meta_at(slot.state(), true, now_ns),
                 error: None,
             })
         })??;
@@ -183,9 +183,9 @@ impl<T: CacheType> Store<T> {
                 if let Some(outcome) = self.look(slot, &info, now, &mut seen) {
                     return Err(outcome);
                 }
-                Ok(slot.state.chain.is_fetching().then(|| {
+                Ok(slot.state().chain.is_fetching().then(|| {
                     if seen.first {
-                        self.count_miss(&slot.state);
+                        self.count_miss(slot.state());
                     }
                     self.wait_on(slot, &mut waiting, &mut seen)
                 }))
@@ -198,19 +198,19 @@ impl<T: CacheType> Store<T> {
                         return Err(outcome);
                     }
                     if seen.first {
-                        self.count_miss(&slot.state);
+                        self.count_miss(slot.state());
                     }
-                    if !slot.state.chain.is_fetching() && self.shared.is_closed() {
+                    if !slot.state().chain.is_fetching() && self.shared.is_closed() {
                         // A closed cache starts nothing new: answer at once with what there is.
                         return Err(GetOutcome {
-                            value: slot.state.value.clone(),
-                            meta: self.meta(&slot.state, false, now),
+                            value: slot.state().value.clone(),
+                            meta: self.meta(slot.state(), false, now),
                             error: Some(GetError::Closed),
                         });
                     }
-                    if !slot.state.chain.is_fetching() {
+                    if !slot.state().chain.is_fetching() {
                         let backoff = if seen.attempted {
-                            slot.state
+                            slot.state()
                                 .backoff()
                                 .wait(&self.shared.backoff, self.shared.rt.jitter())
                         } else {
@@ -279,13 +279,13 @@ impl<T: CacheType> Store<T> {
         waiting: &mut Waiting<'_, T>,
         seen: &mut Seen,
     ) -> EventListener {
-        seen.attempts = Some(slot.state.attempts);
+        seen.attempts = Some(slot.state().attempts);
         if !waiting
             .entry
             .as_ref()
             .is_some_and(|e| Arc::ptr_eq(e, &slot.entry))
         {
-            slot.state.waiters.fetch_add(1, Ordering::Relaxed);
+            slot.state().waiters.fetch_add(1, Ordering::Relaxed);
             waiting.entry = Some(slot.entry.clone());
         }
         slot.entry.changed.listen()
@@ -301,7 +301,7 @@ impl<T: CacheType> Store<T> {
         seen: &mut Seen,
     ) -> Option<GetOutcome<T::Value, T::Error>> {
         slot.touch(self.nanos(now));
-        let state = &slot.state;
+        let state = slot.state();
         let resets = *seen.resets.get_or_insert(state.resets);
         // An index that went backwards wakes a blocked get with the new value, whatever min
         // index it waited for (contract: Fetch 5).
@@ -311,7 +311,7 @@ impl<T: CacheType> Store<T> {
         // later attempt (a background refresh that failed right after this get's fetch
         // succeeded) is not this get's: it answers from its own fetch.
         if let Some(attempts) = seen.attempts {
-            if state.attempts > attempts {
+            if state.attempts != attempts {
                 if let Some(error) = state.error().filter(|_| !state.failing_after(attempts)) {
                     return Some(self.error_outcome(state, info, error.clone(), now));
                 }
@@ -364,8 +364,8 @@ impl<T: CacheType> Store<T> {
     fn timeout_outcome(&self, hash: u64, info: &RequestInfo<'_>) -> GetOutcome<T::Value, T::Error> {
         let now = self.shared.rt.now();
         self.read_key(hash, info, |slot| GetOutcome {
-            value: slot.state.value.clone(),
-            meta: self.meta(&slot.state, false, now),
+            value: slot.state().value.clone(),
+            meta: self.meta(slot.state(), false, now),
             error: None,
         })
         .unwrap_or(GetOutcome {
@@ -379,7 +379,7 @@ impl<T: CacheType> Store<T> {
 /// What a waiting get has seen of its entry, across its looks.
 struct Seen {
     /// The entry's completed attempts when the get last began waiting (`None`: not yet).
-    attempts: Option<u64>,
+    attempts: Option<u32>,
     /// The entry's index resets at the get's first look.
     resets: Option<u32>,
     /// No look yet: the get counts as a hit or a miss once.
@@ -404,7 +404,7 @@ impl<T: CacheType> Drop for Waiting<'_, T> {
     fn drop(&mut self) {
         if let Some(entry) = self.entry.take() {
             self.store.read_slot(&entry, |slot| {
-                slot.state.waiters.fetch_sub(1, Ordering::Relaxed);
+                slot.state().waiters.fetch_sub(1, Ordering::Relaxed);
             });
         }
     }

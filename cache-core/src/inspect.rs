@@ -205,7 +205,7 @@ impl<T: CacheType> Store<T> {
     }
 
     fn rank(&self, slot: &Slot<T>, sort: EntrySort, now_ns: u64) -> Rank {
-        let state = &slot.state;
+        let state = slot.state();
         let value = match sort {
             EntrySort::Key => 0,
             EntrySort::Index => u128::from(state.index),
@@ -223,7 +223,7 @@ impl<T: CacheType> Store<T> {
     }
 
     fn ttl_left(&self, slot: &Slot<T>, now_ns: u64) -> Option<Duration> {
-        if !slot.state.expiry_scheduled || slot.state.watched() {
+        if !slot.state().expiry_scheduled() || slot.state().watched() {
             return None;
         }
         let last_read = slot.last_read.load(Ordering::Relaxed);
@@ -232,7 +232,7 @@ impl<T: CacheType> Store<T> {
     }
 
     fn info(&self, slot: &Slot<T>, now_ns: u64) -> EntryInfo {
-        let state = &slot.state;
+        let state = slot.state();
         let (key, datacenter) = slot.key.parts();
         EntryInfo {
             key: key.to_owned(),
@@ -242,7 +242,7 @@ impl<T: CacheType> Store<T> {
             age: state.fetched_at.map(|t| t.until(now_ns)),
             error: state.error().map(ToString::to_string),
             failing_for: state.failing_since().map(|t| t.until(now_ns)),
-            watchers: slot.state.watchers.load(Ordering::Relaxed) as usize,
+            watchers: slot.state().watchers.load(Ordering::Relaxed) as usize,
             in_backoff: matches!(state.chain.chain(), Chain::Sleeping { .. })
                 && state.backoff().failures() > 0,
             fetching: state.chain.is_fetching(),

@@ -31,9 +31,10 @@ impl<T: CacheType> Store<T> {
     /// The entry's current state as a watch event, if it is still cached.
     pub(crate) fn snapshot(&self, entry: &Arc<EntryHandle<T>>) -> Option<Snapshot<T>> {
         let now = self.shared.rt.now();
-        let table = self.read(entry.hash);
-        let slot = table.find(entry.hash, |s| Arc::ptr_eq(&s.entry, entry))?;
-        Some(self.snapshot_of(&slot.state, false, now))
+        let hash = self.entry_hash(entry);
+        let table = self.read(hash);
+        let slot = table.find(hash, |s| Arc::ptr_eq(&s.entry, entry))?;
+        Some(self.snapshot_of(slot.state(), false, now))
     }
 
     /// Offers a fetch's outcome to every watch of the entry, dropping those whose receiver is
@@ -85,9 +86,9 @@ impl<T: CacheType> Store<T> {
             watcher.place().store(list.len(), Ordering::Relaxed);
             list.push(watcher.clone());
             drop(list);
-            slot.state.watchers.fetch_add(1, Ordering::AcqRel);
+            slot.state().watchers.fetch_add(1, Ordering::AcqRel);
             self.counters.watches.fetch_add(1, Ordering::Relaxed);
-            let state = &slot.state;
+            let state = slot.state();
             let age = state.fetched_at.map(|t| self.since(t, now));
             let fresh =
                 state.value.is_some() && max_age.is_none_or(|m| age.is_some_and(|a| a <= m));
@@ -139,7 +140,7 @@ impl<T: CacheType> Store<T> {
         let n = u32::try_from(n).unwrap_or(u32::MAX);
         let left = self.read_slot(entry, |slot| {
             slot.touch(now);
-            let before = slot.state.watchers.fetch_sub(n, Ordering::AcqRel);
+            let before = slot.state().watchers.fetch_sub(n, Ordering::AcqRel);
             before.saturating_sub(n)
         });
         if left == Some(0) {
