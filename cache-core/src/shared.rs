@@ -14,7 +14,6 @@ use event_listener::Event;
 use futures::future::select;
 
 use crate::backoff::BackoffPolicy;
-use crate::expiry::ExpiryQueue;
 use crate::metrics::TypeMetrics;
 use crate::ratelimit::RateLimit;
 use crate::runtime::{CoarseClock, SharedRuntime, Sleep};
@@ -30,7 +29,9 @@ pub(crate) struct CacheState {
     closed: AtomicBool,
     pub(crate) close_event: Event,
     pub(crate) backoff: BackoffPolicy,
-    pub(crate) expiry: ExpiryQueue,
+    /// Notified when a store's queue gets a deadline earlier than all its others, or drops
+    /// some (the expiry task then looks at every store's queue again).
+    pub(crate) expiry_changed: Event,
     pub(crate) rate_limit: RwLock<RateLimit>,
     /// Notified when the rate limit is reloaded, so fetches waiting for a token re-check.
     pub(crate) limit_changed: Event,
@@ -62,7 +63,7 @@ impl CacheState {
             closed: AtomicBool::new(false),
             close_event: Event::new(),
             backoff,
-            expiry: ExpiryQueue::new(epoch),
+            expiry_changed: Event::new(),
             rate_limit: RwLock::new(rate_limit),
             limit_changed: Event::new(),
             max_entries,
@@ -107,11 +108,9 @@ impl CacheState {
         }
     }
 
-    /// Counts an entry removed from its table, and lets the expiry queue drop what it still
-    /// holds of removed entries once they are many (so eviction frees memory at once).
+    /// Counts an entry removed from its table.
     pub(crate) fn on_remove(&self) {
         self.entries.fetch_sub(1, Ordering::Relaxed);
-        self.expiry.removed(self.entries.load(Ordering::Relaxed));
     }
 
     /// Evicts least recently read entries until at most `max` remain.
@@ -151,30 +150,39 @@ impl CacheState {
         }
     }
 
-    /// The expiry task: sleeps until the earliest deadline, checks what is due, and stops when the
-    /// cache closes.
+    /// The stores still registered.
+    fn live_stores(&self) -> Vec<Arc<dyn ErasedStore>> {
+        let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
+        stores.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// The expiry task: sleeps until the earliest deadline of any store, checks what is due,
+    /// and stops when the cache closes.
     pub(crate) async fn run_expiry(self: Arc<Self>) {
         let shared = &self;
-        let queue = &shared.expiry;
         let mut sleep: Option<Sleep> = None;
         loop {
-            let earlier = queue.earlier.listen();
+            let earlier = shared.expiry_changed.listen();
             let closed = shared.close_event.listen();
             if shared.is_closed() {
                 break;
             }
             let now = shared.rt.now();
-            let due = queue.pop_due(now);
-            if !due.is_empty() {
-                for target in due {
-                    if let Some(deadline) = target.check_expiry(now) {
-                        queue.schedule(deadline, target);
-                    }
-                }
+            let mut any_due = false;
+            let mut next: Option<Instant> = None;
+            for store in shared.live_stores() {
+                let (due, store_next) = store.expire_due(now);
+                any_due |= due;
+                next = match (next, store_next) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            if any_due {
                 continue;
             }
             let wake = select(earlier, closed);
-            match queue.next_deadline() {
+            match next {
                 Some(deadline) => {
                     let timer = match sleep.as_mut() {
                         Some(timer) => {
@@ -191,7 +199,9 @@ impl CacheState {
                 }
             }
         }
-        queue.clear();
+        for store in shared.live_stores() {
+            store.clear_expiry();
+        }
     }
 }
 
@@ -212,6 +222,11 @@ pub(crate) trait ErasedStore: Send + Sync {
     fn release_all(&self);
     /// See [`Store::retry_now`].
     fn retry_now(&self) -> usize;
+    /// Checks the entries whose expiry deadline passed at `now`: evicts the expired, schedules
+    /// the others again. Returns whether any was due, and the store's next deadline.
+    fn expire_due(&self, now: Instant) -> (bool, Option<Instant>);
+    /// Drops every expiry deadline (the cache closed).
+    fn clear_expiry(&self);
 }
 
 /// One entry chosen for capacity eviction.

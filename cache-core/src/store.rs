@@ -23,7 +23,7 @@ use crate::backoff::Backoff;
 use crate::cache_type::{CacheType, FetchState, RegisterOptions, RequestInfo};
 use crate::chain::ChainState;
 use crate::error::GetError;
-use crate::expiry::Expirable;
+use crate::expiry::ExpiryQueue;
 use crate::metrics::{Counters, TypeMetrics, bump};
 use crate::outcome::ResultMeta;
 use crate::ratelimit::TokenBucket;
@@ -214,8 +214,6 @@ pub(crate) struct EntryHandle<T: CacheType> {
     /// Notified when a fetch for the entry completes, and when the entry is evicted or its
     /// refresh is replaced.
     pub(crate) changed: Event,
-    /// The entry's store, for the expiry queue.
-    pub(crate) store: Weak<Store<T>>,
     /// The watch records, offered every completed fetch.
     pub(crate) watch: Mutex<WatchList<T>>,
 }
@@ -506,14 +504,13 @@ pub(crate) struct Slot<T: CacheType> {
 }
 
 impl<T: CacheType> Slot<T> {
-    fn new(key: EntryKey, store: Weak<Store<T>>) -> Self {
+    fn new(key: EntryKey) -> Self {
         Self {
             entry: Arc::new(EntryHandle {
                 key,
                 last_read: AtomicU64::new(0),
                 state: UnsafeCell::new(EntryState::new()),
                 changed: Event::new(),
-                store,
                 watch: Mutex::new(WatchList::new()),
             }),
         }
@@ -603,6 +600,8 @@ pub(crate) struct Store<T: CacheType> {
     shards: Box<[Shard<T>]>,
     hasher: foldhash::fast::RandomState,
     pub(crate) this: Weak<Self>,
+    /// The entries' expiry deadlines.
+    expiry: ExpiryQueue<EntryHandle<T>>,
     /// Set when a newer registration of the type replaced this store (see `release_all`).
     retired: std::sync::atomic::AtomicBool,
 }
@@ -627,6 +626,7 @@ impl<T: CacheType> EvictOne for Victim<T> {
 impl<T: CacheType> Store<T> {
     pub(crate) fn new(ty: T, shared: Arc<CacheState>) -> Arc<Self> {
         let opts = ty.register_options();
+        let epoch = shared.epoch;
         Arc::new_cyclic(|this| Self {
             ty,
             opts,
@@ -640,6 +640,7 @@ impl<T: CacheType> Store<T> {
                 .collect(),
             hasher: foldhash::fast::RandomState::default(),
             this: this.clone(),
+            expiry: ExpiryQueue::new(epoch),
             retired: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -782,7 +783,7 @@ impl<T: CacheType> Store<T> {
         let mut inserted = false;
         let mut occupied = entry.or_insert_with(|| {
             inserted = true;
-            Slot::new(EntryKey::new(key, dc, token), self.this.clone())
+            Slot::new(EntryKey::new(key, dc, token))
         });
         let result = f(occupied.get_mut());
         if inserted && self.is_retired() {
@@ -825,8 +826,34 @@ impl<T: CacheType> Store<T> {
     /// long to represent: such an entry never expires).
     pub(crate) fn schedule_expiry(&self, entry: &Arc<EntryHandle<T>>, from: Instant) {
         if let Some(deadline) = from.checked_add(self.opts.last_get_ttl) {
-            self.shared.expiry.schedule(deadline, entry.clone());
+            if self.expiry.schedule(deadline, entry.clone()) {
+                self.shared.expiry_changed.notify(1);
+            }
         }
+    }
+
+    /// Called once the entry's scheduled deadline has passed: evicts the entry and returns
+    /// `None`, or returns its real, later deadline.
+    fn check_expiry(&self, entry: &EntryHandle<T>, now: Instant) -> Option<Instant> {
+        let ttl = self.opts.last_get_ttl;
+        let (watched, last_read) = self.read_slot(entry, |slot| {
+            (
+                slot.state().watched(),
+                slot.last_read.load(Ordering::Relaxed),
+            )
+        })?;
+        if watched {
+            // Watched entries stay alive while watched.
+            return now.checked_add(ttl);
+        }
+        let deadline = self.instant(last_read).checked_add(ttl)?;
+        if deadline > now {
+            return Some(deadline);
+        }
+        if self.evict(entry) {
+            bump(&self.counters.expirations);
+        }
+        None
     }
 
     /// Removes `entry` from its table (if it is still there) and wakes everything waiting on it.
@@ -858,6 +885,15 @@ impl<T: CacheType> Store<T> {
         let entry = slot.entry.clone();
         drop(slot);
         wake_all(&entry.changed);
+        // Once removals outnumber the live entries, the queue drops the items of removed ones,
+        // so eviction frees memory soon.
+        let live = self.counters.entries.load(Ordering::Relaxed) as usize;
+        if self
+            .expiry
+            .removed(live, |e| self.read_slot(e, |_| ()).is_some())
+        {
+            self.shared.expiry_changed.notify(1);
+        }
     }
 
     /// Adds `delta` to the `failing` gauge.
@@ -901,6 +937,7 @@ impl<T: CacheType> Store<T> {
     /// of its type, or the cache is closing down its registry.
     pub(crate) fn release_all(&self) {
         self.retired.store(true, Ordering::Release);
+        self.expiry.clear();
         self.close_watches();
         for shard in self.shards.iter() {
             let slots: Vec<Slot<T>> = {
@@ -1014,6 +1051,22 @@ impl<T: CacheType> ErasedStore for Store<T> {
         Store::retry_now(self)
     }
 
+    fn expire_due(&self, now: Instant) -> (bool, Option<Instant>) {
+        let due = self.expiry.pop_due(now);
+        let any = !due.is_empty();
+        for entry in due {
+            if let Some(deadline) = self.check_expiry(&entry, now) {
+                // Any earlier deadline is seen by the caller, which asks for the next one.
+                let _ = self.expiry.schedule(deadline, entry);
+            }
+        }
+        (any, self.expiry.next_deadline())
+    }
+
+    fn clear_expiry(&self) {
+        self.expiry.clear();
+    }
+
     fn close_watches(&self) {
         for shard in self.shards.iter() {
             let entries: Vec<Arc<EntryHandle<T>>> = {
@@ -1030,37 +1083,6 @@ impl<T: CacheType> ErasedStore for Store<T> {
                 }
             }
         }
-    }
-}
-
-impl<T: CacheType> Expirable for EntryHandle<T> {
-    fn check_expiry(&self, now: Instant) -> Option<Instant> {
-        let store = self.store.upgrade()?;
-        let ttl = store.opts.last_get_ttl;
-        let (watched, last_read) = store.read_slot(self, |slot| {
-            (
-                slot.state().watched(),
-                slot.last_read.load(Ordering::Relaxed),
-            )
-        })?;
-        if watched {
-            // Watched entries stay alive while watched.
-            return now.checked_add(ttl);
-        }
-        let deadline = store.instant(last_read).checked_add(ttl)?;
-        if deadline > now {
-            return Some(deadline);
-        }
-        if store.evict(self) {
-            bump(&store.counters.expirations);
-        }
-        None
-    }
-
-    fn is_cached(&self) -> bool {
-        self.store
-            .upgrade()
-            .is_some_and(|store| store.read_slot(self, |_| ()).is_some())
     }
 }
 
@@ -1147,7 +1169,7 @@ mod size_tests {
     fn an_entry_stays_within_budget() {
         type T = MockType<Arc<u64>>;
         assert!(
-            std::mem::size_of::<EntryHandle<T>>() <= 128,
+            std::mem::size_of::<EntryHandle<T>>() <= 120,
             "{}",
             std::mem::size_of::<EntryHandle<T>>()
         );

@@ -263,6 +263,42 @@ fn default_ttl_is_72_hours() {
     });
 }
 
+/// Each registered type keeps its own expiry deadlines, and one task serves them all: an
+/// entry of a type with a shorter TTL, read after a longer-lived entry of another type, still
+/// expires exactly at its own time.
+#[test]
+fn each_type_expires_on_its_own_ttl() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::new(sim.handle());
+    let long = cache.register(MockType::new(
+        RegisterOptions::new().last_get_ttl(secs(100)),
+        |_, _| async { Ok(FetchResult::new(1u64, 1)) },
+    ));
+    let short = cache.register(MockType::new(
+        RegisterOptions::new().last_get_ttl(secs(30)),
+        |_, _| async { Ok(FetchResult::new(1u8, 1)) },
+    ));
+    sim.block_on(async {
+        long.get(&MockRequest::new("k")).await.unwrap();
+        sim.sleep(secs(10)).await;
+        // The expiry task sleeps towards 100 s; this entry is due at 40 s.
+        short.get(&MockRequest::new("k")).await.unwrap();
+        sim.sleep(secs(29)).await;
+        assert_eq!(cache.len(), 2, "both alive at 39 s");
+        sim.sleep(secs(2)).await;
+        assert_eq!(cache.len(), 1, "the short-lived entry expired at 40 s");
+        assert!(long.get(&MockRequest::new("k")).await.unwrap().meta.hit);
+        // Read at 41 s: the long-lived entry now expires at 141 s.
+        sim.sleep(secs(99)).await;
+        assert_eq!(cache.len(), 1, "alive at 140 s");
+        sim.sleep(secs(2)).await;
+        assert_eq!(cache.len(), 0, "expired at 141 s");
+    });
+    assert_eq!(cache.metrics().total().expirations, 2);
+    cache.close();
+    assert_eq!(sim.pending_timers(), 0, "close leaves no timer behind");
+}
+
 struct DropFlag(Arc<AtomicBool>);
 impl Drop for DropFlag {
     fn drop(&mut self) {
