@@ -16,6 +16,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -23,6 +25,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::duration::GoDuration;
 use crate::http;
+use tower::ServiceExt as _;
 
 pub use crate::config::StartError;
 pub use crate::http::state::AgentState;
@@ -62,17 +65,7 @@ impl Agent {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = AgentState::new(&config, shutdown_rx.clone())?;
         // The service without a router on top of it (`http::app` adds one for embedding).
-        let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(http::service(
-            state.clone(),
-        ));
-        let mut graceful = shutdown_rx;
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = graceful.wait_for(|stop| *stop).await;
-                })
-                .await
-        });
+        let server = tokio::spawn(serve(listener, http::service(state.clone()), shutdown_rx));
         tracing::info!(
             %addr,
             upstream = %state.inner.contact.name(),
@@ -110,6 +103,85 @@ impl Agent {
             server,
         })
     }
+}
+
+/// Serves `service` on `listener` until `shutdown` turns true, then waits for the open
+/// connections to finish (each told to end gracefully: the response in progress completes,
+/// an idle keep-alive connection closes).
+///
+/// What `axum::serve` with graceful shutdown does, minus the protocol sniffing: its
+/// `hyper_util` auto builder reads 24 bytes first (to tell an HTTP/2 preface, which this agent
+/// does not serve, from HTTP/1) and hands them back through a rewinding reader, so hyper's
+/// read buffer, sized for 8 KiB, grew to 16 KiB on every connection's first request and kept
+/// that for the connection's life. Served as HTTP/1 from the start it stays at 8 KiB: 8 KiB
+/// less per open connection, which long-lived `/v1/watch` streams hold for hours.
+async fn serve(
+    listener: TcpListener,
+    service: http::AgentService,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    // Every connection task holds a receiver; the sender's `closed` says they all ended.
+    let (live_tx, live_rx) = watch::channel(());
+    let builder = Arc::new(hyper::server::conn::http1::Builder::new());
+    let mut stopping = shutdown.clone();
+    let mut stopped = std::pin::pin!(async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    });
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    accept_failed(error).await;
+                    continue;
+                }
+            },
+            () = &mut stopped => break,
+        };
+        let service = TowerToHyperService::new(service.clone().map_request(
+            |request: hyper::Request<hyper::body::Incoming>| request.map(axum::body::Body::new),
+        ));
+        let (builder, mut shutdown, live) = (builder.clone(), shutdown.clone(), live_rx.clone());
+        tokio::spawn(async move {
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            let mut connection = std::pin::pin!(connection);
+            let stop = async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            };
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = stop => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::trace!(%error, "connection ended with an error");
+            }
+            drop(live);
+        });
+    }
+    drop(listener);
+    drop(live_rx);
+    live_tx.closed().await;
+    Ok(())
+}
+
+/// What `axum::serve` does when `accept` fails: a connection's own failure is skipped; any
+/// other error (e.g. out of file descriptors) is logged and accepting pauses for a second.
+async fn accept_failed(error: io::Error) {
+    if matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!("accept error: {error}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// A running agent: its address, a shutdown handle, and its server task.
