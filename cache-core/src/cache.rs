@@ -4,10 +4,8 @@ use std::any::TypeId;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock, Weak};
-use std::task::{Context, Poll};
 
 use crate::backoff::BackoffPolicy;
 use crate::cache_type::{CacheType, RequestInfo};
@@ -348,18 +346,6 @@ impl Cache {
     }
 }
 
-/// [`TypedCache::get`]'s future: the get's outcome as a `Result`.
-struct IntoResult<F>(F);
-
-impl<V, E, F: Future<Output = GetOutcome<V, E>> + Unpin> Future for IntoResult<F> {
-    type Output = Result<Response<V>, GetError<E>>;
-
-    #[inline]
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx).map(GetOutcome::into_result)
-    }
-}
-
 /// The typed handle of one registered type: get, prepopulate, notify and watch without naming
 /// the type at each call, and without a registry lookup.
 pub struct TypedCache<T: CacheType> {
@@ -408,7 +394,7 @@ impl<T: CacheType> TypedCache<T> {
         request: &'a T::Request,
     ) -> impl Future<Output = Result<Response<T::Value>, GetError<T::Error>>> + Send + 'a {
         // Not an `async fn`: a hit is a ready future, with no state machine around it.
-        IntoResult(self.store.get(request))
+        self.store.get_result(request)
     }
 
     /// Like [`TypedCache::get`], but returns value, meta and error together, so the last good

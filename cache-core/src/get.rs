@@ -15,7 +15,7 @@ use futures::future::{Either, select};
 use crate::cache_type::{CacheRequest, CacheType, FetchOptions, RequestInfo};
 use crate::error::GetError;
 use crate::metrics::bump;
-use crate::outcome::{GetOutcome, ResultMeta};
+use crate::outcome::{GetOutcome, Response, ResultMeta};
 use crate::runtime::{BoxFuture, Sleep};
 use crate::store::{EntryHandle, EntryState, Slot, Store, panic_message};
 use event_listener::EventListener;
@@ -64,39 +64,80 @@ impl<T: CacheType> Store<T> {
 
     /// The hit path: one read lock, no allocation, and the runtime's cheapest clock.
     #[inline]
-    fn try_hit(&self, hash: u64, info: &RequestInfo<'_>) -> Option<GetOutcome<T::Value, T::Error>> {
-        let outcome = self.read_key(hash, info, |slot| {
+    /// The answer is built by `make` from the value and its meta, right in the form the
+    /// caller returns: a hit moves nothing bigger than that.
+    fn try_hit<R>(
+        &self,
+        hash: u64,
+        info: &RequestInfo<'_>,
+        make: impl FnOnce(Option<T::Value>, ResultMeta) -> R,
+    ) -> Option<R> {
+        let answer = self.read_key(hash, info, |slot| {
             let now_ns = self.shared.hit_nanos();
             if !self.is_valid_at(slot.state(), info, info.must_revalidate, now_ns) {
                 return None;
             }
             slot.touch(now_ns);
-            Some(GetOutcome {
-                value: slot.state().value.clone(),
-                meta: self.meta_at(slot.state(), true, now_ns),
-                error: None,
-            })
+            Some(make(
+                slot.state().value.clone(),
+                self.meta_at(slot.state(), true, now_ns),
+            ))
         })??;
         self.counters.hits.incr();
-        Some(outcome)
+        Some(answer)
     }
 
-    /// `Cache::get` for this type (docs/contract.md#get).
+    /// `Cache::get_outcome` for this type (docs/contract.md#get).
+    pub(crate) fn get<'a>(
+        &'a self,
+        request: &'a T::Request,
+    ) -> GetFuture<'a, GetOutcome<T::Value, T::Error>> {
+        self.get_as(
+            request,
+            |value, meta| GetOutcome {
+                value,
+                meta,
+                error: None,
+            },
+            |outcome| outcome,
+        )
+    }
+
+    /// `Cache::get` for this type (docs/contract.md#get): [`Store::get`] as a `Result`.
+    pub(crate) fn get_result<'a>(
+        &'a self,
+        request: &'a T::Request,
+    ) -> GetFuture<'a, GetResult<T>> {
+        self.get_as(
+            request,
+            |value, meta| Ok(Response { value, meta }),
+            GetOutcome::into_result,
+        )
+    }
+
+    /// A get answering in the form `R`: a hit is built by `hit`, any other answer is the
+    /// outcome converted by `other`.
     ///
     /// A hit is answered without allocating; a miss boxes the waiting part. No `RequestInfo`
     /// is held across an await: its `Cow`s trip the compiler's higher-ranked `Send` check, and
     /// re-asking the request for it is cheap.
-    pub(crate) fn get<'a>(&'a self, request: &'a T::Request) -> GetFuture<'a, T> {
+    #[inline(always)]
+    fn get_as<'a, R: Send + 'a>(
+        &'a self,
+        request: &'a T::Request,
+        hit: impl FnOnce(Option<T::Value>, ResultMeta) -> R,
+        other: fn(GetOutcome<T::Value, T::Error>) -> R,
+    ) -> GetFuture<'a, R> {
         let info = request.cache_info();
         if info.key.is_empty() {
-            return GetFuture::Slow(Box::pin(self.bypass(request)));
+            return GetFuture::Slow(Box::pin(self.bypass(request).map(other)));
         }
         let hash = self.hash(&info);
-        if let Some(hit) = self.try_hit(hash, &info) {
-            return GetFuture::Ready(Some(hit));
+        if let Some(answer) = self.try_hit(hash, &info, hit) {
+            return GetFuture::Ready(Some(answer));
         }
         let start = self.shared.rt.now();
-        GetFuture::Slow(Box::pin(self.get_slow(request, hash, start)))
+        GetFuture::Slow(Box::pin(self.get_slow(request, hash, start).map(other)))
     }
 
     async fn bypass(&self, request: &T::Request) -> GetOutcome<T::Value, T::Error> {
@@ -410,18 +451,22 @@ impl<T: CacheType> Drop for Waiting<'_, T> {
     }
 }
 
+/// What [`Store::get_result`] answers: `TypedCache::get`'s output.
+pub(crate) type GetResult<T> =
+    Result<Response<<T as CacheType>::Value>, GetError<<T as CacheType>::Error>>;
+
 /// The future of a get: ready at once on a hit, boxed while waiting on a miss.
-pub(crate) enum GetFuture<'a, T: CacheType> {
-    Ready(Option<GetOutcome<T::Value, T::Error>>),
-    Slow(BoxFuture<'a, GetOutcome<T::Value, T::Error>>),
+pub(crate) enum GetFuture<'a, R> {
+    Ready(Option<R>),
+    Slow(BoxFuture<'a, R>),
 }
 
 // Nothing in a `GetFuture` is pinned structurally: the outcome is moved out, the boxed future
 // is pinned by its box.
-impl<T: CacheType> Unpin for GetFuture<'_, T> {}
+impl<R> Unpin for GetFuture<'_, R> {}
 
-impl<T: CacheType> Future for GetFuture<'_, T> {
-    type Output = GetOutcome<T::Value, T::Error>;
+impl<R> Future for GetFuture<'_, R> {
+    type Output = R;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {

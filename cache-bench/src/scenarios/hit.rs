@@ -208,18 +208,28 @@ impl Warm {
 pub fn profile(duration: Duration, threads: usize) {
     let rt = BenchRt::new(Flavor::TokioMulti);
     let warm = Warm::new(&rt, 10_000, 200_000);
+    // `CACHE_BENCH_PROFILE_VARIANT=map|dash|moka` profiles a baseline's loop instead, for
+    // instruction counts side by side (callgrind).
+    let variant = std::env::var("CACHE_BENCH_PROFILE_VARIANT").unwrap_or_default();
+    let op: fn(&Warm, usize) = match variant.as_str() {
+        "map" => Warm::map_get,
+        "dash" => Warm::dash_get,
+        "moka" => Warm::moka_poll,
+        _ => Warm::ours_poll,
+    };
     let start = Instant::now();
     let mut samples = Vec::new();
     while start.elapsed() < duration {
         samples.push(if threads <= 1 {
-            warm.time(Warm::ours_poll)
+            warm.time(op)
         } else {
-            warm.time_threads(threads, Warm::ours_poll)
+            warm.time_threads(threads, op)
         });
     }
     let ns = median(&samples);
     println!(
-        "our hit, {threads} thread(s), polled: {ns:.1} ns/op{} = {:.1} M hits/s (median of {})",
+        "hit ({}), {threads} thread(s), polled: {ns:.1} ns/op{} = {:.1} M hits/s (median of {})",
+        if variant.is_empty() { "ours" } else { variant.as_str() },
         if threads > 1 { " aggregate" } else { "" },
         1e3 / ns,
         samples.len()
