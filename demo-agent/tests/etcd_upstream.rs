@@ -268,3 +268,58 @@ async fn etcd_upstream_busy_key_keeps_one_watch_stream() {
     })
     .await;
 }
+
+/// The watch hub ends each waiting read at its own deadline (the reads keep no timer): a short
+/// wait registered after a long one answers at its wait, with the data it ranged (flags
+/// included), while the long one stays open until the key changes.
+#[tokio::test]
+async fn etcd_upstream_waits_end_at_their_own_deadlines_with_their_data() {
+    if !etcd::available("etcd_upstream_waits_end_at_their_own_deadlines_with_their_data") {
+        return;
+    }
+    bounded(async {
+        let cluster = EtcdCluster::start(1).await;
+        let up = upstream(&cluster);
+        let index = up
+            .put("flagged", "v".as_bytes().to_vec(), 42, None)
+            .await
+            .unwrap();
+        let created = up.get("flagged", Query::now()).await.unwrap();
+        let long = {
+            let up = up.clone();
+            tokio::spawn(async move {
+                up.get("flagged", blocking(index, Duration::from_secs(60)))
+                    .await
+            })
+        };
+        common::eventually("the long read to block", || async {
+            (up.counters().blocking_open == 1).then_some(())
+        })
+        .await;
+
+        // A shorter wait registered later: its deadline comes first.
+        let started = Instant::now();
+        let read = up.get("flagged", blocking(index, QUIET)).await.unwrap();
+        let took = started.elapsed();
+        assert!(took >= QUIET && took < QUIET * 20, "{took:?}");
+        assert_eq!(read, created);
+        assert_eq!(read.entry.as_ref().map(|e| e.flags), Some(42));
+        // An absent key answers its unchanged index at its wait too.
+        let absent_at = up.get("nothing", Query::now()).await.unwrap().index;
+        let started = Instant::now();
+        let read = up.get("nothing", blocking(absent_at, QUIET)).await.unwrap();
+        assert!(started.elapsed() >= QUIET);
+        assert_eq!((read.entry, read.index), (None, absent_at));
+
+        // The long read is still open, and a change answers it.
+        assert!(!long.is_finished());
+        let changed = up
+            .put("flagged", "w".as_bytes().to_vec(), 0, None)
+            .await
+            .unwrap();
+        let read = long.await.unwrap().unwrap();
+        assert_eq!((value(&read).as_deref(), read.index), (Some("w"), changed));
+        assert_eq!(up.traffic().watches_open, 0);
+    })
+    .await;
+}

@@ -285,16 +285,115 @@ struct Found {
     companions: Vec<KeyValue>,
 }
 
+/// The flags of `kv`: those of its companion written with it (same `mod_revision`), else 0.
+fn flags_of(kv: &KeyValue, companions: &[KeyValue]) -> u64 {
+    let companion_key = flags_key(&String::from_utf8_lossy(&kv.key));
+    companions
+        .iter()
+        .find(|c| c.key == companion_key.as_bytes() && c.mod_revision == kv.mod_revision)
+        .and_then(|c| std::str::from_utf8(&c.value).ok()?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// What a waiting blocking read keeps to answer if nothing changes. One key keeps only what
+/// its entry needs (its key is the read's own, its flags resolved), not the ranged
+/// `KeyValue`s with their companions (56 bytes in the read's future plus 100 on the heap, per
+/// watched key); a prefix keeps its snapshot, boxed.
+enum Kept {
+    /// The key is absent.
+    Absent,
+    /// The key's value, revisions and flags.
+    Key {
+        value: Box<[u8]>,
+        create_revision: i64,
+        mod_revision: i64,
+        flags: u64,
+    },
+    /// The snapshot of a prefix (or of a key that ranged to several keys, never expected).
+    Snapshot(Box<Snapshot>),
+}
+
+impl Kept {
+    fn new(target: Target<'_>, mut now: Snapshot) -> Self {
+        match (target, now.kvs.len()) {
+            (Target::Key(_), 0) => Self::Absent,
+            (Target::Key(_), 1) => {
+                let flags = flags_of(&now.kvs[0], &now.companions);
+                let kv = now.kvs.swap_remove(0);
+                Self::Key {
+                    value: kv.value.into_boxed_slice(),
+                    create_revision: kv.create_revision,
+                    mod_revision: kv.mod_revision,
+                    flags,
+                }
+            }
+            _ => {
+                now.kvs.shrink_to_fit();
+                now.companions.shrink_to_fit();
+                Self::Snapshot(Box::new(now))
+            }
+        }
+    }
+
+    /// The answer of the kept data with `index`, as [`Snapshot::found`] would have made it.
+    fn found(self, target: Target<'_>, index: u64) -> Found {
+        match self {
+            Self::Snapshot(now) => now.found(index),
+            Self::Absent => Snapshot::default().found(index),
+            Self::Key {
+                value,
+                create_revision,
+                mod_revision,
+                flags,
+            } => {
+                let (key, _) = target.range();
+                let companions = if flags == 0 {
+                    Vec::new()
+                } else {
+                    vec![KeyValue {
+                        key: flags_key(&String::from_utf8_lossy(&key)).into_bytes(),
+                        value: flags.to_string().into_bytes(),
+                        mod_revision,
+                        ..KeyValue::default()
+                    }]
+                };
+                let kv = KeyValue {
+                    key,
+                    value: value.into_vec(),
+                    create_revision,
+                    mod_revision,
+                    ..KeyValue::default()
+                };
+                Found {
+                    answer: Answer {
+                        kvs: vec![kv],
+                        index,
+                    },
+                    companions,
+                }
+            }
+        }
+    }
+}
+
+/// What the first step of a blocking read's round decided ([`EtcdUpstream::prepare`]).
+enum Prepared {
+    /// The data answers the read now.
+    Answer(Found),
+    /// Nothing changed yet: watch from revision `from`; `kept` answers with
+    /// `unchanged_index` if nothing changes.
+    Watch {
+        kept: Kept,
+        from: u64,
+        unchanged_index: u64,
+    },
+}
+
 impl Found {
     fn entries(self) -> impl Iterator<Item = Entry> {
         let companions = self.companions;
         self.answer.kvs.into_iter().map(move |kv| {
-            let companion_key = flags_key(&String::from_utf8_lossy(&kv.key));
-            let flags = companions
-                .iter()
-                .find(|c| c.key == companion_key.as_bytes() && c.mod_revision == kv.mod_revision)
-                .and_then(|c| std::str::from_utf8(&c.value).ok()?.trim().parse().ok())
-                .unwrap_or(0);
+            let flags = flags_of(&kv, &companions);
             Entry {
                 // Keys written by others may be any bytes; the agent's keys are text.
                 key: String::from_utf8_lossy(&kv.key).into_owned(),
@@ -507,11 +606,13 @@ impl EtcdUpstream {
     /// A read of `target`, blocking as `query` says (see the module docs).
     ///
     /// The future of a blocking read lives as long as the read waits (one per watched entry),
-    /// so it keeps little across that wait: the data to answer if nothing changes, the watch
-    /// and the deadline's timer. The upstream's close and an injected outage reach it through
-    /// the watch hub ([`Fired`]); the calls before the wait are boxed futures of their own,
-    /// freed once they answer. One `async move` block rather than nested `async fn`s, each of
-    /// which would store its arguments twice.
+    /// so it keeps little across that wait: the data to answer if nothing changes ([`Kept`])
+    /// and the watch. The deadline, the upstream's close and an injected outage reach it
+    /// through the watch hub ([`Fired`]), so it holds no timer; the calls before and after the
+    /// wait are boxed futures of their own, freed once they answer, and what they answer is
+    /// moved out of temporaries, not named locals (a future keeps room for a named local until
+    /// its scope ends, moved or not). One `async move` block rather than nested `async fn`s,
+    /// each of which would store its arguments twice.
     fn read<'a>(
         &'a self,
         target: Target<'a>,
@@ -527,10 +628,10 @@ impl EtcdUpstream {
             (Kind::Prefix, true) => &c.list_reads_blocking,
         });
         async move {
-            self.before_operation().await?;
+            // Boxed, as every call before the wait (see above).
+            Box::pin(self.before_operation()).await?;
             if !block || self.is_closed.load(Ordering::Acquire) {
-                let now = self
-                    .snapshot(target, query.mode)
+                let now = Box::pin(self.snapshot(target, query.mode))
                     .await
                     .map_err(unavailable)?;
                 let reset = query.min_index > 0 && self.must_reset(target, query.min_index);
@@ -548,64 +649,39 @@ impl EtcdUpstream {
             let mut restarts = 0;
             let mut reset = false;
             let found = loop {
-                let mut now = self
-                    .snapshot(target, query.mode)
-                    .await
-                    .map_err(unavailable)?;
-                reset = reset
-                    || self.client.identity.epoch() != epoch
-                    || self.must_reset(target, query.min_index);
-                let (from, unchanged_index) = {
-                    let (kind, min_index) = (target.kind(), query.min_index);
-                    let mut step =
-                        decide::after_range(kind, min_index, &now.kvs, now.revision, reset);
-                    if step == Step::CompareHistory {
-                        let then = self.history(target, min_index).await.map_err(unavailable)?;
-                        step = decide::after_history(
-                            kind,
-                            min_index,
-                            then.as_deref(),
-                            &now.kvs,
-                            now.revision,
-                        );
-                    }
-                    match step {
-                        Step::Answer { index } => break now.found(index),
-                        Step::Watch {
-                            from,
-                            unchanged_index,
-                        } => (from, unchanged_index),
-                        // `after_history` never asks for history again.
-                        Step::CompareHistory => break now.found(min_index.max(1)),
-                    }
+                // The range and its decisions run in a boxed future of their own: their
+                // state takes room only while they run, not in this future during the wait.
+                // (No named locals for what is moved out before the wait: the future would
+                // keep room for them.)
+                let round = self.prepare(target, query.min_index, query.mode, epoch, &mut reset);
+                let (kept, from, unchanged_index) = match Box::pin(round).await? {
+                    Prepared::Answer(found) => break found,
+                    Prepared::Watch {
+                        kept,
+                        from,
+                        unchanged_index,
+                    } => (kept, from, unchanged_index),
                 };
-                // Kept for the whole wait: no spare capacity.
-                now.kvs.shrink_to_fit();
-                now.companions.shrink_to_fit();
                 // The range answered and the watch starts right after it: the caller's data
                 // is current (see `contact::accepted`).
                 accepted();
                 let mut watch = {
                     let (key, range_end) = target.range();
-                    self.hub.watch(key, range_end, from)
+                    self.hub.watch(key, range_end, from, deadline)
                 };
                 // The read is held now: the caller's data is current (see
                 // `contact::accepted`).
                 accepted();
                 // An outage that started before the watch was registered (the hub fires the
-                // watches open when one starts).
-                let fired = if self.faults.get().fail {
+                // watches open when one starts). The hub fires the watch when the wait passes
+                // too (`Fired::Expired`).
+                let outcome = match if self.faults.get().fail {
                     Fired::Outage
                 } else {
-                    tokio::select! {
-                        fired = watch.outcome() => fired,
-                        // The wait passed: as if closed, the unchanged data answers.
-                        () = tokio::time::sleep_until(deadline) => Fired::Closed,
-                    }
-                };
-                drop(watch);
-                let outcome = match fired {
-                    Fired::Closed => break now.found(unchanged_index),
+                    watch.outcome().await
+                } {
+                    // The wait passed, or the upstream closed: the unchanged data answers.
+                    Fired::Expired | Fired::Closed => break kept.found(target, unchanged_index),
                     Fired::Outage => {
                         bump(&self.counters.injected_failures);
                         return Err(UpstreamError::Unavailable(
@@ -614,6 +690,7 @@ impl EtcdUpstream {
                     }
                     Fired::Etcd(outcome) => outcome,
                 };
+                drop(watch);
                 match decide::after_watch(target.kind(), outcome) {
                     Next::Answer(answer) => {
                         break Found {
@@ -621,23 +698,65 @@ impl EtcdUpstream {
                             companions: Vec::new(),
                         };
                     }
-                    Next::RangeAgain => {
-                        let now = self
-                            .snapshot(target, query.mode)
-                            .await
-                            .map_err(unavailable)?;
-                        let index = decide::index_of(target.kind(), &now.kvs, now.revision);
-                        break now.found(index);
+                    // Below, once the decision is gone (so it takes no room across the call).
+                    Next::RangeAgain => {}
+                    Next::Reset => {
+                        reset = true;
+                        continue;
                     }
-                    Next::Reset => reset = true,
-                    Next::Restart if restarts < MAX_RESTARTS => restarts += 1,
-                    Next::Restart => break now.found(unchanged_index),
+                    Next::Restart if restarts < MAX_RESTARTS => {
+                        restarts += 1;
+                        continue;
+                    }
+                    Next::Restart => break kept.found(target, unchanged_index),
                     Next::Fail(error) => return Err(unavailable(error)),
                 }
+                drop(kept);
+                let now = Box::pin(self.snapshot(target, query.mode))
+                    .await
+                    .map_err(unavailable)?;
+                let index = decide::index_of(target.kind(), &now.kvs, now.revision);
+                break now.found(index);
             };
             self.note_answered(target);
             Ok(found)
         }
+    }
+
+    /// The first step of a blocking read's round: range `target` now and decide (see
+    /// [`decide::after_range`], [`decide::after_history`]) whether the data already answers
+    /// the read or a watch must wait for a change, keeping then what answers if none comes.
+    /// `reset` is set (never cleared) when the read must answer a reset.
+    async fn prepare(
+        &self,
+        target: Target<'_>,
+        min_index: u64,
+        mode: ReadMode,
+        epoch: u64,
+        reset: &mut bool,
+    ) -> Result<Prepared, UpstreamError> {
+        let now = self.snapshot(target, mode).await.map_err(unavailable)?;
+        *reset =
+            *reset || self.client.identity.epoch() != epoch || self.must_reset(target, min_index);
+        let kind = target.kind();
+        let mut step = decide::after_range(kind, min_index, &now.kvs, now.revision, *reset);
+        if step == Step::CompareHistory {
+            let then = self.history(target, min_index).await.map_err(unavailable)?;
+            step = decide::after_history(kind, min_index, then.as_deref(), &now.kvs, now.revision);
+        }
+        Ok(match step {
+            Step::Answer { index } => Prepared::Answer(now.found(index)),
+            Step::Watch {
+                from,
+                unchanged_index,
+            } => Prepared::Watch {
+                kept: Kept::new(target, now),
+                from,
+                unchanged_index,
+            },
+            // `after_history` never asks for history again.
+            Step::CompareHistory => Prepared::Answer(now.found(min_index.max(1))),
+        })
     }
 
     /// A transaction of `ops`, guarded by `compare` (none: always), with `failure` ops.
@@ -910,7 +1029,8 @@ mod tests {
     use crate::upstream::FaultSettings;
 
     /// A blocking read's future lives as long as the read waits: one per watched key. Keep it
-    /// small (it was 1 256 B in two boxes before the watch hub took over close and outage).
+    /// small (it was 1 256 B in two boxes before the watch hub took over close and outage,
+    /// 384 B before it took over the deadline and the calls were boxed).
     #[tokio::test]
     async fn a_blocking_read_is_one_small_future() {
         let etcd = EtcdUpstream::new(
@@ -920,6 +1040,6 @@ mod tests {
         .expect("an upstream");
         let read = etcd.get("k", Query::blocking(5, Duration::from_secs(1)));
         let size = std::mem::size_of_val(&*read);
-        assert!(size <= 448, "the blocking read's future takes {size} B");
+        assert!(size <= 192, "the blocking read's future takes {size} B");
     }
 }

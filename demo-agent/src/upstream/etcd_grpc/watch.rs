@@ -9,8 +9,13 @@
 //! upstream closes ([`Fired::Closed`]) or an injected outage starts ([`Fired::Outage`]), so a
 //! waiting read needs no signal of its own for those.
 //!
-//! Memory per open watch: one map entry (the key, the range end, the start revision and the
-//! reader's waker); a fired watch's outcome waits in a second map until its reader takes it.
+//! A watch also carries its reader's deadline: one task of the hub (running while any watch
+//! is open) fires the watches whose deadline passed with [`Fired::Expired`], so a waiting read
+//! keeps no timer of its own (a tokio `Sleep` is 112 bytes, one per watched key).
+//!
+//! Memory per open watch: one map entry (the key, the range end, the start revision, the
+//! deadline and the reader's waker) and one entry in the set of deadlines; a fired watch's
+//! outcome waits in a second map until its reader takes it.
 //!
 //! # Invariants
 //!
@@ -25,7 +30,8 @@
 //! - Watches are created with `hasleader=true` metadata (clientv3's `WithRequireLeader`): a
 //!   member cut off from its leader cancels them, which counts as a broken stream.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::pin::pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Poll, Waker};
@@ -76,6 +82,8 @@ pub(crate) enum Fired {
     Closed,
     /// An injected outage started ([`WatchHub::outage`]).
     Outage,
+    /// The watch's deadline passed (given to [`WatchHub::watch`]).
+    Expired,
 }
 
 /// An open watch: what to (re-)create on etcd, and whom to wake when it fires.
@@ -84,6 +92,8 @@ struct Registered {
     key: Box<[u8]>,
     range_end: Box<[u8]>,
     start_revision: i64,
+    /// When the reader stops waiting, in nanoseconds since the hub's `epoch`.
+    deadline: u64,
     /// The reader's waker, once it has polled.
     waker: Option<Waker>,
 }
@@ -120,6 +130,24 @@ struct State {
     stream: Option<mpsc::UnboundedSender<WatchRequest>>,
     /// Whether the stream's task runs (it ends when no watch is left).
     running: bool,
+    /// The open watches' deadlines (nanoseconds since the hub's `epoch`) with their ids,
+    /// earliest first.
+    deadlines: BTreeSet<(u64, i64)>,
+    /// Whether the deadline task runs (it ends when no deadline is left).
+    timing: bool,
+}
+
+impl State {
+    /// Forgets open watch `id` (and its deadline); `None` if it is not open. The last
+    /// deadline gone wakes the deadline task, which ends (it holds the hub).
+    fn remove(&mut self, id: i64, moved: &tokio::sync::Notify) -> Option<Registered> {
+        let watch = self.watches.remove(&id)?;
+        self.deadlines.remove(&(watch.deadline, id));
+        if self.deadlines.is_empty() {
+            moved.notify_one();
+        }
+        Some(watch)
+    }
 }
 
 #[derive(Debug)]
@@ -127,6 +155,10 @@ struct Shared {
     client: Arc<Client>,
     state: Mutex<State>,
     next_id: AtomicI64,
+    /// The origin of the deadlines.
+    epoch: Instant,
+    /// Wakes the deadline task: an earlier deadline than it sleeps for, or none left.
+    deadlines_moved: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -137,7 +169,7 @@ impl Shared {
     /// Fires (and forgets) watch `id` with `outcome`; cancels it on etcd if the stream is open
     /// and `cancel_on_etcd` (etcd already dropped a watch it cancelled itself).
     fn fire(&self, state: &mut State, id: i64, outcome: Fired, cancel_on_etcd: bool) {
-        if let Some(watch) = state.watches.remove(&id) {
+        if let Some(watch) = state.remove(id, &self.deadlines_moved) {
             state.fired.insert(id, outcome);
             if let Some(waker) = watch.waker {
                 waker.wake();
@@ -161,6 +193,13 @@ impl Shared {
             }
         }
         state.watches.shrink_to_fit();
+        state.deadlines.clear();
+        self.deadlines_moved.notify_one();
+    }
+
+    /// `at` in nanoseconds since the hub's epoch (0 before it).
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 }
 
@@ -217,7 +256,7 @@ impl Drop for Watch {
             return;
         };
         let mut state = hub.lock();
-        if state.watches.remove(&self.id).is_some() {
+        if state.remove(self.id, &hub.deadlines_moved).is_some() {
             if let Some(stream) = &state.stream {
                 let _ = stream.unbounded_send(cancel(self.id));
             }
@@ -234,6 +273,8 @@ impl WatchHub {
                 client,
                 state: Mutex::default(),
                 next_id: AtomicI64::new(1),
+                epoch: Instant::now(),
+                deadlines_moved: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -269,13 +310,21 @@ impl WatchHub {
         }
     }
 
-    /// Watches `key` (to `range_end`, empty for one key) from `start_revision` on.
-    pub(crate) fn watch(&self, key: Vec<u8>, range_end: Vec<u8>, start_revision: u64) -> Watch {
+    /// Watches `key` (to `range_end`, empty for one key) from `start_revision` on, until
+    /// `deadline` at the latest ([`Fired::Expired`]).
+    pub(crate) fn watch(
+        &self,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+        start_revision: u64,
+        deadline: Instant,
+    ) -> Watch {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let registered = Registered {
             key: key.into_boxed_slice(),
             range_end: range_end.into_boxed_slice(),
             start_revision: i64::try_from(start_revision).unwrap_or(i64::MAX),
+            deadline: self.shared.nanos(deadline),
             waker: None,
         };
         let watch = Watch {
@@ -295,13 +344,55 @@ impl WatchHub {
         if let Some(stream) = &state.stream {
             let _ = stream.unbounded_send(registered.create(id));
         }
+        let earliest = state
+            .deadlines
+            .first()
+            .is_none_or(|&(first, _)| registered.deadline < first);
+        state.deadlines.insert((registered.deadline, id));
         state.watches.insert(id, registered);
+        if !state.timing {
+            state.timing = true;
+            tokio::spawn(expire(Arc::clone(&self.shared)));
+        } else if earliest {
+            self.shared.deadlines_moved.notify_one();
+        }
         if !state.running {
             state.running = true;
             drop(state);
             tokio::spawn(run(Arc::clone(&self.shared)));
         }
         watch
+    }
+}
+
+/// The deadline task: fires the watches whose deadline passed, sleeps until the next one,
+/// ends when none is left (`timing` is false then).
+async fn expire(shared: Arc<Shared>) {
+    loop {
+        let mut moved = pin!(shared.deadlines_moved.notified());
+        moved.as_mut().enable();
+        let next = {
+            let mut state = shared.lock();
+            let now = shared.nanos(Instant::now());
+            while let Some(&(at, id)) = state.deadlines.first() {
+                if at > now {
+                    break;
+                }
+                shared.fire(&mut state, id, Fired::Expired, true);
+            }
+            match state.deadlines.first() {
+                Some(&(at, _)) => at,
+                None => {
+                    state.timing = false;
+                    return;
+                }
+            }
+        };
+        let at = shared.epoch + Duration::from_nanos(next);
+        tokio::select! {
+            () = tokio::time::sleep_until(at) => {}
+            () = moved => {}
+        }
     }
 }
 
