@@ -305,9 +305,9 @@ impl<T: CacheType> Store<T> {
 
     fn count_miss(&self, state: &EntryState<T>) {
         if state.value.is_some() {
-            bump(&self.counters.misses_blocking);
+            self.counters.misses_blocking.incr();
         } else {
-            bump(&self.counters.misses_new);
+            self.counters.misses_new.incr();
         }
     }
 

@@ -151,8 +151,9 @@ impl StripedCounter {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) hits: StripedCounter,
-    pub(crate) misses_new: AtomicU64,
-    pub(crate) misses_blocking: AtomicU64,
+    /// Striped like `hits`: every get of a miss storm counts one, from every worker at once.
+    pub(crate) misses_new: StripedCounter,
+    pub(crate) misses_blocking: StripedCounter,
     pub(crate) bypasses: AtomicU64,
     pub(crate) fetch_success: AtomicU64,
     pub(crate) fetch_not_modified: AtomicU64,
@@ -175,8 +176,8 @@ impl Counters {
         TypeMetrics {
             name: name.to_owned(),
             hits: self.hits.get(),
-            misses_new: load(&self.misses_new),
-            misses_blocking: load(&self.misses_blocking),
+            misses_new: self.misses_new.get(),
+            misses_blocking: self.misses_blocking.get(),
             bypasses: load(&self.bypasses),
             fetch_success: load(&self.fetch_success),
             fetch_not_modified: load(&self.fetch_not_modified),
