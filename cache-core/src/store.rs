@@ -35,6 +35,10 @@ const SHARDS: usize = 64;
 pub(crate) const EXACT_LRU_LIMIT: u64 = 4096;
 const SAMPLED_SHARDS: usize = 4;
 
+/// The shortest pause before the expiry task looks at a watched entry again (see
+/// `Store::check_expiry`).
+const WATCHED_RECHECK: Duration = Duration::from_secs(1);
+
 // ===== Entry data =====
 
 /// Keys up to this many bytes (key, datacenter and token together) live inside the entry's
@@ -843,8 +847,11 @@ impl<T: CacheType> Store<T> {
             )
         })?;
         if watched {
-            // Watched entries stay alive while watched.
-            return now.checked_add(ttl);
+            // Watched entries stay alive while watched. Looked at again a TTL later, but never
+            // sooner than `WATCHED_RECHECK`: with a TTL of zero (or a few nanoseconds) the next
+            // look would be due at once, and the expiry task would spin for as long as the
+            // watch lasts. Such an entry may outlive its last watch by up to that much.
+            return now.checked_add(ttl.max(WATCHED_RECHECK));
         }
         let deadline = self.instant(last_read).checked_add(ttl)?;
         if deadline > now {
