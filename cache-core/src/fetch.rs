@@ -71,9 +71,7 @@ impl<T: CacheType> Store<T> {
         let watched = slot.state().watched();
         let poll_every = if watched && !self.opts.supports_blocking {
             slot.entry
-                .watch
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .extras()
                 .iter()
                 .filter_map(|w| w.max_age())
                 .min()
@@ -176,26 +174,16 @@ impl<T: CacheType> Store<T> {
         async move {
             let rt = &self.shared.rt;
             loop {
+                // A chain due at once (a blocking refresh) claims without listening: an entry's
+                // event allocates its listener list on the first listen, for good.
+                if let Some(claimed) = self.claim_turn(entry, generation, deadline) {
+                    return claimed;
+                }
                 let changed = entry.changed.listen();
                 let closed = self.shared.close_event.listen();
-                let claimed = self.with_slot(entry, |slot| {
-                    if !slot.state().chain.owns(generation) {
-                        return Some(false);
-                    }
-                    if !self.chain_needed(slot) {
-                        slot.state_mut().chain.stop(generation);
-                        return Some(false);
-                    }
-                    let due = deadline.is_some_and(|d| rt.now() >= d);
-                    slot.state_mut()
-                        .chain
-                        .claim(generation, due)
-                        .then_some(true)
-                });
-                match claimed {
-                    None | Some(Some(false)) => return false,
-                    Some(Some(true)) => return true,
-                    Some(None) => {}
+                // Listening, look again: a wake-up since the first look would be lost.
+                if let Some(claimed) = self.claim_turn(entry, generation, deadline) {
+                    return claimed;
                 }
                 match deadline {
                     Some(deadline) => {
@@ -208,6 +196,35 @@ impl<T: CacheType> Store<T> {
                     }
                 }
             }
+        }
+    }
+
+    /// One look for [`Store::wait_turn`]: `Some(true)` when the chain claimed its fetch,
+    /// `Some(false)` when it ends (evicted, replaced, or no longer needed), `None` to wait.
+    fn claim_turn(
+        &self,
+        entry: &Arc<EntryHandle<T>>,
+        generation: u32,
+        deadline: Option<Instant>,
+    ) -> Option<bool> {
+        let claimed = self.with_slot(entry, |slot| {
+            if !slot.state().chain.owns(generation) {
+                return Some(false);
+            }
+            if !self.chain_needed(slot) {
+                slot.state_mut().chain.stop(generation);
+                return Some(false);
+            }
+            let due = deadline.is_some_and(|d| self.shared.rt.now() >= d);
+            slot.state_mut()
+                .chain
+                .claim(generation, due)
+                .then_some(true)
+        });
+        match claimed {
+            None | Some(Some(false)) => Some(false),
+            Some(Some(true)) => Some(true),
+            Some(None) => None,
         }
     }
 
@@ -226,14 +243,21 @@ impl<T: CacheType> Store<T> {
             let rt = &self.shared.rt;
             let mut reserved = false;
             loop {
+                // Only the wait is kept across the await below, not the step or the limit.
+                match self.reserve_step(entry, generation, rt.now(), &mut reserved) {
+                    Some(Ok(ready)) => return Some(ready),
+                    Some(Err(_)) => {}
+                    // Evicted or replaced while waiting.
+                    _ => return None,
+                }
+                // Listen only to wait (an entry's event allocates its listener list on the
+                // first listen), then look again: a wake-up since the first look would be lost.
                 let limit_changed = self.shared.limit_changed.listen();
                 let changed = entry.changed.listen();
                 let now = rt.now();
-                // Only the wait is kept across the await below, not the step or the limit.
                 let wait = match self.reserve_step(entry, generation, now, &mut reserved) {
                     Some(Ok(ready)) => return Some(ready),
                     Some(Err(wait)) => wait,
-                    // Evicted or replaced while waiting.
                     _ => return None,
                 };
                 // Re-check when the limit is reloaded or the entry is evicted; a wait too long to
@@ -306,27 +330,25 @@ impl<T: CacheType> Store<T> {
         async move {
             let mut fetch = std::pin::pin!(fetch);
             let mut threshold = threshold;
+            let mut removed = Removed { store: self, entry };
             loop {
-                let changed = entry.changed.listen();
-                self.read_slot(entry, |_| ())?;
-                let step = match threshold.as_mut() {
-                    Some(timer) => match select(fetch.as_mut(), select(changed, timer)).await {
-                        Either::Left((result, _)) => Ok(result),
-                        Either::Right((Either::Left(_), _)) => Err(false),
-                        Either::Right((Either::Right(_), _)) => Err(true),
-                    },
-                    None => match select(fetch.as_mut(), changed).await {
-                        Either::Left((result, _)) => Ok(result),
-                        Either::Right(_) => Err(false),
-                    },
-                };
-                match step {
-                    Ok(result) => return Some(result),
-                    Err(false) => {}
-                    Err(true) => {
-                        // A blocking fetch open this long means the server is reachable.
-                        threshold = None;
-                        self.with_slot(entry, |slot| slot.state_mut().clear_lost_contact());
+                match threshold.as_mut() {
+                    Some(timer) => {
+                        match select(fetch.as_mut(), select(&mut removed, timer)).await {
+                            Either::Left((result, _)) => return Some(result),
+                            Either::Right((Either::Left(_), _)) => return None,
+                            Either::Right((Either::Right(_), _)) => {
+                                // A blocking fetch open this long means the server is reachable.
+                                threshold = None;
+                                self.with_slot(entry, |slot| slot.state_mut().clear_lost_contact());
+                            }
+                        }
+                    }
+                    None => {
+                        return match select(fetch.as_mut(), &mut removed).await {
+                            Either::Left((result, _)) => Some(result),
+                            Either::Right(_) => None,
+                        };
                     }
                 }
             }
@@ -473,5 +495,35 @@ impl<T: CacheType> Store<T> {
                 state.chain.stop_refresh();
             }
         }
+    }
+}
+
+/// Ready once the entry is no longer in its table, for a chain waiting on the entry's fetch:
+/// its waker is kept in the entry's extras (see `EntryHandle::wake`), which costs the entry
+/// a few bytes instead of an event listener list and a listener.
+struct Removed<'a, T: CacheType> {
+    store: &'a Store<T>,
+    entry: &'a Arc<EntryHandle<T>>,
+}
+
+impl<T: CacheType> std::future::Future for Removed<'_, T> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        // Registered first, then looked: a removal after the look wakes this waker.
+        self.entry.extras().set_chain(cx.waker());
+        match self.store.read_slot(self.entry, |_| ()) {
+            Some(()) => std::task::Poll::Pending,
+            None => std::task::Poll::Ready(()),
+        }
+    }
+}
+
+impl<T: CacheType> Drop for Removed<'_, T> {
+    fn drop(&mut self) {
+        self.entry.extras().clear_chain();
     }
 }

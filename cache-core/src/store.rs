@@ -14,6 +14,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
@@ -218,8 +219,9 @@ pub(crate) struct EntryHandle<T: CacheType> {
     /// Notified when a fetch for the entry completes, and when the entry is evicted or its
     /// refresh is replaced.
     pub(crate) changed: Event,
-    /// The watch records, offered every completed fetch.
-    pub(crate) watch: Mutex<WatchList<T>>,
+    /// The watch records, offered every completed fetch, and the waker of a chain waiting on
+    /// a fetch in flight.
+    pub(crate) extras: Mutex<EntryExtras<T>>,
 }
 
 // SAFETY: the only field that is not `Sync` by itself is the state's cell, and the state is
@@ -231,6 +233,20 @@ unsafe impl<T: CacheType> Sync for EntryHandle<T> where EntryState<T>: Send + Sy
 unsafe impl<T: CacheType> Send for EntryHandle<T> where EntryState<T>: Send {}
 
 impl<T: CacheType> EntryHandle<T> {
+    pub(crate) fn extras(&self) -> std::sync::MutexGuard<'_, EntryExtras<T>> {
+        self.extras.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes everything waiting on the entry: its gets and chain (through its event) and a
+    /// chain waiting on the entry's fetch in flight.
+    pub(crate) fn wake(&self) {
+        wake_all(&self.changed);
+        let chain = self.extras().take_chain();
+        if let Some(waker) = chain {
+            waker.wake();
+        }
+    }
+
     pub(crate) fn touch(&self, nanos: u64) {
         // A plain load first: a hot entry read by many threads is not written on every hit.
         if self.last_read.load(Ordering::Relaxed) < nanos {
@@ -239,52 +255,108 @@ impl<T: CacheType> EntryHandle<T> {
     }
 }
 
-/// An entry's watch records. No allocation while the entry is unwatched: 8 bytes in the
-/// handle instead of a `Vec`'s 24, since most entries are never watched.
-#[allow(clippy::box_collection)] // on purpose: a thin pointer, allocated only when watched
-pub(crate) struct WatchList<T: CacheType>(Option<Box<Vec<Arc<dyn Watcher<T>>>>>);
+/// What an entry holds only while it is watched or a fetch of it is in flight: its watch
+/// records, and the waker of its fetch chain waiting on that fetch (woken if the entry is
+/// removed, so the fetch is dropped at once). No allocation otherwise: 8 bytes in the entry,
+/// since most entries are neither; and one small box when they are, instead of an event list
+/// and a listener for the chain.
+pub(crate) struct EntryExtras<T: CacheType>(Option<Box<Extras<T>>>);
 
-impl<T: CacheType> WatchList<T> {
+struct Extras<T: CacheType> {
+    watchers: Vec<Arc<dyn Watcher<T>>>,
+    chain: Option<Waker>,
+}
+
+impl<T: CacheType> EntryExtras<T> {
     pub(crate) fn new() -> Self {
         Self(None)
     }
 
+    fn extras(&mut self) -> &mut Extras<T> {
+        self.0.get_or_insert_with(|| {
+            Box::new(Extras {
+                watchers: Vec::new(),
+                chain: None,
+            })
+        })
+    }
+
+    /// Frees the box once it holds nothing.
+    fn trim(&mut self) {
+        if self
+            .0
+            .as_ref()
+            .is_some_and(|e| e.watchers.is_empty() && e.chain.is_none())
+        {
+            self.0 = None;
+        }
+    }
+
+    /// The number of watches.
     pub(crate) fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |list| list.len())
+        self.0.as_ref().map_or(0, |e| e.watchers.len())
     }
 
     pub(crate) fn get(&self, at: usize) -> Option<&Arc<dyn Watcher<T>>> {
-        self.0.as_ref()?.get(at)
+        self.0.as_ref()?.watchers.get(at)
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<dyn Watcher<T>>> {
-        self.0.iter().flat_map(|list| list.iter())
+        self.0.iter().flat_map(|e| e.watchers.iter())
     }
 
     pub(crate) fn push(&mut self, watcher: Arc<dyn Watcher<T>>) {
+        let watchers = &mut self.extras().watchers;
         // Room for one at first: most watched entries have a single watch.
-        self.0
-            .get_or_insert_with(|| Box::new(Vec::with_capacity(1)))
-            .push(watcher);
+        watchers.reserve_exact(1);
+        watchers.push(watcher);
     }
 
-    /// Takes the watch at `at` out (`at < len`), moving the last one into its place; the list
-    /// is freed when it empties.
+    /// Takes the watch at `at` out (`at < len`), moving the last one into its place.
     pub(crate) fn swap_remove(&mut self, at: usize) -> Option<Arc<dyn Watcher<T>>> {
-        let list = self.0.as_mut()?;
-        if at >= list.len() {
+        let watchers = &mut self.0.as_mut()?.watchers;
+        if at >= watchers.len() {
             return None;
         }
-        let taken = list.swap_remove(at);
-        if list.is_empty() {
-            self.0 = None;
+        let taken = watchers.swap_remove(at);
+        if watchers.is_empty() {
+            *watchers = Vec::new();
         }
+        self.trim();
         Some(taken)
     }
 
-    /// Every watch, leaving the list empty.
+    /// Every watch, leaving none.
     pub(crate) fn take(&mut self) -> Vec<Arc<dyn Watcher<T>>> {
-        self.0.take().map(|list| *list).unwrap_or_default()
+        let Some(extras) = self.0.as_mut() else {
+            return Vec::new();
+        };
+        let watchers = std::mem::take(&mut extras.watchers);
+        self.trim();
+        watchers
+    }
+
+    /// Registers the waker of the chain waiting on the entry's fetch.
+    pub(crate) fn set_chain(&mut self, waker: &Waker) {
+        match &mut self.extras().chain {
+            Some(known) if known.will_wake(waker) => {}
+            slot => *slot = Some(waker.clone()),
+        }
+    }
+
+    /// Forgets the chain's waker (its fetch is over).
+    pub(crate) fn clear_chain(&mut self) {
+        if let Some(extras) = self.0.as_mut() {
+            extras.chain = None;
+        }
+        self.trim();
+    }
+
+    /// Takes the chain's waker, to wake it.
+    fn take_chain(&mut self) -> Option<Waker> {
+        let waker = self.0.as_mut()?.chain.take();
+        self.trim();
+        waker
     }
 }
 
@@ -515,7 +587,7 @@ impl<T: CacheType> Slot<T> {
                 last_read: AtomicU64::new(0),
                 state: UnsafeCell::new(EntryState::new()),
                 changed: Event::new(),
-                watch: Mutex::new(WatchList::new()),
+                extras: Mutex::new(EntryExtras::new()),
             }),
         }
     }
@@ -796,7 +868,7 @@ impl<T: CacheType> Store<T> {
             // before anyone counts it; a chain `f` started finds it gone and stops.
             let slot = occupied.remove().0;
             drop(table);
-            wake_all(&slot.entry.changed);
+            slot.entry.wake();
             return result;
         }
         let new_entry = inserted.then(|| Arc::as_ptr(&occupied.get().entry) as *const ());
@@ -891,7 +963,7 @@ impl<T: CacheType> Store<T> {
         self.shared.on_remove();
         let entry = slot.entry.clone();
         drop(slot);
-        wake_all(&entry.changed);
+        entry.wake();
         // Once removals outnumber the live entries, the queue drops the items of removed ones,
         // so eviction frees memory soon.
         let live = self.counters.entries.load(Ordering::Relaxed) as usize;
@@ -1081,7 +1153,7 @@ impl<T: CacheType> ErasedStore for Store<T> {
                 table.iter().map(|slot| slot.entry.clone()).collect()
             };
             for entry in entries {
-                let list = entry.watch.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let list = entry.extras().take();
                 if !list.is_empty() {
                     for watcher in &list {
                         watcher.cancel();

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::cache_type::{CacheRequest, CacheType};
 use crate::error::WatchError;
-use crate::store::{EntryHandle, EntryState, Snapshot, Store, WatchList, Watcher, wake_all};
+use crate::store::{EntryExtras, EntryHandle, EntryState, Snapshot, Store, Watcher, wake_all};
 
 impl<T: CacheType> Store<T> {
     pub(crate) fn this(&self) -> Option<Arc<Self>> {
@@ -41,7 +41,7 @@ impl<T: CacheType> Store<T> {
     /// gone.
     pub(crate) fn deliver(&self, entry: &Arc<EntryHandle<T>>, snapshot: &Snapshot<T>) {
         let mut removed = 0;
-        let mut list = entry.watch.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list = entry.extras();
         let mut at = 0;
         while at < list.len() {
             let keep = list.get(at).is_some_and(|w| w.offer(self, entry, snapshot));
@@ -82,7 +82,7 @@ impl<T: CacheType> Store<T> {
                 return Err(WatchError::Replaced(self.name));
             }
             slot.touch(self.nanos(now));
-            let mut list = slot.entry.watch.lock().unwrap_or_else(|p| p.into_inner());
+            let mut list = slot.entry.extras();
             watcher.place().store(list.len(), Ordering::Relaxed);
             list.push(watcher.clone());
             drop(list);
@@ -120,7 +120,7 @@ impl<T: CacheType> Store<T> {
     /// time: the watch knows its place in the list.
     pub(crate) fn remove_watcher(&self, entry: &Arc<EntryHandle<T>>, watcher: &dyn Watcher<T>) {
         let removed = {
-            let mut list = entry.watch.lock().unwrap_or_else(|p| p.into_inner());
+            let mut list = entry.extras();
             let at = watcher.place().load(Ordering::Relaxed);
             list.get(at)
                 .is_some_and(|w| w.id() == watcher.id())
@@ -152,7 +152,7 @@ impl<T: CacheType> Store<T> {
 
 /// Takes the watch at `at` out of its entry's list (by swapping the last one into its place,
 /// whose recorded place follows).
-fn take_at<T: CacheType>(list: &mut WatchList<T>, at: usize) -> Option<Arc<dyn Watcher<T>>> {
+fn take_at<T: CacheType>(list: &mut EntryExtras<T>, at: usize) -> Option<Arc<dyn Watcher<T>>> {
     let taken = list.swap_remove(at)?;
     if let Some(moved) = list.get(at) {
         moved.place().store(at, Ordering::Relaxed);
