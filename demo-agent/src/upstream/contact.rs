@@ -37,7 +37,6 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cache_core::Connected;
-use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
@@ -425,15 +424,35 @@ impl ContactTracker {
         &'a self,
         call: BoxFuture<'a, Result<T, UpstreamError>>,
     ) -> BoxFuture<'a, Result<T, UpstreamError>> {
-        // The caller's `with_accepted` scope stays visible inside this one: `accepted` tells
-        // both.
-        let call = CONTACT.scope(self.shared.clone(), call);
-        async move {
-            let result = call.await;
-            self.observe(&result);
-            result
+        Box::pin(Tracked {
+            call,
+            tracker: self,
+        })
+    }
+}
+
+/// One upstream call through the tracker: 24 bytes (a blocking read lives as long as it waits,
+/// one per watched key; a task-local scope and an `async` block around the call took 80).
+struct Tracked<'a, T> {
+    call: BoxFuture<'a, Result<T, UpstreamError>>,
+    tracker: &'a ContactTracker,
+}
+
+impl<T> Future for Tracked<'_, T> {
+    type Output = Result<T, UpstreamError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        // The tracker is visible to `accepted` while the call runs (the caller's
+        // `with_accepted` scope too: `accepted` tells both).
+        let shared = self.tracker.shared.clone();
+        let polled = CONTACT.sync_scope(shared, || self.call.as_mut().poll(cx));
+        if let std::task::Poll::Ready(result) = &polled {
+            self.tracker.observe(result);
         }
-        .boxed()
+        polled
     }
 }
 
