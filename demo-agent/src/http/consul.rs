@@ -143,7 +143,8 @@ impl<'a> ConsulQuery<'a> {
     }
 }
 
-/// A KV entry as Consul's HTTP API writes it (its `DirEntry`, in its field order).
+/// A KV entry as Consul's HTTP API writes it (its `DirEntry`, in its field order). Sessions
+/// are refused, so an [`Entry`] has no lock index (0) and no session (left out).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct DirEntry<'a> {
@@ -167,11 +168,11 @@ pub struct DirEntry<'a> {
 impl<'a> From<&'a Entry> for DirEntry<'a> {
     fn from(entry: &'a Entry) -> Self {
         Self {
-            lock_index: entry.lock_index,
+            lock_index: 0,
             key: &entry.key,
             flags: entry.flags,
             value: (!entry.value.is_empty()).then_some(Base64(&entry.value)),
-            session: entry.session.as_deref(),
+            session: None,
             create_index: entry.create_index,
             modify_index: entry.modify_index,
         }
@@ -187,26 +188,25 @@ pub fn write_dir_entries<'a>(out: &mut Vec<u8>, entries: impl IntoIterator<Item 
         if n > 0 {
             out.push(b',');
         }
-        write_dir_entry(out, entry);
+        write_dir_entry(out, &DirEntry::from(entry));
     }
     out.push(b']');
 }
 
 /// One entry of [`write_dir_entries`].
-fn write_dir_entry(out: &mut Vec<u8>, entry: &Entry) {
+fn write_dir_entry(out: &mut Vec<u8>, entry: &DirEntry<'_>) {
     out.extend_from_slice(b"{\"LockIndex\":");
     write_number(out, entry.lock_index);
     out.extend_from_slice(b",\"Key\":");
-    write_string(out, &entry.key);
+    write_string(out, entry.key);
     out.extend_from_slice(b",\"Flags\":");
     write_number(out, entry.flags);
     out.extend_from_slice(b",\"Value\":");
-    if entry.value.is_empty() {
-        out.extend_from_slice(b"null");
-    } else {
-        write_base64(out, &entry.value);
+    match entry.value {
+        None => out.extend_from_slice(b"null"),
+        Some(Base64(value)) => write_base64(out, value),
     }
-    if let Some(session) = &entry.session {
+    if let Some(session) = entry.session {
         out.extend_from_slice(b",\"Session\":");
         write_string(out, session);
     }
@@ -381,8 +381,6 @@ mod tests {
                 flags: u64::MAX,
                 create_index: 1,
                 modify_index: 10_000_000_000,
-                lock_index: 7,
-                session: Some("sess\"ion".to_owned()),
             },
             entry(""),
             Entry {
@@ -403,6 +401,18 @@ mod tests {
                 serde_json::to_string(&dir).unwrap()
             );
         }
+        // The fields an `Entry` never has (sessions are refused) are written as serde would.
+        let locked = DirEntry {
+            lock_index: 7,
+            session: Some("sess\"ion"),
+            ..DirEntry::from(&entries[0])
+        };
+        let mut written = Vec::new();
+        write_dir_entry(&mut written, &locked);
+        assert_eq!(
+            String::from_utf8(written).unwrap(),
+            serde_json::to_string(&locked).unwrap()
+        );
     }
 
     #[test]

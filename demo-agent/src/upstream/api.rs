@@ -107,10 +107,9 @@ pub struct Entry {
     pub create_index: u64,
     /// The index of the key's last write (etcd: `mod_revision`). Never 0.
     pub modify_index: u64,
-    /// How often a session acquired the key's lock. Sessions are not implemented: always 0.
-    pub lock_index: u64,
-    /// The session holding the key's lock. Sessions are not implemented: always `None`.
-    pub session: Option<String>,
+    // No lock index or session: sessions are refused, so they would always be 0 and none
+    // (Consul's shape writes them so: `http::consul::DirEntry`), and every cached value
+    // would carry 32 bytes for them.
 }
 
 /// One key as read: its entry (none if absent) and the read's index.
@@ -288,7 +287,7 @@ pub trait Upstream: Send + Sync + 'static {
 
     /// Writes `value` (any bytes) with `flags` to `key` and returns the write's index.
     /// A new key's `create_index` is the write's index; an existing key keeps its
-    /// `create_index` and `lock_index`; its flags become `flags` (0 clears them).
+    /// `create_index`; its flags become `flags` (0 clears them).
     /// With `cas = Some(n)`: writes only if the key's `modify_index` is `n`, or, for
     /// `n = 0`, only if the key does not exist; otherwise fails with
     /// [`UpstreamError::CasMismatch`] and changes nothing.

@@ -401,8 +401,6 @@ impl Found {
                 flags,
                 create_index: revision(kv.create_revision).max(1),
                 modify_index: revision(kv.mod_revision).max(1),
-                lock_index: 0,
-                session: None,
             }
         })
     }

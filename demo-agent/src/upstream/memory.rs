@@ -36,8 +36,6 @@ impl Item {
             flags: self.flags,
             create_index: self.create_index,
             modify_index: self.modify_index,
-            lock_index: 0,
-            session: None,
         }
     }
 }
