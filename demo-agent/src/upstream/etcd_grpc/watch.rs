@@ -13,8 +13,8 @@
 //! is open) fires the watches whose deadline passed with [`Fired::Expired`], so a waiting read
 //! keeps no timer of its own (a tokio `Sleep` is 112 bytes, one per watched key).
 //!
-//! Memory per open watch: one map entry (the key, the range end, the start revision, the
-//! deadline and the reader's waker) and one entry in the set of deadlines; a fired watch's
+//! Memory per open watch: one map entry (the key and range end in one allocation, the start
+//! revision, the deadline and the reader's waker) and one entry in the set of deadlines; a fired watch's
 //! outcome waits in a second map until its reader takes it.
 //!
 //! # Invariants
@@ -89,8 +89,10 @@ pub(crate) enum Fired {
 /// An open watch: what to (re-)create on etcd, and whom to wake when it fires.
 #[derive(Debug)]
 struct Registered {
-    key: Box<[u8]>,
-    range_end: Box<[u8]>,
+    /// The key, then the range end (empty for one key): one allocation.
+    range: Box<[u8]>,
+    /// Where the key ends in `range`.
+    key_len: u32,
     start_revision: i64,
     /// When the reader stops waiting, in nanoseconds since the hub's `epoch`.
     deadline: u64,
@@ -102,8 +104,8 @@ impl Registered {
     fn create(&self, id: i64) -> WatchRequest {
         WatchRequest {
             request_union: Some(RequestUnion::Create(pb::WatchCreateRequest {
-                key: self.key.to_vec(),
-                range_end: self.range_end.to_vec(),
+                key: self.range[..self.key_len as usize].to_vec(),
+                range_end: self.range[self.key_len as usize..].to_vec(),
                 start_revision: self.start_revision,
                 watch_id: id,
             })),
@@ -320,9 +322,12 @@ impl WatchHub {
         deadline: Instant,
     ) -> Watch {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let key_len = u32::try_from(key.len()).expect("a key shorter than 4 GiB");
+        let mut range = key;
+        range.extend_from_slice(&range_end);
         let registered = Registered {
-            key: key.into_boxed_slice(),
-            range_end: range_end.into_boxed_slice(),
+            range: range.into_boxed_slice(),
+            key_len,
             start_revision: i64::try_from(start_revision).unwrap_or(i64::MAX),
             deadline: self.shared.nanos(deadline),
             waker: None,
