@@ -92,6 +92,13 @@ pub fn run(mode: Mode) -> Vec<Figure> {
         moka_counts.push((moka_fetches.load(Ordering::SeqCst) - before) as f64);
         elapsed.as_secs_f64() * 1e3
     };
+    if std::env::var_os("CACHE_BENCH_STORM_PROFILE").is_some() {
+        // For a profiler (callgrind): only our storms, no baseline, no report.
+        for _ in 0..rounds {
+            run_ours();
+        }
+        return Vec::new();
+    }
     let s = interleave(rounds, &mut [&mut run_ours, &mut run_moka]);
     let max_ours = ours_counts.iter().copied().fold(0.0, f64::max);
     let max_moka = moka_counts.iter().copied().fold(0.0, f64::max);
