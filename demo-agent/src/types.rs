@@ -17,7 +17,7 @@ use cache_core::{
     CacheRequest, CacheType, FetchOptions, FetchResult, RegisterOptions, RequestInfo,
 };
 
-use crate::upstream::with_accepted;
+use crate::upstream::accepting;
 use crate::upstream::{KeyRead, ListRead, Query, ReadMode, Upstream, UpstreamError, UpstreamStats};
 
 /// How one read is served: from the cache or not, blocking or not, and its `Cache-Control`.
@@ -144,21 +144,24 @@ impl CacheType for KvType {
 
     /// Not an `async fn`: the future lives inside the entry's fetch task for the whole
     /// blocking query, so it keeps only what the read needs, not the whole options (with the
-    /// last result).
+    /// last result), and the upstream's read in its box alone (see `upstream::accepting`).
     fn fetch(
         &self,
         opts: FetchOptions<Self::Value>,
         request: &KvRequest,
     ) -> impl Future<Output = Result<FetchResult<Self::Value>, UpstreamError>> + Send {
-        let query = request
-            .read
-            .query(self.options.refresh, opts.min_index, opts.timeout);
+        let (min_index, timeout) = (opts.min_index, opts.timeout);
         let connected = opts.connected;
         async move {
             // The upstream calls `accepted()` once it holds the blocking query: the engine
             // then clears a failing entry's error and age at once (see
-            // `upstream::with_accepted`).
-            let read = with_accepted(connected, self.upstream.get(&request.key, query)).await?;
+            // `upstream::with_accepted`; `accepting` keeps the signal in the read's box). The
+            // query is no named local: the future would keep room for it.
+            let read = accepting(connected, || {
+                let query = request.read.query(self.options.refresh, min_index, timeout);
+                self.upstream.get(&request.key, query)
+            })
+            .await?;
             let index = read.index;
             Ok(FetchResult::new(Arc::new(read), index))
         }
@@ -233,12 +236,14 @@ impl CacheType for ListType {
         opts: FetchOptions<Self::Value>,
         request: &ListRequest,
     ) -> impl Future<Output = Result<FetchResult<Self::Value>, UpstreamError>> + Send {
-        let query = request
-            .read
-            .query(self.options.refresh, opts.min_index, opts.timeout);
+        let (min_index, timeout) = (opts.min_index, opts.timeout);
         let connected = opts.connected;
         async move {
-            let read = with_accepted(connected, self.upstream.list(&request.prefix, query)).await?;
+            let read = accepting(connected, || {
+                let query = request.read.query(self.options.refresh, min_index, timeout);
+                self.upstream.list(&request.prefix, query)
+            })
+            .await?;
             let index = read.index;
             Ok(FetchResult::new(Arc::new(read), index))
         }
@@ -321,7 +326,8 @@ mod tests {
     use crate::upstream::{FaultSettings, Faults, MemoryUpstream};
 
     /// The fetch future lives inside the entry's fetch task for the whole blocking query (one
-    /// per watched key): it holds the upstream's boxed read, not the options and the request.
+    /// per watched key): it holds the upstream's boxed read (with the accepted signal inside
+    /// the tracker's box), not the options and the request (120 B with a task-local scope).
     #[test]
     fn a_fetch_future_is_small() {
         let upstream = MemoryUpstream::new(Faults::new(FaultSettings::default()));
@@ -336,7 +342,7 @@ mod tests {
         };
         let fetch = kv.fetch(FetchOptions::new(), &request);
         assert!(
-            std::mem::size_of_val(&fetch) <= 160,
+            std::mem::size_of_val(&fetch) <= 80,
             "{}",
             std::mem::size_of_val(&fetch)
         );
@@ -344,7 +350,7 @@ mod tests {
         let request = ListRequest::new("p/", ReadOptions::watch());
         let fetch = list.fetch(FetchOptions::new(), &request);
         assert!(
-            std::mem::size_of_val(&fetch) <= 160,
+            std::mem::size_of_val(&fetch) <= 80,
             "{}",
             std::mem::size_of_val(&fetch)
         );

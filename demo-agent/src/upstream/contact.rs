@@ -57,12 +57,32 @@ tokio::task_local! {
     /// The contact tracker around the call, set by [`ContactTracker`] (a separate slot, so
     /// that the tracker needs no signal of its own per call).
     static CONTACT: Arc<Shared>;
+    /// A signal offered by [`accepting`] to the tracker whose call it makes.
+    static OFFERED: std::cell::Cell<Option<Connected>>;
 }
 
 /// Runs `future` (an upstream read) with `signal` notified when the upstream accepts the
 /// read's blocking query (see the module docs).
 pub fn with_accepted<F: Future>(signal: Connected, future: F) -> impl Future<Output = F::Output> {
     ACCEPTED.scope(signal, future)
+}
+
+/// [`with_accepted`] around the read that `call` makes, in the read's own box when `call` goes
+/// through a [`ContactTracker`]: the tracker takes the signal into its future (already boxed)
+/// and sets it around each poll, so the caller keeps the read's box alone (16 bytes, not a
+/// task-local scope of 48). Any other upstream's read is wrapped in [`with_accepted`], boxed.
+pub(crate) fn accepting<'a, T: 'a>(
+    signal: Connected,
+    call: impl FnOnce() -> BoxFuture<'a, T>,
+) -> BoxFuture<'a, T> {
+    let (read, left) = OFFERED.sync_scope(std::cell::Cell::new(Some(signal)), || {
+        let read = call();
+        (read, OFFERED.with(std::cell::Cell::take))
+    });
+    match left {
+        None => read,
+        Some(signal) => Box::pin(with_accepted(signal, read)),
+    }
 }
 
 /// Called by an upstream, inside a blocking read's future, once the upstream has accepted the
@@ -427,15 +447,19 @@ impl ContactTracker {
         Box::pin(Tracked {
             call,
             tracker: self,
+            accepted: OFFERED.try_with(std::cell::Cell::take).ok().flatten(),
         })
     }
 }
 
-/// One upstream call through the tracker: 24 bytes (a blocking read lives as long as it waits,
-/// one per watched key; a task-local scope and an `async` block around the call took 80).
+/// One upstream call through the tracker: 40 bytes (a blocking read lives as long as it waits,
+/// one per watched key; a task-local scope and an `async` block around the call took 80, and
+/// the caller's [`with_accepted`] scope 48 more).
 struct Tracked<'a, T> {
     call: BoxFuture<'a, Result<T, UpstreamError>>,
     tracker: &'a ContactTracker,
+    /// The caller's signal, taken from [`accepting`].
+    accepted: Option<Connected>,
 }
 
 impl<T> Future for Tracked<'_, T> {
@@ -448,7 +472,11 @@ impl<T> Future for Tracked<'_, T> {
         // The tracker is visible to `accepted` while the call runs (the caller's
         // `with_accepted` scope too: `accepted` tells both).
         let shared = self.tracker.shared.clone();
-        let polled = CONTACT.sync_scope(shared, || self.call.as_mut().poll(cx));
+        let this = &mut *self;
+        let polled = CONTACT.sync_scope(shared, || match &this.accepted {
+            Some(signal) => ACCEPTED.sync_scope(signal.clone(), || this.call.as_mut().poll(cx)),
+            None => this.call.as_mut().poll(cx),
+        });
         if let std::task::Poll::Ready(result) = &polled {
             self.tracker.observe(result);
         }
@@ -512,6 +540,38 @@ impl Upstream for ContactTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::{FaultSettings, MemoryUpstream};
+
+    /// `accepting` reaches the caller's signal whether the read goes through a tracker (which
+    /// takes the signal into its box) or not (then wrapped in `with_accepted`), and the
+    /// tracker records the contact.
+    #[tokio::test(start_paused = true)]
+    async fn accepting_reaches_the_signal_with_or_without_a_tracker() {
+        let memory = MemoryUpstream::new(Faults::new(FaultSettings::default()));
+        let index = memory.put("k", b"v".to_vec(), 0, None).await.unwrap();
+        let tracker = ContactTracker::new(memory.clone(), "memory", None);
+        let wait = Query::blocking(index, Duration::from_millis(50));
+        let signal = |count: &Arc<AtomicU64>| {
+            let count = count.clone();
+            Connected::new(move || {
+                count.fetch_add(1, Ordering::Relaxed);
+            })
+        };
+
+        let direct = Arc::new(AtomicU64::new(0));
+        let read = accepting(signal(&direct), || memory.get("k", wait)).await;
+        assert_eq!(read.unwrap().index, index);
+        assert_eq!(direct.load(Ordering::Relaxed), 1);
+
+        let tracked = Arc::new(AtomicU64::new(0));
+        assert_eq!(tracker.state().last_contact, None);
+        let read = accepting(signal(&tracked), || tracker.get("k", wait)).await;
+        assert_eq!(read.unwrap().index, index);
+        assert_eq!(tracked.load(Ordering::Relaxed), 1);
+        assert!(tracker.state().last_contact.is_some());
+        // Nothing is left offered for a later call.
+        assert!(OFFERED.try_with(|_| ()).is_err());
+    }
 
     #[test]
     fn formats_rfc3339() {

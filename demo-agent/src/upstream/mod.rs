@@ -29,6 +29,7 @@ pub use api::{
     Entry, KeyRead, ListRead, MAX_WAIT, Query, RESERVED_PREFIX, ReadMode, Upstream, UpstreamError,
     UpstreamStats, flags_key,
 };
+pub(crate) use contact::accepting;
 pub use contact::{
     ContactState, ContactTracker, LOST_AFTER, PROBE_INTERVAL, PROBE_TIMEOUT, accepted, rfc3339,
     with_accepted,
