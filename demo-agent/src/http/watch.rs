@@ -39,11 +39,14 @@ const CHANNEL_CAPACITY: usize = 64;
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// One event of any watched type, on the stream's one channel; the correlation id is the
-/// watch's position in the stream's ids. Boxed: the channel's buffer holds
+/// watch's position in the stream's ids. One box (8 bytes): the channel's buffer holds
 /// [`CHANNEL_CAPACITY`] of these per stream, mostly empty.
-enum WatchEvent {
-    Key(Box<UpdateEvent<u32, Arc<KeyRead>, UpstreamError>>),
-    Prefix(Box<UpdateEvent<u32, Arc<ListRead>, UpstreamError>>),
+struct WatchEvent(Box<Update>);
+
+/// What a [`WatchEvent`] carries.
+enum Update {
+    Key(UpdateEvent<u32, Arc<KeyRead>, UpstreamError>),
+    Prefix(UpdateEvent<u32, Arc<ListRead>, UpstreamError>),
 }
 
 /// Keeps a stream's watches alive and counts the stream; dropping it (the client left, or
@@ -141,7 +144,7 @@ pub(super) async fn watch(
             key: key.to_owned(),
             read: ReadOptions::watch(),
         };
-        let sink = map_sink(tx.clone(), |event| WatchEvent::Key(Box::new(event)));
+        let sink = map_sink(tx.clone(), |event| WatchEvent(Box::new(Update::Key(event))));
         let id = ids.push("key", key);
         handles.push(
             state
@@ -153,7 +156,9 @@ pub(super) async fn watch(
     }
     for prefix in prefixes {
         let request = ListRequest::new(prefix, ReadOptions::watch());
-        let sink = map_sink(tx.clone(), |event| WatchEvent::Prefix(Box::new(event)));
+        let sink = map_sink(tx.clone(), |event| {
+            WatchEvent(Box::new(Update::Prefix(event)))
+        });
         let id = ids.push("prefix", prefix);
         handles.push(
             state
@@ -221,20 +226,21 @@ impl FailingSince {
 }
 
 fn sse_event(event: WatchEvent, failing: &mut FailingSince, stream: &StreamGuard) -> Event {
+    let event = *event.0;
     let (id, failed) = match &event {
-        WatchEvent::Key(e) => (e.correlation_id, e.error.is_some()),
-        WatchEvent::Prefix(e) => (e.correlation_id, e.error.is_some()),
+        Update::Key(e) => (e.correlation_id, e.error.is_some()),
+        Update::Prefix(e) => (e.correlation_id, e.error.is_some()),
     };
     let failing_since = failing.update(id, failed, &stream.state).map(rfc3339);
     let correlation_id = stream.ids.get(id);
     let mut data = match event {
-        WatchEvent::Key(e) => json!({
+        Update::Key(e) => json!({
             "correlation_id": correlation_id,
             "index": e.meta.index.max(1),
             "value": e.result.as_ref().and_then(|read| read.entry.as_ref()).map(|entry| String::from_utf8_lossy(&entry.value)),
             "error": e.error.map(|error| error.to_string()),
         }),
-        WatchEvent::Prefix(e) => json!({
+        Update::Prefix(e) => json!({
             "correlation_id": correlation_id,
             "index": e.meta.index.max(1),
             "value": e.result.as_ref().map(|list| list.entries.iter().map(|entry| json!({
