@@ -1016,7 +1016,6 @@ impl<T: CacheType> Store<T> {
     /// of its type, or the cache is closing down its registry.
     pub(crate) fn release_all(&self) {
         self.retired.store(true, Ordering::Release);
-        self.expiry.clear();
         self.close_watches();
         for shard in self.shards.iter() {
             let slots: Vec<Slot<T>> = {
@@ -1027,6 +1026,9 @@ impl<T: CacheType> Store<T> {
                 self.forget(slot);
             }
         }
+        // Last: a fetch completing before its entry was drained may have scheduled one more
+        // deadline, and no task serves a retired store's queue.
+        self.expiry.clear();
     }
 
     /// Whether a newer registration of the type replaced this store.
@@ -1058,7 +1060,9 @@ impl<T: CacheType> Store<T> {
                 (slot.state().watched()).then(|| self.snapshot_of(slot.state(), false, now));
             (slot.entry.clone(), first, snapshot)
         });
-        if first {
+        // A retired store took the entry straight back out (see `with_entry`), or is about
+        // to drain it and then clear its queue: nothing serves that queue any more.
+        if first && !self.is_retired() {
             self.schedule_expiry(&entry, now);
         }
         wake_all(&entry.changed);

@@ -3,13 +3,46 @@
 //! before a fix or guards an edge that held). Virtual time; a test that would hang on a defect
 //! runs its simulation on a thread of its own and fails after a wall-clock bound instead.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use cache_core::Cache;
-use cache_core::RegisterOptions;
 use cache_core::sim::SimRuntime;
-use cache_core::testing::{MockRequest, MockServer};
+use cache_core::testing::{MockRequest, MockServer, MockType};
+use cache_core::{Cache, FetchResult, RegisterOptions, RequestInfo};
+
+/// Counts the bytes each thread holds (tests run in parallel; a simulation runs on its test's
+/// thread).
+struct Counting;
+
+thread_local! {
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator and only counts, in a thread-local without a
+// destructor (so counting never allocates).
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = LIVE.try_with(|live| live.set(live.get() + layout.size() as isize));
+        // SAFETY: same layout, forwarded.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let _ = LIVE.try_with(|live| live.set(live.get() - layout.size() as isize));
+        // SAFETY: allocated by `alloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Bytes allocated and not freed by this thread so far.
+fn live_bytes() -> isize {
+    LIVE.with(Cell::get)
+}
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -85,4 +118,37 @@ fn gets_of_a_zero_ttl_type_answer() {
             assert_eq!(cache.len(), 0);
         });
     });
+}
+
+/// A handle to a replaced registration keeps no entry, and prepopulating through it must keep
+/// nothing either. It kept an expiry item (and with it the entry's allocation and key) per
+/// call: the entry was taken back out of the retired store, but its expiry was scheduled all
+/// the same, in the retired store's queue, which no task serves any more. So a stale handle
+/// prepopulating in a loop grew memory without bound, for as long as it was held.
+#[test]
+fn prepopulating_through_a_replaced_registration_keeps_nothing() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::new(sim.handle());
+    let echo = || {
+        MockType::new(RegisterOptions::new(), |_o, _r| async {
+            Ok(FetchResult::new(1u64, 1))
+        })
+    };
+    let old = cache.register(echo());
+    let _new = cache.register(echo());
+    old.prepopulate(&RequestInfo::new("warm-up"), 0, 1).unwrap();
+    sim.block_on(sim.sleep(secs(1)));
+    let before = live_bytes();
+    for i in 0..1000u64 {
+        old.prepopulate(&RequestInfo::new(format!("key-{i}")), i, 1)
+            .unwrap();
+    }
+    // Well past the default TTL of 72 hours.
+    sim.block_on(sim.sleep(secs(100 * 3600)));
+    assert_eq!(cache.len(), 0);
+    let kept = live_bytes() - before;
+    assert!(
+        kept < 16 * 1024,
+        "1000 prepopulates through a replaced registration kept {kept} bytes"
+    );
 }
