@@ -129,13 +129,7 @@ async fn serve(
     });
     loop {
         let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    accept_failed(error).await;
-                    continue;
-                }
-            },
+            stream = accept(&listener) => stream,
             () = &mut stopped => break,
         };
         let service = TowerToHyperService::new(service.clone().map_request(
@@ -169,19 +163,26 @@ async fn serve(
     Ok(())
 }
 
-/// What `axum::serve` does when `accept` fails: a connection's own failure is skipped; any
-/// other error (e.g. out of file descriptors) is logged and accepting pauses for a second.
-async fn accept_failed(error: io::Error) {
-    if matches!(
-        error.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    ) {
-        return;
+/// The next connection, as `axum::serve` accepts it: a connection's own failure is skipped;
+/// any other error (e.g. out of file descriptors) is logged and accepting pauses for a second
+/// (shutdown does not wait for that pause: this future is dropped).
+async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => return stream,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::ConnectionRefused
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::ConnectionReset
+                ) => {}
+            Err(error) => {
+                tracing::error!("accept error: {error}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
-    tracing::error!("accept error: {error}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// A running agent: its address, a shutdown handle, and its server task.
