@@ -234,6 +234,18 @@ impl<T: CacheType> Store<T> {
             let step = match joined {
                 Some(Err(outcome)) => return outcome,
                 Some(Ok(Some(listener))) => Ok(listener),
+                // A closed cache starts nothing new, so a miss creates no entry that nothing
+                // would ever fill or expire.
+                None if self.shared.is_closed() => {
+                    if seen.first {
+                        self.counters.misses_new.incr();
+                    }
+                    return GetOutcome {
+                        value: None,
+                        meta: ResultMeta::default(),
+                        error: Some(GetError::Closed),
+                    };
+                }
                 _ => self.with_entry(hash, &info, |slot| {
                     if let Some(outcome) = self.look(slot, &info, now, &mut seen) {
                         return Err(outcome);

@@ -152,3 +152,40 @@ fn prepopulating_through_a_replaced_registration_keeps_nothing() {
         "1000 prepopulates through a replaced registration kept {kept} bytes"
     );
 }
+
+/// A miss after close answers `Closed` at once (Get 9) and must leave nothing behind. It
+/// created an empty entry per key, which no fetch would ever fill and no expiry remove (the
+/// expiry task ends with the cache), so gets of distinct keys after close grew the cache
+/// without bound. Failed before the fix.
+#[test]
+fn misses_after_close_create_no_entries() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::new(sim.handle());
+    let typed = cache.register(MockType::new(RegisterOptions::new(), |_o, _r| async {
+        Ok(FetchResult::new(1u64, 1))
+    }));
+    sim.block_on(async {
+        typed.get(&MockRequest::new("cached")).await.unwrap();
+    });
+    cache.close();
+    sim.block_on(async {
+        for i in 0..1000 {
+            let miss = typed.get(&MockRequest::new(&format!("k{i}"))).await;
+            assert!(
+                matches!(miss, Err(cache_core::GetError::Closed)),
+                "{miss:?}"
+            );
+        }
+        assert!(
+            typed
+                .get(&MockRequest::new("cached"))
+                .await
+                .unwrap()
+                .meta
+                .hit
+        );
+    });
+    assert_eq!(cache.len(), 1, "misses after close created entries");
+    let m = cache.metrics().total();
+    assert_eq!((m.misses_new, m.hits), (1001, 1), "{m:?}");
+}
