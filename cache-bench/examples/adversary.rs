@@ -376,7 +376,19 @@ async fn reregistration() -> String {
     let stale = cache.register(server.blocking_type(opts.clone()));
     let stop = Arc::new(AtomicBool::new(false));
     let replaced = Arc::new(AtomicU64::new(0));
+    let max_seen = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
+    {
+        // The entry count never wraps below zero while stores are released under inserts.
+        let (cache, stop, max_seen) = (cache.clone(), stop.clone(), max_seen.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                max_seen.fetch_max(cache.len(), Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+            0
+        }));
+    }
     for t in 0..4u64 {
         let (cache, stop, replaced) = (cache.clone(), stop.clone(), replaced.clone());
         tasks.push(tokio::spawn(async move {
@@ -453,6 +465,8 @@ async fn reregistration() -> String {
     assert_eq!(m.types.len(), 1, "only the last registration is listed");
     assert_eq!(m.total().entries, cache.len() as u64);
     assert!(cache.len() <= 22, "{} entries", cache.len());
+    let max_seen = max_seen.load(Ordering::Relaxed);
+    assert!(max_seen <= 22, "reregistration: {max_seen} entries at once");
     cache.close();
     drop(cache);
     format!(
@@ -528,6 +542,17 @@ async fn close_races() -> String {
         handles_seen += handles.len();
         refused += closed_refusals.load(Ordering::Relaxed);
         assert_eq!(cache.metrics().total().watches, 0, "close round {round}");
+        // Misses after close answer at once and leave nothing behind.
+        let len = cache.len();
+        for i in 0..100 {
+            let miss = typed.get(&MockRequest::new(&format!("after-{i}"))).await;
+            assert!(matches!(miss, Err(GetError::Closed)), "{miss:?}");
+        }
+        assert_eq!(
+            cache.len(),
+            len,
+            "close round {round}: misses after close made entries"
+        );
         drop(handles);
     }
     format!("30 rounds, {handles_seen} watches ended by close, {refused} refused after it")
@@ -683,6 +708,10 @@ async fn extreme_keys() -> String {
     assert!(matches!(
         typed.prepopulate(&RequestInfo::new(""), 1, 1),
         Err(CacheError::EmptyKey)
+    ));
+    assert!(matches!(
+        typed.watch(MockRequest::new("").max_age(ms(10))),
+        Err(WatchError::EmptyKey)
     ));
     // Every split of 27, 28 and 29 bytes into key, datacenter and token (up to 3 bytes each).
     let text = "abcdefghijklmnopqrstuvwxyz0123456789";
