@@ -324,12 +324,16 @@ impl<T: CacheType> Store<T> {
         if self.opts.supports_blocking {
             opts.connected = self.connected_signal(entry, generation);
         }
-        let fetch = AssertUnwindSafe(self.ty.fetch(opts, request)).catch_unwind();
-        let threshold =
+        let mut fetch = AssertUnwindSafe(self.ty.fetch(opts, request)).catch_unwind();
+        let mut threshold =
             connected_timer.then(|| Sleep::after(&*self.shared.rt, CONNECTED_THRESHOLD));
         async move {
-            let mut fetch = std::pin::pin!(fetch);
-            let mut threshold = threshold;
+            // Pinned where it was captured: `pin!` would move it into a second slot of this
+            // future, and the captured one keeps its room for the future's whole life (the
+            // chain's task holds this future for as long as the fetch runs, per entry).
+            // SAFETY: `fetch` is owned by this future, which is pinned while it runs; it is not
+            // moved after this, and is dropped in place with the future.
+            let mut fetch = unsafe { std::pin::Pin::new_unchecked(&mut fetch) };
             let mut removed = Removed { store: self, entry };
             loop {
                 match threshold.as_mut() {

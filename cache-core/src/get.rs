@@ -104,10 +104,7 @@ impl<T: CacheType> Store<T> {
     }
 
     /// `Cache::get` for this type (docs/contract.md#get): [`Store::get`] as a `Result`.
-    pub(crate) fn get_result<'a>(
-        &'a self,
-        request: &'a T::Request,
-    ) -> GetFuture<'a, GetResult<T>> {
+    pub(crate) fn get_result<'a>(&'a self, request: &'a T::Request) -> GetFuture<'a, GetResult<T>> {
         self.get_as(
             request,
             |value, meta| Ok(Response { value, meta }),
