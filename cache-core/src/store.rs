@@ -690,7 +690,10 @@ struct Victim<T: CacheType> {
 impl<T: CacheType> EvictOne for Victim<T> {
     fn evict(&self) -> bool {
         self.store.upgrade().is_some_and(|store| {
-            let evicted = store.evict(&self.entry);
+            // Chosen under the read lock: a watch or a waiting get may have come since.
+            let evicted = store.evict_if(&self.entry, |slot| {
+                !slot.state().watched() && slot.state().waiters.load(Ordering::Relaxed) == 0
+            });
             if evicted {
                 bump(&store.counters.evictions_capacity);
             }
@@ -929,20 +932,45 @@ impl<T: CacheType> Store<T> {
         if deadline > now {
             return Some(deadline);
         }
-        if self.evict(entry) {
+        // Looked at under the read lock: a read or a watch may have come since.
+        let expired = |slot: &Slot<T>| {
+            !slot.state().watched()
+                && self
+                    .instant(slot.last_read.load(Ordering::Relaxed))
+                    .checked_add(ttl)
+                    .is_some_and(|deadline| deadline <= now)
+        };
+        if self.evict_if(entry, expired) {
             bump(&self.counters.expirations);
+            return None;
         }
-        None
+        // Still cached: look again at its real deadline (gone: the check finds nothing).
+        self.read_slot(entry, |slot| {
+            let last_read = self.instant(slot.last_read.load(Ordering::Relaxed));
+            let deadline = last_read.checked_add(ttl);
+            if slot.state().watched() {
+                now.checked_add(ttl.max(WATCHED_RECHECK))
+            } else {
+                deadline.map(|d| d.max(now + Duration::from_nanos(1)))
+            }
+        })
+        .flatten()
     }
 
-    /// Removes `entry` from its table (if it is still there) and wakes everything waiting on it.
-    pub(crate) fn evict(&self, entry: &EntryHandle<T>) -> bool {
+    /// Removes `entry` from its table if it is still there and `still` holds for it under the
+    /// table's write lock (a choice made under the read lock is checked again there), and
+    /// wakes everything waiting on it.
+    pub(crate) fn evict_if(
+        &self,
+        entry: &EntryHandle<T>,
+        still: impl FnOnce(&Slot<T>) -> bool,
+    ) -> bool {
         let removed = {
             let hash = self.entry_hash(entry);
             let mut table = self.write(hash);
             match table.find_entry(hash, |s| std::ptr::eq(Arc::as_ptr(&s.entry), entry)) {
-                Ok(occupied) => Some(occupied.remove().0),
-                Err(_) => None,
+                Ok(occupied) if still(occupied.get()) => Some(occupied.remove().0),
+                _ => None,
             }
         };
         let Some(slot) = removed else {
