@@ -9,6 +9,8 @@
 //!   registration used for gets and prepopulates (it must keep nothing);
 //! - **close** racing notify, get and watch (no watch open once `close` returned);
 //! - **watch fan-in**: 2 000 notify watches and 200 streams of one key, dropped in random order;
+//! - **watch vs eviction**: watches added to entries that capacity is evicting (a watched
+//!   entry must keep its entry);
 //! - **slow consumers** (20 one-slot channels, 20 streams) of 300 changes, which must still end
 //!   on the latest value;
 //! - **extreme keys**: empty, 27/28/29 bytes split in every way between key, datacenter and
@@ -632,6 +634,67 @@ async fn watch_fan_in() -> String {
     "2 200 watches of one key dropped in random order".to_owned()
 }
 
+async fn watch_vs_eviction() -> String {
+    let cache = Cache::builder(runtime()).max_entries(4).build();
+    let typed = cache.register(Probe::<8>::new(
+        Duration::from_secs(3600),
+        Duration::ZERO,
+        0,
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let (typed, stop) = (typed.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                typed
+                    .get(&MockRequest::new(&format!("c{n}")))
+                    .await
+                    .expect("churn get");
+                tokio::task::yield_now().await;
+            }
+            n
+        })
+    };
+    let mut rng = Rng(99);
+    let mut orphans = Vec::new();
+    const ROUNDS: usize = 10_000;
+    for i in 0..ROUNDS {
+        let key = format!("w{i}");
+        typed.get(&MockRequest::new(&key)).await.expect("get");
+        for _ in 0..rng.below(4) {
+            tokio::task::yield_now().await;
+        }
+        let (tx, _rx) = async_channel::bounded(1);
+        let handle = typed
+            .notify(
+                MockRequest::new(&key).max_age(Duration::from_secs(3600)),
+                (),
+                tx,
+            )
+            .expect("notify");
+        tokio::task::yield_now().await;
+        let page = typed.entries(&cache_core::EntryQuery::new().prefix(key.clone()));
+        let watched = page.entries.iter().any(|e| e.key == key && e.watchers > 0);
+        if handle.is_active() && !watched {
+            orphans.push(i);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let churned = churn.await.expect("churn");
+    assert!(
+        orphans.is_empty(),
+        "watch vs eviction: {} of {ROUNDS} active watches lost their entry (first: {:?})",
+        orphans.len(),
+        orphans.first()
+    );
+    drop(typed);
+    cache.close();
+    drop(cache);
+    format!("{ROUNDS} watches added under {churned} capacity evictions, none lost its entry")
+}
+
 async fn slow_consumers() -> String {
     const LAST: u64 = 300;
     const EACH: usize = 20;
@@ -777,6 +840,12 @@ fn main() {
         part("close races", Duration::from_secs(60), close_races()).await;
         part("watch fan-in", Duration::from_secs(30), watch_fan_in()).await;
         part("slow consumers", Duration::from_secs(30), slow_consumers()).await;
+        part(
+            "watch/eviction",
+            Duration::from_secs(60),
+            watch_vs_eviction(),
+        )
+        .await;
         part("extreme keys", Duration::from_secs(30), extreme_keys()).await;
         let left = settle_memory("the whole run", start).await;
         println!("adversary: every part passed; {left:+} bytes left over the run");
