@@ -15,7 +15,7 @@ use crate::chain;
 use crate::error::GetError;
 use crate::metrics::bump;
 use crate::runtime::Sleep;
-use crate::store::{EntryHandle, EntryState, Slot, Store, panic_message, wake_all};
+use crate::store::{EntryHandle, EntryState, Slot, Store, next_attempt, panic_message, wake_all};
 
 /// What a fetch attempt gave: its result, or the panic it raised.
 type FetchOutcome<T> =
@@ -49,9 +49,9 @@ impl<T: CacheType> Store<T> {
         let (generation, replaced) = slot.state_mut().chain.start(first_at.is_none());
         if replaced {
             // Wake the replaced chain so that it stops now, not at its next timer.
-            wake_all(&slot.entry.changed);
+            wake_all(&slot.handle().changed);
         }
-        let chain = this.fetch_chain(slot.entry.clone(), generation, request, first_at);
+        let chain = this.fetch_chain(slot.handle().clone(), generation, request, first_at);
         self.shared.rt.spawn(Box::pin(chain));
     }
 
@@ -70,7 +70,7 @@ impl<T: CacheType> Store<T> {
         let state = slot.state();
         let watched = slot.state().watched();
         let poll_every = if watched && !self.opts.supports_blocking {
-            slot.entry
+            slot.handle()
                 .extras()
                 .iter()
                 .filter_map(|w| w.max_age())
@@ -431,7 +431,7 @@ impl<T: CacheType> Store<T> {
     ) {
         let state = slot.state_mut();
         let first = !state.expiry_scheduled();
-        state.attempts = state.attempts.wrapping_add(1).max(1);
+        state.attempts = next_attempt(state.attempts);
         let success = match result {
             Ok(Ok(result)) => {
                 bump(&self.counters.fetch_success);
@@ -488,7 +488,7 @@ impl<T: CacheType> Store<T> {
         if first {
             // The TTL clock starts when the first fetch completes.
             slot.touch(self.nanos(now));
-            self.schedule_expiry(&slot.entry, now);
+            self.schedule_expiry(slot.handle(), now);
         }
         let state = slot.state_mut();
         if self.opts.refresh && fatal {

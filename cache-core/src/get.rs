@@ -333,12 +333,12 @@ impl<T: CacheType> Store<T> {
         if !waiting
             .entry
             .as_ref()
-            .is_some_and(|e| Arc::ptr_eq(e, &slot.entry))
+            .is_some_and(|e| Arc::ptr_eq(e, slot.handle()))
         {
             slot.state().waiters.fetch_add(1, Ordering::Relaxed);
-            waiting.entry = Some(slot.entry.clone());
+            waiting.entry = Some(slot.handle().clone());
         }
-        slot.entry.changed.listen()
+        slot.handle().changed.listen()
     }
 
     /// A waiting get looks at its entry: its answer, or `None` to wait (again). Reads only

@@ -215,7 +215,7 @@ pub(crate) struct EntryHandle<T: CacheType> {
     /// table's read lock.
     pub(crate) last_read: AtomicU64,
     /// Reached only through the entry's [`Slot`] in its table, under the table's lock.
-    state: UnsafeCell<EntryState<T>>,
+    state: StateCell<T>,
     /// Notified when a fetch for the entry completes, and when the entry is evicted or its
     /// refresh is replaced.
     pub(crate) changed: Event,
@@ -224,13 +224,17 @@ pub(crate) struct EntryHandle<T: CacheType> {
     pub(crate) extras: Mutex<EntryExtras<T>>,
 }
 
-// SAFETY: the only field that is not `Sync` by itself is the state's cell, and the state is
-// only reached through the entry's one `Slot`: shared while the slot's table is read-locked,
-// exclusive while it is write-locked or the slot is out of its table (see `Slot`). Every
-// other field is `Send + Sync` for a `CacheType`, whose value and error are.
-unsafe impl<T: CacheType> Sync for EntryHandle<T> where EntryState<T>: Send + Sync {}
-// SAFETY: as above; moving the entry between threads moves nothing thread-bound.
-unsafe impl<T: CacheType> Send for EntryHandle<T> where EntryState<T>: Send {}
+/// The cell of an entry's state. Its `Send`/`Sync` are the `RwLock`'s rule, since the state
+/// is only reached under its table's lock (see [`Slot`]); every other field of the entry
+/// stays checked by the compiler.
+struct StateCell<T: CacheType>(UnsafeCell<EntryState<T>>);
+
+// SAFETY: the state is only reached through the entry's one `Slot`: shared while the slot's
+// table is read-locked, exclusive while it is write-locked or the slot is out of its table.
+// So, as for an `RwLock`, sharing the cell needs the state to be `Send + Sync`.
+unsafe impl<T: CacheType> Sync for StateCell<T> where EntryState<T>: Send + Sync {}
+// SAFETY: moving the cell between threads moves the state, nothing thread-bound.
+unsafe impl<T: CacheType> Send for StateCell<T> where EntryState<T>: Send {}
 
 impl<T: CacheType> EntryHandle<T> {
     pub(crate) fn extras(&self) -> std::sync::MutexGuard<'_, EntryExtras<T>> {
@@ -391,6 +395,11 @@ pub(crate) struct EntryState<T: CacheType> {
     cold: Option<Box<Cold<T>>>,
 }
 
+/// The attempt number after `attempt`: it wraps, skipping 0 (which means "no attempt yet").
+pub(crate) fn next_attempt(attempt: u32) -> u32 {
+    attempt.wrapping_add(1).max(1)
+}
+
 /// The rarely used part of an entry's state.
 struct Cold<T: CacheType> {
     fetch_state: Option<FetchState>,
@@ -487,10 +496,11 @@ impl<T: CacheType> EntryState<T> {
     /// Whether the stored error comes from a run of failures that began after attempt `seen`
     /// was made: then attempt `seen + 1`, the one a get waited for, succeeded.
     pub(crate) fn failing_after(&self, seen: u32) -> bool {
-        // A wrapping difference: the counter wraps, and a run of failures is never two
-        // billion attempts away from the get that waited for one of them.
+        // A wrapping difference from the attempt after `seen` (the counter wraps and skips 0),
+        // and a run of failures is never two billion attempts away from a get waiting on it.
+        let waited_for = next_attempt(seen);
         self.cold.as_ref().is_some_and(|c| {
-            c.error.is_some() && (c.failing_from_attempt.wrapping_sub(seen) as i32) > 1
+            c.error.is_some() && (c.failing_from_attempt.wrapping_sub(waited_for) as i32) > 0
         })
     }
 
@@ -576,16 +586,23 @@ impl<T: CacheType> EntryState<T> {
 /// owning the slot taken out), which is what makes [`Slot::state`] and [`Slot::state_mut`]
 /// sound.
 pub(crate) struct Slot<T: CacheType> {
-    pub(crate) entry: Arc<EntryHandle<T>>,
+    /// Private: a `Slot` is made only by [`Slot::new`], and its entry never replaced, which is
+    /// what the soundness of [`Slot::state`] rests on.
+    entry: Arc<EntryHandle<T>>,
 }
 
 impl<T: CacheType> Slot<T> {
+    /// The entry (what a task keeps to find the slot again).
+    pub(crate) fn handle(&self) -> &Arc<EntryHandle<T>> {
+        &self.entry
+    }
+
     fn new(key: EntryKey) -> Self {
         Self {
             entry: Arc::new(EntryHandle {
                 key,
                 last_read: AtomicU64::new(0),
-                state: UnsafeCell::new(EntryState::new()),
+                state: StateCell(UnsafeCell::new(EntryState::new())),
                 changed: Event::new(),
                 extras: Mutex::new(EntryExtras::new()),
             }),
@@ -597,14 +614,14 @@ impl<T: CacheType> Slot<T> {
     pub(crate) fn state(&self) -> &EntryState<T> {
         // SAFETY: see the type's docs: a `&Slot` means the table is at least read-locked (or
         // the slot is out of it and ours), so nobody holds the state mutably.
-        unsafe { &*self.entry.state.get() }
+        unsafe { &*self.entry.state.0.get() }
     }
 
     /// The entry's state, exclusively.
     pub(crate) fn state_mut(&mut self) -> &mut EntryState<T> {
         // SAFETY: see the type's docs: a `&mut Slot` means the table is write-locked (or the
         // slot is out of it and ours), so nobody else reaches the state.
-        unsafe { &mut *self.entry.state.get() }
+        unsafe { &mut *self.entry.state.0.get() }
     }
 }
 
@@ -1266,6 +1283,35 @@ mod key_tests {
                 assert!(!key.matches(k2, d2, t2), "{joined:?} against {other:?}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod attempt_tests {
+    use super::*;
+    use crate::testing::MockType;
+
+    /// Across the attempt counter's wrap (which skips 0), a get that saw attempt `u32::MAX`
+    /// waited for attempt 1: its failure is its own, a run starting at attempt 2 is later.
+    #[test]
+    fn a_failure_is_placed_right_across_the_counters_wrap() {
+        for (seen, failed_at, later) in [
+            (u32::MAX, 1, false),
+            (u32::MAX, 2, true),
+            (5, 6, false),
+            (5, 7, true),
+            (5, 3, false),
+        ] {
+            let mut state = EntryState::<MockType<u64>>::new();
+            state.attempts = failed_at;
+            let _ = state.set_error(Some(GetError::Closed));
+            assert_eq!(
+                state.failing_after(seen),
+                later,
+                "seen {seen}, failing from {failed_at}"
+            );
+        }
+        assert_eq!(next_attempt(u32::MAX), 1);
     }
 }
 

@@ -229,7 +229,11 @@ pub fn profile(duration: Duration, threads: usize) {
     let ns = median(&samples);
     println!(
         "hit ({}), {threads} thread(s), polled: {ns:.1} ns/op{} = {:.1} M hits/s (median of {})",
-        if variant.is_empty() { "ours" } else { variant.as_str() },
+        if variant.is_empty() {
+            "ours"
+        } else {
+            variant.as_str()
+        },
         if threads > 1 { " aggregate" } else { "" },
         1e3 / ns,
         samples.len()

@@ -33,7 +33,7 @@ impl<T: CacheType> Store<T> {
         let now = self.shared.rt.now();
         let hash = self.entry_hash(entry);
         let table = self.read(hash);
-        let slot = table.find(hash, |s| Arc::ptr_eq(&s.entry, entry))?;
+        let slot = table.find(hash, |s| Arc::ptr_eq(s.handle(), entry))?;
         Some(self.snapshot_of(slot.state(), false, now))
     }
 
@@ -82,7 +82,7 @@ impl<T: CacheType> Store<T> {
                 return Err(WatchError::Replaced(self.name));
             }
             slot.touch(self.nanos(now));
-            let mut list = slot.entry.extras();
+            let mut list = slot.handle().extras();
             watcher.place().store(list.len(), Ordering::Relaxed);
             list.push(watcher.clone());
             drop(list);
@@ -104,7 +104,7 @@ impl<T: CacheType> Store<T> {
                 };
                 self.start_chain(slot, request.clone(), first_at);
             }
-            Ok((slot.entry.clone(), initial))
+            Ok((slot.handle().clone(), initial))
         });
         drop(info);
         let (entry, initial) = added?;
