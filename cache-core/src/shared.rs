@@ -98,13 +98,16 @@ impl CacheState {
         *self.rate_limit.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts a new entry; `keep` (the new entry) is never the one evicted for capacity.
-    pub(crate) fn on_insert(&self, keep: *const ()) {
-        let n = self.entries.fetch_add(1, Ordering::Relaxed) + 1;
+    /// Counts a new entry (under its table's lock).
+    pub(crate) fn count_insert(&self) {
+        self.entries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// After an insert (counted by [`CacheState::count_insert`]): evicts least recently read
+    /// entries until at most the capacity remain; `keep` (the new entry) is never the one.
+    pub(crate) fn enforce_capacity(&self, keep: *const ()) {
         if let Some(max) = self.max_entries {
-            if n > max {
-                self.enforce_capacity(max, keep);
-            }
+            self.evict_down_to(max, keep);
         }
     }
 
@@ -114,7 +117,7 @@ impl CacheState {
     }
 
     /// Evicts least recently read entries until at most `max` remain.
-    fn enforce_capacity(&self, max: usize, keep: *const ()) {
+    fn evict_down_to(&self, max: usize, keep: *const ()) {
         while self.entries.load(Ordering::Relaxed) > max {
             let stores = self
                 .stores

@@ -892,10 +892,16 @@ impl<T: CacheType> Store<T> {
             return result;
         }
         let new_entry = inserted.then(|| Arc::as_ptr(&occupied.get().entry) as *const ());
+        if new_entry.is_some() {
+            // Counted under the table lock, so the entry's removal (which takes it) is always
+            // counted after: the counts never dip below zero.
+            self.counters.entries.fetch_add(1, Ordering::Relaxed);
+            self.shared.count_insert();
+        }
         drop(table);
         if let Some(new_entry) = new_entry {
-            self.counters.entries.fetch_add(1, Ordering::Relaxed);
-            self.shared.on_insert(new_entry);
+            // Capacity is enforced without the lock: eviction takes other tables' locks.
+            self.shared.enforce_capacity(new_entry);
         }
         result
     }
