@@ -467,8 +467,11 @@ async fn reregistration() -> String {
     assert_eq!(m.types.len(), 1, "only the last registration is listed");
     assert_eq!(m.total().entries, cache.len() as u64);
     assert!(cache.len() <= 22, "{} entries", cache.len());
+    // A new registration is installed before the old one is released, so for a moment both
+    // stores may hold entries (gets racing it reach the new store instead of being refused):
+    // at most both stores' keys, never a count that wrapped.
     let max_seen = max_seen.load(Ordering::Relaxed);
-    assert!(max_seen <= 22, "reregistration: {max_seen} entries at once");
+    assert!(max_seen <= 44, "reregistration: {max_seen} entries at once");
     cache.close();
     drop(cache);
     format!(
