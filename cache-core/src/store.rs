@@ -3,10 +3,10 @@
 //! `fetch.rs`, the entry side of watches in `watch/entry.rs`: each adds methods to [`Store`].
 //!
 //! Entries live in sharded tables. A table's lock guards the state of every entry in it, so a
-//! hit takes one read lock and no other lock. The parts of an entry that tasks hold on to while
-//! the table lock is released (its key, its wake-up event, its last-read time) live in an
-//! [`EntryHandle`] behind an `Arc`; a task finds the entry's state again by pointer, so an entry
-//! evicted meanwhile is simply not found and never resurrected.
+//! hit takes one read lock and no other lock. An entry is one allocation, an [`EntryHandle`]
+//! behind an `Arc`, whose state is reached only through its [`Slot`] in the table (under the
+//! lock). Tasks hold the `Arc` while the lock is released and find the slot again by pointer,
+//! so an entry evicted meanwhile is simply not found and never resurrected.
 
 use std::any::{Any, TypeId};
 use std::cell::UnsafeCell;
@@ -387,7 +387,7 @@ pub(crate) struct EntryState<T: CacheType> {
     /// a get leaving counts itself out under the read lock.
     pub(crate) waiters: AtomicU32,
     /// Active watches; an entry with watchers does not expire nor is evicted for capacity.
-    /// In the state, where it costs no bytes, rather than in the handle; atomic, since a watch
+    /// In the state, where it fits beside `waiters`; atomic, since a watch
     /// leaving counts itself out under the read lock.
     pub(crate) watchers: AtomicU32,
     /// What a healthy entry does not need: allocated on the first error, fetch state or rate
