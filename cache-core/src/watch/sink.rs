@@ -43,6 +43,10 @@ pub struct SinkClosed;
 ///
 /// Implemented for [`async_channel::Sender`] (runtime-agnostic) and for [`map_sink`]. Events a
 /// sink refuses are dropped: the watch always resends the latest state when room appears.
+///
+/// `try_send` and `is_closed` (and a [`map_sink`] conversion) run while the cache holds the
+/// entry's watch list: they must hand the event on and return, never call back into the cache
+/// (a watch or notify of the same entry from there would deadlock).
 pub trait EventSink<Ev>: Send + Sync + 'static {
     /// Sends without waiting.
     ///
