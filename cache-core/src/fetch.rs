@@ -68,7 +68,7 @@ impl<T: CacheType> Store<T> {
     /// [`chain::next_fetch`] on this entry's state, with the runtime's jitter.
     fn next_fetch(&self, slot: &Slot<T>, now: Instant) -> Option<Duration> {
         let state = slot.state();
-        let watched = slot.state().watched();
+        let watched = state.watched();
         let poll_every = if watched && !self.opts.supports_blocking {
             slot.handle()
                 .extras()
@@ -221,11 +221,8 @@ impl<T: CacheType> Store<T> {
                 .claim(generation, due)
                 .then_some(true)
         });
-        match claimed {
-            None | Some(Some(false)) => Some(false),
-            Some(Some(true)) => Some(true),
-            Some(None) => None,
-        }
+        // Gone from its table: the chain ends.
+        claimed.unwrap_or(Some(false))
     }
 
     /// One table lock per fetch: the ownership check, the per-entry rate limit (re-read each

@@ -62,10 +62,10 @@ impl<T: CacheType> Store<T> {
         true
     }
 
-    /// The hit path: one read lock, no allocation, and the runtime's cheapest clock.
+    /// The hit path: one read lock, no allocation, and the runtime's cheapest clock. The
+    /// answer is built by `make` from the value and its meta, right in the form the caller
+    /// returns: a hit moves nothing bigger than that.
     #[inline]
-    /// The answer is built by `make` from the value and its meta, right in the form the
-    /// caller returns: a hit moves nothing bigger than that.
     fn try_hit<R>(
         &self,
         hash: u64,

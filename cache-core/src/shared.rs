@@ -119,14 +119,9 @@ impl CacheState {
     /// Evicts least recently read entries until at most `max` remain.
     fn evict_down_to(&self, max: usize, keep: *const ()) {
         while self.entries.load(Ordering::Relaxed) > max {
-            let stores = self
-                .stores
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let oldest = stores
+            let oldest = self
+                .live_stores()
                 .iter()
-                .filter_map(Weak::upgrade)
                 .filter_map(|s| s.least_recently_read(keep))
                 .min_by_key(|(read, _)| *read);
             match oldest {
@@ -137,23 +132,19 @@ impl CacheState {
             }
         }
     }
+
     /// Closes the cache: stops background work and ends every watch. Idempotent.
     pub(crate) fn close(&self) {
-        let shared = self;
-        if !shared.closed.swap(true, Ordering::AcqRel) {
-            shared.close_event.notify(usize::MAX);
-            let stores = shared
-                .stores
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            for store in stores.iter().filter_map(Weak::upgrade) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.close_event.notify(usize::MAX);
+            for store in self.live_stores() {
                 store.close_watches();
             }
         }
     }
 
-    /// The stores still registered.
+    /// The stores still registered (taken out of the registry's lock, which eviction and
+    /// closing must not hold while they call into a store).
     fn live_stores(&self) -> Vec<Arc<dyn ErasedStore>> {
         let stores = self.stores.read().unwrap_or_else(|p| p.into_inner());
         stores.iter().filter_map(Weak::upgrade).collect()

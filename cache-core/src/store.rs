@@ -458,6 +458,12 @@ impl<T: CacheType> EntryState<T> {
         self.watchers.load(Ordering::Acquire) > 0
     }
 
+    /// Whether capacity eviction must leave the entry: it is watched, or gets are waiting on
+    /// it (see `waiters`).
+    fn held(&self) -> bool {
+        self.watched() || self.waiters.load(Ordering::Relaxed) > 0
+    }
+
     fn cold_mut(&mut self) -> &mut Cold<T> {
         self.cold.get_or_insert_with(Box::default)
     }
@@ -708,9 +714,7 @@ impl<T: CacheType> EvictOne for Victim<T> {
     fn evict(&self) -> bool {
         self.store.upgrade().is_some_and(|store| {
             // Chosen under the read lock: a watch or a waiting get may have come since.
-            let evicted = store.evict_if(&self.entry, |slot| {
-                !slot.state().watched() && slot.state().waiters.load(Ordering::Relaxed) == 0
-            });
+            let evicted = store.evict_if(&self.entry, |slot| !slot.state().held());
             if evicted {
                 bump(&store.counters.evictions_capacity);
             }
@@ -937,47 +941,43 @@ impl<T: CacheType> Store<T> {
     /// Called once the entry's scheduled deadline has passed: evicts the entry and returns
     /// `None`, or returns its real, later deadline.
     fn check_expiry(&self, entry: &EntryHandle<T>, now: Instant) -> Option<Instant> {
+        if let Expiry::Keep(next) = self.read_slot(entry, |slot| self.expiry_at(slot, now))? {
+            return next;
+        }
+        // Looked at under the read lock: a read or a watch may have come since, so the write
+        // lock looks again, and keeps the entry's new deadline if it no longer expires.
+        let mut kept = None;
+        let expired = self.evict_if(entry, |slot| match self.expiry_at(slot, now) {
+            Expiry::Now => true,
+            Expiry::Keep(next) => {
+                kept = next;
+                false
+            }
+        });
+        if expired {
+            bump(&self.counters.expirations);
+        }
+        kept
+    }
+
+    /// What expiry does with the entry at `now`.
+    fn expiry_at(&self, slot: &Slot<T>, now: Instant) -> Expiry {
         let ttl = self.opts.last_get_ttl;
-        let (watched, last_read) = self.read_slot(entry, |slot| {
-            (
-                slot.state().watched(),
-                slot.last_read.load(Ordering::Relaxed),
-            )
-        })?;
-        if watched {
+        if slot.state().watched() {
             // Watched entries stay alive while watched. Looked at again a TTL later, but never
             // sooner than `WATCHED_RECHECK`: with a TTL of zero (or a few nanoseconds) the next
             // look would be due at once, and the expiry task would spin for as long as the
             // watch lasts. Such an entry may outlive its last watch by up to that much.
-            return now.checked_add(ttl.max(WATCHED_RECHECK));
+            return Expiry::Keep(now.checked_add(ttl.max(WATCHED_RECHECK)));
         }
-        let deadline = self.instant(last_read).checked_add(ttl)?;
-        if deadline > now {
-            return Some(deadline);
+        match self
+            .instant(slot.last_read.load(Ordering::Relaxed))
+            .checked_add(ttl)
+        {
+            Some(deadline) if deadline <= now => Expiry::Now,
+            // A deadline too far to represent never comes.
+            deadline => Expiry::Keep(deadline),
         }
-        // Looked at under the read lock: a read or a watch may have come since.
-        let expired = |slot: &Slot<T>| {
-            !slot.state().watched()
-                && self
-                    .instant(slot.last_read.load(Ordering::Relaxed))
-                    .checked_add(ttl)
-                    .is_some_and(|deadline| deadline <= now)
-        };
-        if self.evict_if(entry, expired) {
-            bump(&self.counters.expirations);
-            return None;
-        }
-        // Still cached: look again at its real deadline (gone: the check finds nothing).
-        self.read_slot(entry, |slot| {
-            let last_read = self.instant(slot.last_read.load(Ordering::Relaxed));
-            let deadline = last_read.checked_add(ttl);
-            if slot.state().watched() {
-                now.checked_add(ttl.max(WATCHED_RECHECK))
-            } else {
-                deadline.map(|d| d.max(now + Duration::from_nanos(1)))
-            }
-        })
-        .flatten()
     }
 
     /// Removes `entry` from its table if it is still there and `still` holds for it under the
@@ -1155,9 +1155,7 @@ impl<T: CacheType> ErasedStore for Store<T> {
                 // value count like the others: failing keys under churn must not grow the
                 // cache past its bound. So the bound holds unless more entries than it are
                 // watched or waited on at once.
-                if slot.state().watched()
-                    || slot.state().waiters.load(Ordering::Relaxed) > 0
-                    || std::ptr::eq(Arc::as_ptr(&slot.entry) as *const (), keep)
+                if slot.state().held() || std::ptr::eq(Arc::as_ptr(&slot.entry) as *const (), keep)
                 {
                     continue;
                 }
@@ -1218,6 +1216,14 @@ impl<T: CacheType> ErasedStore for Store<T> {
             }
         }
     }
+}
+
+/// [`Store::expiry_at`]'s verdict.
+enum Expiry {
+    /// Expired: evict it.
+    Now,
+    /// Look again then (`None`: never).
+    Keep(Option<Instant>),
 }
 
 /// Wakes every listener of `event`. Checks first: notifying an event nobody ever listened to
