@@ -514,8 +514,12 @@ impl<T: CacheType> std::future::Future for Removed<'_, T> {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<()> {
+        // Still registered: no removal took the waker since the last look (the fetch woke the
+        // task), so there is nothing to look at.
+        if self.entry.extras().set_chain(cx.waker()) {
+            return std::task::Poll::Pending;
+        }
         // Registered first, then looked: a removal after the look wakes this waker.
-        self.entry.extras().set_chain(cx.waker());
         match self.store.read_slot(self.entry, |_| ()) {
             Some(()) => std::task::Poll::Pending,
             None => std::task::Poll::Ready(()),

@@ -340,11 +340,15 @@ impl<T: CacheType> EntryExtras<T> {
         watchers
     }
 
-    /// Registers the waker of the chain waiting on the entry's fetch.
-    pub(crate) fn set_chain(&mut self, waker: &Waker) {
+    /// Registers the waker of the chain waiting on the entry's fetch. Returns whether it was
+    /// registered already: then no removal has taken it to wake the chain since.
+    pub(crate) fn set_chain(&mut self, waker: &Waker) -> bool {
         match &mut self.extras().chain {
-            Some(known) if known.will_wake(waker) => {}
-            slot => *slot = Some(waker.clone()),
+            Some(known) if known.will_wake(waker) => true,
+            slot => {
+                *slot = Some(waker.clone());
+                false
+            }
         }
     }
 
