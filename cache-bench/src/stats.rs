@@ -1,7 +1,7 @@
 //! Medians, percentiles, interleaved rounds, and the helpers every hot loop needs.
 
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::task::{Context, Poll, Waker};
 
 /// The `q` quantile (0..=1) of `samples`, nearest rank; NaN for no samples.
@@ -53,14 +53,28 @@ pub fn interleave(rounds: usize, variants: &mut [&mut dyn FnMut() -> f64]) -> Ve
 ///
 /// Meant for futures that are ready at once (a cache hit); it spins, re-polling, if one is
 /// not, and panics after a million polls.
+#[inline]
 pub fn poll_now<F: Future>(future: F) -> F::Output {
     let mut future = pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(out) => out,
+        Poll::Pending => poll_on(future),
+    }
+}
+
+/// [`poll_now`]'s loop for a future that was not ready on its first poll.
+#[cold]
+#[inline(never)]
+fn poll_on<F: Future>(mut future: Pin<&mut F>) -> F::Output {
     let mut cx = Context::from_waker(Waker::noop());
     for _ in 0..1_000_000 {
+        std::hint::spin_loop();
         if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
             return out;
         }
-        std::hint::spin_loop();
     }
     panic!("poll_now: the future was not ready after a million polls (not a hit?)");
 }

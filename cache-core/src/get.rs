@@ -62,79 +62,70 @@ impl<T: CacheType> Store<T> {
         true
     }
 
-    /// The hit path: one read lock, no allocation, and the runtime's cheapest clock. The
-    /// answer is built by `make` from the value and its meta, right in the form the caller
-    /// returns: a hit moves nothing bigger than that.
+    /// The hit path: one read lock, no allocation, and the runtime's cheapest clock. A hit is
+    /// returned as its parts ([`GetFuture::Hit`]), written once where the caller keeps its
+    /// future; the answer is only built when the future is polled. Anything else is
+    /// [`GetFuture::Empty`], for the caller to replace.
     #[inline]
-    fn try_hit<R>(
-        &self,
-        hash: u64,
-        info: &RequestInfo<'_>,
-        make: impl FnOnce(Option<T::Value>, ResultMeta) -> R,
-    ) -> Option<R> {
-        let answer = self.read_key(hash, info, |slot| {
+    fn try_hit<'a, R>(&self, hash: u64, info: &RequestInfo<'_>) -> GetFuture<'a, T, R> {
+        let hit = self.read_key(hash, info, |slot| {
             let now_ns = self.shared.hit_nanos();
-            if !self.is_valid_at(slot.state(), info, info.must_revalidate, now_ns) {
-                return None;
+            let state = slot.state();
+            if !self.is_valid_at(state, info, info.must_revalidate, now_ns) {
+                return GetFuture::Empty;
             }
             slot.touch(now_ns);
-            Some(make(
-                slot.state().value.clone(),
-                self.meta_at(slot.state(), true, now_ns),
-            ))
-        })??;
-        self.counters.hits.incr();
-        Some(answer)
+            GetFuture::Hit {
+                value: state.value.clone(),
+                index: state.index,
+                age_ns: self.age_since(state).map_or(0, |t| t.nanos_until(now_ns)),
+            }
+        });
+        match hit {
+            Some(hit @ GetFuture::Hit { .. }) => {
+                self.counters.hits.incr();
+                hit
+            }
+            _ => GetFuture::Empty,
+        }
     }
 
     /// `Cache::get_outcome` for this type (docs/contract.md#get).
     pub(crate) fn get<'a>(
         &'a self,
         request: &'a T::Request,
-    ) -> GetFuture<'a, GetOutcome<T::Value, T::Error>> {
-        self.get_as(
-            request,
-            |value, meta| GetOutcome {
-                value,
-                meta,
-                error: None,
-            },
-            |outcome| outcome,
-        )
+    ) -> GetFuture<'a, T, GetOutcome<T::Value, T::Error>> {
+        self.get_as(request)
     }
 
     /// `Cache::get` for this type (docs/contract.md#get): [`Store::get`] as a `Result`.
-    pub(crate) fn get_result<'a>(&'a self, request: &'a T::Request) -> GetFuture<'a, GetResult<T>> {
-        self.get_as(
-            request,
-            |value, meta| Ok(Response { value, meta }),
-            GetOutcome::into_result,
-        )
+    pub(crate) fn get_result<'a>(
+        &'a self,
+        request: &'a T::Request,
+    ) -> GetFuture<'a, T, GetResult<T>> {
+        self.get_as(request)
     }
 
-    /// A get answering in the form `R`: a hit is built by `hit`, any other answer is the
-    /// outcome converted by `other`.
+    /// A get answering in the form `R`.
     ///
     /// A hit is answered without allocating; a miss boxes the waiting part. No `RequestInfo`
     /// is held across an await: its `Cow`s trip the compiler's higher-ranked `Send` check, and
     /// re-asking the request for it is cheap.
     #[inline(always)]
-    fn get_as<'a, R: Send + 'a>(
-        &'a self,
-        request: &'a T::Request,
-        hit: impl FnOnce(Option<T::Value>, ResultMeta) -> R,
-        other: fn(GetOutcome<T::Value, T::Error>) -> R,
-    ) -> GetFuture<'a, R> {
+    fn get_as<'a, R: Answer<T> + 'a>(&'a self, request: &'a T::Request) -> GetFuture<'a, T, R> {
         let info = request.cache_info();
         if info.key.is_empty() {
-            return GetFuture::Slow(Box::pin(self.bypass(request).map(other)));
+            return GetFuture::Slow(Box::pin(self.bypass(request).map(R::from_outcome)));
         }
         let hash = self.hash(&info);
-        if let Some(answer) = self.try_hit(hash, &info, hit) {
-            return GetFuture::Ready(Some(answer));
+        let future = self.try_hit(hash, &info);
+        if let GetFuture::Empty = future {
+            let start = self.shared.rt.now();
+            return GetFuture::Slow(Box::pin(
+                self.get_slow(request, hash, start).map(R::from_outcome),
+            ));
         }
-        let start = self.shared.rt.now();
-        GetFuture::Slow(Box::pin(self.get_slow(request, hash, start).map(other)))
+        future
     }
 
     async fn bypass(&self, request: &T::Request) -> GetOutcome<T::Value, T::Error> {
@@ -464,25 +455,87 @@ impl<T: CacheType> Drop for Waiting<'_, T> {
 pub(crate) type GetResult<T> =
     Result<Response<<T as CacheType>::Value>, GetError<<T as CacheType>::Error>>;
 
+/// The form a get answers in: [`GetResult`] (`TypedCache::get`) or [`GetOutcome`]
+/// (`TypedCache::get_outcome`).
+pub(crate) trait Answer<T: CacheType>: Send + Sized {
+    /// A hit's answer.
+    fn hit(value: Option<T::Value>, meta: ResultMeta) -> Self;
+    /// Any other answer, from the slow path's outcome.
+    fn from_outcome(outcome: GetOutcome<T::Value, T::Error>) -> Self;
+}
+
+impl<T: CacheType> Answer<T> for GetOutcome<T::Value, T::Error> {
+    #[inline]
+    fn hit(value: Option<T::Value>, meta: ResultMeta) -> Self {
+        GetOutcome {
+            value,
+            meta,
+            error: None,
+        }
+    }
+
+    fn from_outcome(outcome: GetOutcome<T::Value, T::Error>) -> Self {
+        outcome
+    }
+}
+
+impl<T: CacheType> Answer<T> for GetResult<T> {
+    #[inline]
+    fn hit(value: Option<T::Value>, meta: ResultMeta) -> Self {
+        Ok(Response { value, meta })
+    }
+
+    fn from_outcome(outcome: GetOutcome<T::Value, T::Error>) -> Self {
+        outcome.into_result()
+    }
+}
+
 /// The future of a get: ready at once on a hit, boxed while waiting on a miss.
-pub(crate) enum GetFuture<'a, R> {
-    Ready(Option<R>),
+///
+/// A hit keeps its parts, plain words, and builds the answer when polled: the answer (a
+/// `Result` of 30-odd bytes whose discriminant hides in `Duration`'s nanoseconds) is then
+/// written once, where the caller wants it, instead of being built in the hit path and
+/// copied out through the future.
+pub(crate) enum GetFuture<'a, T: CacheType, R> {
+    /// A hit, not yet polled.
+    Hit {
+        value: Option<T::Value>,
+        index: u64,
+        age_ns: u64,
+    },
+    /// Answered (or, inside `get_as`, a miss still to be answered).
+    Empty,
+    /// Waiting on a fetch.
     Slow(BoxFuture<'a, R>),
 }
 
-// Nothing in a `GetFuture` is pinned structurally: the outcome is moved out, the boxed future
-// is pinned by its box.
-impl<R> Unpin for GetFuture<'_, R> {}
+// Nothing in a `GetFuture` is pinned structurally: the hit's parts are moved out, the boxed
+// future is pinned by its box.
+impl<T: CacheType, R> Unpin for GetFuture<'_, T, R> {}
 
-impl<R> Future for GetFuture<'_, R> {
+impl<T: CacheType, R: Answer<T>> Future for GetFuture<'_, T, R> {
     type Output = R;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            GetFuture::Ready(outcome) => {
-                Poll::Ready(outcome.take().expect("polled after completion"))
+        let this = self.get_mut();
+        match this {
+            GetFuture::Hit {
+                value,
+                index,
+                age_ns,
+            } => {
+                let meta = ResultMeta {
+                    hit: true,
+                    index: *index,
+                    age: Duration::from_nanos(*age_ns),
+                };
+                let value = value.take();
+                *this = GetFuture::Empty;
+                Poll::Ready(R::hit(value, meta))
             }
             GetFuture::Slow(future) => future.as_mut().poll(cx),
+            GetFuture::Empty => panic!("a get future polled after completion"),
         }
     }
 }

@@ -122,6 +122,7 @@ fn thread_index() -> usize {
 }
 
 impl StripedCounter {
+    #[inline]
     pub(crate) fn incr(&self) {
         let index = thread_index();
         match self.owned.get(index) {

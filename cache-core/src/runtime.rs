@@ -58,15 +58,26 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
 /// with less precision); the cache aligns the two once, when it is built.
 #[derive(Debug, Clone, Copy)]
 pub struct CoarseClock {
-    read: fn() -> u64,
+    source: Source,
     resolution: Duration,
+}
+
+/// Where a [`CoarseClock`] reads: the system's clock is called directly, so the hit path
+/// inlines it; any other clock through its function pointer.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    System,
+    Custom(fn() -> u64),
 }
 
 impl CoarseClock {
     /// A clock that reads `read` (nanoseconds on any fixed origin) and lags the precise time
     /// by at most `resolution`.
     pub const fn new(read: fn() -> u64, resolution: Duration) -> Self {
-        Self { read, resolution }
+        Self {
+            source: Source::Custom(read),
+            resolution,
+        }
     }
 
     /// The system's coarse monotonic clock: on Linux `CLOCK_MONOTONIC_COARSE` (read from the
@@ -79,7 +90,10 @@ impl CoarseClock {
     /// The current reading, in nanoseconds on the clock's origin.
     #[inline]
     pub fn read(&self) -> u64 {
-        (self.read)()
+        match self.source {
+            Source::System => system_clock::read(),
+            Source::Custom(read) => read(),
+        }
     }
 
     /// How far a reading may lag the precise time.
@@ -94,7 +108,8 @@ mod system_clock {
 
     use super::CoarseClock;
 
-    fn read() -> u64 {
+    #[inline]
+    pub(super) fn read() -> u64 {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -119,7 +134,10 @@ mod system_clock {
         } else {
             Duration::from_millis(10)
         };
-        CoarseClock::new(read, resolution)
+        CoarseClock {
+            source: super::Source::System,
+            resolution,
+        }
     }
 }
 
@@ -133,14 +151,18 @@ mod system_clock {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
 
     #[allow(clippy::disallowed_methods)] // the real clock is the point of a real-time adapter
-    fn read() -> u64 {
+    #[inline]
+    pub(super) fn read() -> u64 {
         let origin = *ORIGIN.get_or_init(Instant::now);
         u64::try_from(Instant::now().saturating_duration_since(origin).as_nanos())
             .unwrap_or(u64::MAX)
     }
 
     pub(super) fn clock() -> CoarseClock {
-        CoarseClock::new(read, Duration::ZERO)
+        CoarseClock {
+            source: super::Source::System,
+            resolution: Duration::ZERO,
+        }
     }
 }
 

@@ -196,7 +196,13 @@ impl Stamp {
     /// Time from the stamp to `now_ns` (nanoseconds since the epoch); zero if the stamp is
     /// later. Integer arithmetic: the hit path avoids `Instant` maths.
     pub(crate) fn until(self, now_ns: u64) -> Duration {
-        Duration::from_nanos(now_ns.saturating_sub(self.0.get() - 1))
+        Duration::from_nanos(self.nanos_until(now_ns))
+    }
+
+    /// [`Stamp::until`] in nanoseconds.
+    #[inline]
+    pub(crate) fn nanos_until(self, now_ns: u64) -> u64 {
+        now_ns.saturating_sub(self.0.get() - 1)
     }
 }
 
@@ -920,15 +926,23 @@ impl<T: CacheType> Store<T> {
 
     /// [`Store::meta`] with the time as nanoseconds since the epoch.
     pub(crate) fn meta_at(&self, state: &EntryState<T>, hit: bool, now_ns: u64) -> ResultMeta {
-        let since = if self.opts.refresh {
-            state.lost_contact_at()
-        } else {
-            state.fetched_at
-        };
         ResultMeta {
             hit,
             index: state.index,
-            age: since.map_or(Duration::ZERO, |t| t.until(now_ns)),
+            age: self
+                .age_since(state)
+                .map_or(Duration::ZERO, |t| t.until(now_ns)),
+        }
+    }
+
+    /// What an entry's age counts from: for refresh types the moment the refresh lost
+    /// contact (none while healthy), for others the fetch of the value.
+    #[inline]
+    pub(crate) fn age_since(&self, state: &EntryState<T>) -> Option<Stamp> {
+        if self.opts.refresh {
+            state.lost_contact_at()
+        } else {
+            state.fetched_at
         }
     }
 

@@ -207,7 +207,11 @@ impl Warm {
 /// more than one thread) and hits/s.
 pub fn profile(duration: Duration, threads: usize) {
     let rt = BenchRt::new(Flavor::TokioMulti);
-    let warm = Warm::new(&rt, 10_000, 200_000);
+    let entries = std::env::var("CACHE_BENCH_PROFILE_ENTRIES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
+    let warm = Warm::new(&rt, entries, 200_000);
     // `CACHE_BENCH_PROFILE_VARIANT=map|dash|moka` profiles a baseline's loop instead, for
     // instruction counts side by side (callgrind).
     let variant = std::env::var("CACHE_BENCH_PROFILE_VARIANT").unwrap_or_default();
@@ -227,8 +231,10 @@ pub fn profile(duration: Duration, threads: usize) {
         });
     }
     let ns = median(&samples);
+    let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
-        "hit ({}), {threads} thread(s), polled: {ns:.1} ns/op{} = {:.1} M hits/s (median of {})",
+        "hit ({}), {threads} thread(s), polled: {ns:.1} ns/op{} = {:.1} M hits/s (median of {}; \
+         fastest {min:.1} ns/op)",
         if variant.is_empty() {
             "ours"
         } else {
