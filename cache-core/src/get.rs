@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use futures::future::{Either, select};
 
 use crate::cache_type::{CacheRequest, CacheType, FetchOptions, RequestInfo};
 use crate::error::GetError;
@@ -203,103 +202,115 @@ impl<T: CacheType> Store<T> {
                     error: Some(GetError::Replaced(self.name)),
                 };
             }
-            let now = self.shared.rt.now();
-            let info = request.cache_info();
-            // Under the read lock first: the answer (most wake-ups find it), or joining the
-            // fetch in flight (every get of a miss storm but the first). Every get woken by
-            // one fetch looks at once instead of queueing for the write lock.
-            let joined = self.read_key(hash, &info, |slot| {
-                if let Some(outcome) = self.look(slot, &info, now, &mut seen) {
-                    return Err(outcome);
-                }
-                Ok(slot.state().chain.is_fetching().then(|| {
-                    if seen.first {
-                        self.count_miss(slot.state());
-                    }
-                    self.wait_on(slot, &mut waiting, &mut seen)
-                }))
-            });
-            let step = match joined {
-                Some(Err(outcome)) => return outcome,
-                Some(Ok(Some(listener))) => Ok(listener),
-                // A closed cache starts nothing new, so a miss creates no entry that nothing
-                // would ever fill or expire.
-                None if self.shared.is_closed() => {
-                    if seen.first {
-                        self.counters.misses_new.incr();
-                    }
-                    return GetOutcome {
-                        value: None,
-                        meta: ResultMeta::default(),
-                        error: Some(GetError::Closed),
-                    };
-                }
-                _ => self.with_entry(hash, &info, |slot| {
-                    if let Some(outcome) = self.look(slot, &info, now, &mut seen) {
-                        return Err(outcome);
-                    }
-                    if seen.first {
-                        self.count_miss(slot.state());
-                    }
-                    if !slot.state().chain.is_fetching() && self.shared.is_closed() {
-                        // A closed cache starts nothing new: answer at once with what there is.
-                        return Err(GetOutcome {
-                            value: slot.state().value.clone(),
-                            meta: self.meta(slot.state(), false, now),
-                            error: Some(GetError::Closed),
-                        });
-                    }
-                    if !slot.state().chain.is_fetching() {
-                        let backoff = if seen.attempted {
-                            slot.state()
-                                .backoff()
-                                .wait(&self.shared.backoff, self.shared.rt.jitter())
-                        } else {
-                            Duration::ZERO
-                        };
-                        match retry_at {
-                            Some(at) if now >= at => {
-                                retry_at = None;
-                                self.start_fetch(slot, request.clone());
-                            }
-                            Some(_) => {}
-                            None if backoff.is_zero() => self.start_fetch(slot, request.clone()),
-                            // A backoff too long to represent: wait for a fetch by someone else.
-                            None => retry_at = now.checked_add(backoff),
-                        }
-                    }
-                    Ok(self.wait_on(slot, &mut waiting, &mut seen))
-                }),
-            };
-            drop(info);
+            let listener =
+                match self.wait_step(request, hash, &mut seen, &mut waiting, &mut retry_at) {
+                    Ok(listener) => listener,
+                    Err(outcome) => return outcome,
+                };
             seen.first = false;
-            let listener = match step {
-                Ok(listener) => listener,
-                Err(outcome) => return outcome,
-            };
-            let woken = match retry_at {
-                Some(at) => {
-                    let retry =
-                        retry_sleep.get_or_insert_with(|| Sleep::until(&*self.shared.rt, at));
-                    retry.reset(at);
-                    Either::Left(select(listener, retry).map(|_| ()))
-                }
-                None => Either::Right(listener),
-            };
-            match deadline {
-                None => {
-                    woken.await;
-                }
-                Some(deadline) => {
-                    let timer =
-                        sleep.get_or_insert_with(|| Sleep::until(&*self.shared.rt, deadline));
-                    if let Either::Right(_) = select(woken, timer).await {
-                        return self.timeout_outcome(hash, &request.cache_info());
-                    }
-                }
+            if let Some(at) = retry_at {
+                retry_sleep
+                    .get_or_insert_with(|| Sleep::until(&*self.shared.rt, at))
+                    .reset(at);
+            }
+            if let Some(deadline) = deadline {
+                sleep.get_or_insert_with(|| Sleep::until(&*self.shared.rt, deadline));
+            }
+            let woken = Wake {
+                listener,
+                retry: retry_sleep.as_mut().filter(|_| retry_at.is_some()),
+                deadline: sleep.as_mut(),
+            }
+            .await;
+            if let Woken::Deadline = woken {
+                return self.timeout_outcome(hash, &request.cache_info());
             }
             // The reference revalidates once: after a fetch, the entry counts as current.
             seen.must_revalidate = false;
+        }
+    }
+
+    /// One look of a waiting get, under its entry's lock: its answer (`Err`), or the listener
+    /// to await before looking again, after joining the fetch in flight or starting one.
+    /// Out of `get_slow`, so that the request's info and the look's temporaries take no room
+    /// in the get's future while it waits.
+    fn wait_step(
+        &self,
+        request: &T::Request,
+        hash: u64,
+        seen: &mut Seen,
+        waiting: &mut Waiting<'_, T>,
+        retry_at: &mut Option<Instant>,
+    ) -> Result<EventListener, GetOutcome<T::Value, T::Error>> {
+        let now = self.shared.rt.now();
+        let info = request.cache_info();
+        // Under the read lock first: the answer (most wake-ups find it), or joining the
+        // fetch in flight (every get of a miss storm but the first). Every get woken by
+        // one fetch looks at once instead of queueing for the write lock.
+        let joined = self.read_key(hash, &info, |slot| {
+            if let Some(outcome) = self.look(slot, &info, now, seen) {
+                waiting.leave(slot);
+                return Err(outcome);
+            }
+            Ok(slot.state().chain.is_fetching().then(|| {
+                if seen.first {
+                    self.count_miss(slot.state());
+                }
+                self.wait_on(slot, waiting, seen)
+            }))
+        });
+        match joined {
+            Some(Err(outcome)) => Err(outcome),
+            Some(Ok(Some(listener))) => Ok(listener),
+            // A closed cache starts nothing new, so a miss creates no entry that nothing
+            // would ever fill or expire.
+            None if self.shared.is_closed() => {
+                if seen.first {
+                    self.counters.misses_new.incr();
+                }
+                Err(GetOutcome {
+                    value: None,
+                    meta: ResultMeta::default(),
+                    error: Some(GetError::Closed),
+                })
+            }
+            _ => self.with_entry(hash, &info, |slot| {
+                if let Some(outcome) = self.look(slot, &info, now, seen) {
+                    waiting.leave(slot);
+                    return Err(outcome);
+                }
+                if seen.first {
+                    self.count_miss(slot.state());
+                }
+                if !slot.state().chain.is_fetching() && self.shared.is_closed() {
+                    // A closed cache starts nothing new: answer at once with what there is.
+                    return Err(GetOutcome {
+                        value: slot.state().value.clone(),
+                        meta: self.meta(slot.state(), false, now),
+                        error: Some(GetError::Closed),
+                    });
+                }
+                if !slot.state().chain.is_fetching() {
+                    let backoff = if seen.attempted {
+                        slot.state()
+                            .backoff()
+                            .wait(&self.shared.backoff, self.shared.rt.jitter())
+                    } else {
+                        Duration::ZERO
+                    };
+                    match *retry_at {
+                        Some(at) if now >= at => {
+                            *retry_at = None;
+                            self.start_fetch(slot, request.clone());
+                        }
+                        Some(_) => {}
+                        None if backoff.is_zero() => self.start_fetch(slot, request.clone()),
+                        // A backoff too long to represent: wait for a fetch by someone else.
+                        None => *retry_at = now.checked_add(backoff),
+                    }
+                }
+                Ok(self.wait_on(slot, waiting, seen))
+            }),
         }
     }
 
@@ -341,7 +352,9 @@ impl<T: CacheType> Store<T> {
         now: Instant,
         seen: &mut Seen,
     ) -> Option<GetOutcome<T::Value, T::Error>> {
-        slot.touch(self.nanos(now));
+        // The hit path's clock: a storm's gets, woken together, stamp the entry once per
+        // tick of a coarse clock instead of each writing its line.
+        slot.touch(self.shared.hit_nanos());
         let state = slot.state();
         let resets = *seen.resets.get_or_insert(state.resets);
         // An index that went backwards wakes a blocked get with the new value, whatever min
@@ -434,11 +447,67 @@ struct Seen {
     must_revalidate: bool,
 }
 
+/// What woke a waiting get.
+enum Woken {
+    /// The entry changed (a fetch completed, or it was evicted), or the get's retry time came.
+    Changed,
+    /// The get's deadline (its `timeout`) passed.
+    Deadline,
+}
+
+/// A waiting get's one await: its entry's next change, its retry time after a backoff, or its
+/// deadline, whichever comes first (in that order when several are ready). Three words,
+/// where nested `select`s kept each branch's state.
+struct Wake<'s> {
+    listener: EventListener,
+    retry: Option<&'s mut Sleep>,
+    deadline: Option<&'s mut Sleep>,
+}
+
+impl Future for Wake<'_> {
+    type Output = Woken;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Woken> {
+        let this = self.get_mut();
+        if Pin::new(&mut this.listener).poll(cx).is_ready() {
+            return Poll::Ready(Woken::Changed);
+        }
+        if let Some(retry) = this.retry.as_deref_mut() {
+            if Pin::new(retry).poll(cx).is_ready() {
+                return Poll::Ready(Woken::Changed);
+            }
+        }
+        if let Some(deadline) = this.deadline.as_deref_mut() {
+            if Pin::new(deadline).poll(cx).is_ready() {
+                return Poll::Ready(Woken::Deadline);
+            }
+        }
+        Poll::Pending
+    }
+}
+
 /// A get's place among its entry's waiters; leaving it (answer, timeout or cancellation)
 /// counts the get out again.
 struct Waiting<'a, T: CacheType> {
     store: &'a Store<T>,
     entry: Option<Arc<EntryHandle<T>>>,
+}
+
+impl<T: CacheType> Waiting<'_, T> {
+    /// Counts the get out of `slot`'s waiters, if it was counted there, under the lock the
+    /// get already holds to read its answer: the woken gets of a miss storm then leave
+    /// without a second lookup each.
+    fn leave(&mut self, slot: &Slot<T>) {
+        if self
+            .entry
+            .as_ref()
+            .is_some_and(|e| Arc::ptr_eq(e, slot.handle()))
+        {
+            slot.state().waiters.fetch_sub(1, Ordering::Relaxed);
+            // Not the entry's last reference: its table holds one.
+            self.entry = None;
+        }
+    }
 }
 
 impl<T: CacheType> Drop for Waiting<'_, T> {
@@ -537,5 +606,32 @@ impl<T: CacheType, R: Answer<T>> Future for GetFuture<'_, T, R> {
             GetFuture::Slow(future) => future.as_mut().poll(cx),
             GetFuture::Empty => panic!("a get future polled after completion"),
         }
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+
+    use crate::sim::SimRuntime;
+    use crate::testing::{MockError, MockRequest, MockType};
+    use crate::{Cache, RegisterOptions};
+
+    /// Every get of a miss storm boxes this future while it waits (10 000 of them in the
+    /// storm benchmark): this budget catches a local that starts living across the await.
+    #[test]
+    fn a_waiting_get_stays_small() {
+        let sim = SimRuntime::new(1);
+        let cache = Cache::new(sim.handle());
+        let typed = cache.register(MockType::<std::sync::Arc<u64>>::new(
+            RegisterOptions::default(),
+            |_, _| async { Err(MockError::new("unused")) },
+        ));
+        let request = MockRequest::new("k");
+        let waiting = typed.store.get_slow(&request, 0, sim.now());
+        assert!(
+            std::mem::size_of_val(&waiting) <= 224,
+            "{}",
+            std::mem::size_of_val(&waiting)
+        );
     }
 }
