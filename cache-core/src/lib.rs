@@ -76,6 +76,7 @@ mod metrics;
 mod outcome;
 mod ratelimit;
 pub mod runtime;
+mod shards;
 mod shared;
 #[cfg(feature = "test-util")]
 pub mod sim;

@@ -1,6 +1,6 @@
 //! Counters per cache type (docs/contract.md#metrics), exposed as a plain snapshot.
 
-use std::cell::Cell;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// A snapshot of the cache's counters, one row per registered type.
@@ -76,14 +76,14 @@ pub struct TypeMetrics {
     pub failing: u64,
 }
 
-/// Threads that each own a stripe; later threads share the fallback stripes.
+/// Thread indices that own a stripe; threads with higher indices share the fallback stripes.
 const OWNED: usize = 32;
 const SHARED: usize = 8;
 
-/// A hit counter that costs no locked instruction on the hit path: each of the first
-/// [`OWNED`] threads to count owns a cache-line-padded stripe and bumps it with a plain
-/// load and store (no other thread writes it); later threads share [`SHARED`] stripes with
-/// `fetch_add`. Readers sum the stripes.
+/// A hit counter that costs no locked instruction on the hit path: a thread whose index (see
+/// [`thread_index`]: unique among live threads) is below [`OWNED`] owns a cache-line-padded
+/// stripe and bumps it with a plain load and store (no other live thread writes it); other
+/// threads share [`SHARED`] stripes with `fetch_add`. Readers sum the stripes.
 #[derive(Debug)]
 pub(crate) struct StripedCounter {
     owned: Box<[Padded; OWNED]>,
@@ -103,22 +103,40 @@ impl Default for StripedCounter {
 #[repr(align(128))]
 struct Padded(AtomicU64);
 
-thread_local! {
-    /// This thread's index, assigned once and never reused.
-    static THREAD_INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
-}
+/// A thread's small index: unique among live threads, and given back when the thread exits,
+/// so that indices stay below the number of threads alive at once (a bench or an
+/// application spawning threads over and over keeps owning its stripes).
+struct ThreadIndex(usize);
 
+/// Indices of exited threads, for the next threads to take.
+static FREE_INDICES: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 static NEXT_THREAD_INDEX: AtomicUsize = AtomicUsize::new(0);
 
-fn thread_index() -> usize {
-    THREAD_INDEX.with(|s| {
-        let mut v = s.get();
-        if v == usize::MAX {
-            v = NEXT_THREAD_INDEX.fetch_add(1, Ordering::Relaxed);
-            s.set(v);
-        }
-        v
-    })
+impl ThreadIndex {
+    fn claim() -> Self {
+        let free = FREE_INDICES.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        Self(free.unwrap_or_else(|| NEXT_THREAD_INDEX.fetch_add(1, Ordering::Relaxed)))
+    }
+}
+
+impl Drop for ThreadIndex {
+    fn drop(&mut self) {
+        // The mutex orders this thread's last stripe writes before the next owner's first.
+        FREE_INDICES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.0);
+    }
+}
+
+thread_local! {
+    static THREAD_INDEX: ThreadIndex = ThreadIndex::claim();
+}
+
+/// This thread's index (see [`ThreadIndex`]); `usize::MAX` while the thread is exiting.
+#[inline]
+pub(crate) fn thread_index() -> usize {
+    THREAD_INDEX.try_with(|i| i.0).unwrap_or(usize::MAX)
 }
 
 impl StripedCounter {

@@ -13,12 +13,11 @@ use std::cell::UnsafeCell;
 use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
-use hashbrown::HashTable;
 
 use crate::backoff::Backoff;
 use crate::cache_type::{CacheType, FetchState, RegisterOptions, RequestInfo};
@@ -28,9 +27,8 @@ use crate::expiry::ExpiryQueue;
 use crate::metrics::{Counters, TypeMetrics, bump};
 use crate::outcome::ResultMeta;
 use crate::ratelimit::TokenBucket;
+use crate::shards::{ReadGuard, SHARDS, Shards, WriteGuard};
 use crate::shared::{CacheState, ErasedStore, EvictOne};
-
-const SHARDS: usize = 64;
 
 /// Up to this many entries in a type, capacity eviction picks the exact least recently read.
 pub(crate) const EXACT_LRU_LIMIT: u64 = 4096;
@@ -657,11 +655,6 @@ impl<T: CacheType> Drop for Slot<T> {
     }
 }
 
-#[repr(align(128))]
-struct Shard<T: CacheType> {
-    table: RwLock<HashTable<Slot<T>>>,
-}
-
 // ===== The entry's view of its watches =====
 
 /// What the entry's fetch chain offers each watcher after a fetch.
@@ -706,7 +699,7 @@ pub(crate) struct Store<T: CacheType> {
     pub(crate) shared: Arc<CacheState>,
     pub(crate) name: &'static str,
     pub(crate) counters: Counters,
-    shards: Box<[Shard<T>]>,
+    tables: Shards<Slot<T>>,
     hasher: foldhash::fast::RandomState,
     pub(crate) this: Weak<Self>,
     /// The entries' expiry deadlines.
@@ -743,11 +736,7 @@ impl<T: CacheType> Store<T> {
             shared,
             name: std::any::type_name::<T>(),
             counters: Counters::default(),
-            shards: (0..SHARDS)
-                .map(|_| Shard {
-                    table: RwLock::new(HashTable::new()),
-                })
-                .collect(),
+            tables: Shards::new(),
             hasher: foldhash::fast::RandomState::default(),
             this: this.clone(),
             expiry: ExpiryQueue::new(epoch),
@@ -785,23 +774,13 @@ impl<T: CacheType> Store<T> {
         h.finish()
     }
 
-    fn shard(&self, hash: u64) -> &Shard<T> {
-        // Middle bits: hashbrown uses the low bits for buckets and the top 7 for tags.
-        &self.shards[((hash >> 32) as usize) % SHARDS]
+    #[inline]
+    pub(crate) fn read(&self, hash: u64) -> ReadGuard<'_, Slot<T>> {
+        self.tables.read(Shards::<Slot<T>>::of(hash))
     }
 
-    pub(crate) fn read(&self, hash: u64) -> RwLockReadGuard<'_, HashTable<Slot<T>>> {
-        self.shard(hash)
-            .table
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn write(&self, hash: u64) -> RwLockWriteGuard<'_, HashTable<Slot<T>>> {
-        self.shard(hash)
-            .table
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn write(&self, hash: u64) -> WriteGuard<'_, Slot<T>> {
+        self.tables.write(Shards::<Slot<T>>::of(hash))
     }
 
     pub(crate) fn nanos(&self, now: Instant) -> u64 {
@@ -828,9 +807,8 @@ impl<T: CacheType> Store<T> {
     /// Runs `f` on every slot, one shard's read lock at a time. `f` must not call back into
     /// the cache.
     pub(crate) fn for_each_slot(&self, mut f: impl FnMut(&Slot<T>)) {
-        for shard in self.shards.iter() {
-            let table = shard.table.read().unwrap_or_else(|p| p.into_inner());
-            for slot in table.iter() {
+        for shard in 0..SHARDS {
+            for slot in self.tables.read(shard).iter() {
                 f(slot);
             }
         }
@@ -1065,8 +1043,8 @@ impl<T: CacheType> Store<T> {
     /// fetches now (`Cache::retry_now`). The backoff state itself is left as it is.
     pub(crate) fn retry_now(&self) -> usize {
         let mut woken = Vec::new();
-        for shard in self.shards.iter() {
-            let mut table = shard.table.write().unwrap_or_else(|p| p.into_inner());
+        for shard in 0..SHARDS {
+            let mut table = self.tables.write(shard);
             for slot in table.iter_mut() {
                 let state = slot.state_mut();
                 let failures = state.backoff().failures();
@@ -1086,11 +1064,8 @@ impl<T: CacheType> Store<T> {
     pub(crate) fn release_all(&self) {
         self.retired.store(true, Ordering::Release);
         self.close_watches();
-        for shard in self.shards.iter() {
-            let slots: Vec<Slot<T>> = {
-                let mut table = shard.table.write().unwrap_or_else(|p| p.into_inner());
-                table.drain().collect()
-            };
+        for shard in 0..SHARDS {
+            let slots: Vec<Slot<T>> = self.tables.write(shard).drain().collect();
             for slot in slots {
                 self.forget(slot);
             }
@@ -1156,17 +1131,17 @@ impl<T: CacheType> ErasedStore for Store<T> {
 
     fn least_recently_read(&self, keep: *const ()) -> Option<(u64, Box<dyn EvictOne>)> {
         let mut best: Option<(u64, Arc<EntryHandle<T>>)> = None;
-        let sampled: Vec<&Shard<T>> =
+        let sampled: Vec<usize> =
             if self.counters.entries.load(Ordering::Relaxed) <= EXACT_LRU_LIMIT {
-                self.shards.iter().collect()
+                (0..SHARDS).collect()
             } else {
                 let start = fastrand::usize(..SHARDS);
                 (0..SAMPLED_SHARDS)
-                    .map(|i| &self.shards[(start + i * (SHARDS / SAMPLED_SHARDS)) % SHARDS])
+                    .map(|i| (start + i * (SHARDS / SAMPLED_SHARDS)) % SHARDS)
                     .collect()
             };
         for shard in sampled {
-            let table = shard.table.read().unwrap_or_else(|p| p.into_inner());
+            let table = self.tables.read(shard);
             for slot in table.iter() {
                 // Watched entries stay, so do entries gets are waiting on, and so does the
                 // entry being inserted (or a get could evict its own entry). Entries without a
@@ -1218,11 +1193,13 @@ impl<T: CacheType> ErasedStore for Store<T> {
     }
 
     fn close_watches(&self) {
-        for shard in self.shards.iter() {
-            let entries: Vec<Arc<EntryHandle<T>>> = {
-                let table = shard.table.read().unwrap_or_else(|p| p.into_inner());
-                table.iter().map(|slot| slot.entry.clone()).collect()
-            };
+        for shard in 0..SHARDS {
+            let entries: Vec<Arc<EntryHandle<T>>> = self
+                .tables
+                .read(shard)
+                .iter()
+                .map(|slot| slot.entry.clone())
+                .collect();
             for entry in entries {
                 let list = entry.extras().take();
                 if !list.is_empty() {
