@@ -256,6 +256,10 @@ impl<T: CacheType> Store<T> {
                 if seen.first {
                     self.count_miss(slot.state());
                 }
+                // The fetch in flight is the attempt this get waits for: a retry time it
+                // had set is moot (kept, already past, it would wake the get at once, again
+                // and again, until that fetch completes).
+                *retry_at = None;
                 self.wait_on(slot, waiting, seen)
             }))
         });
@@ -284,6 +288,7 @@ impl<T: CacheType> Store<T> {
                 }
                 if !slot.state().chain.is_fetching() && self.shared.is_closed() {
                     // A closed cache starts nothing new: answer at once with what there is.
+                    waiting.leave(slot);
                     return Err(GetOutcome {
                         value: slot.state().value.clone(),
                         meta: self.meta(slot.state(), false, now),
@@ -308,6 +313,9 @@ impl<T: CacheType> Store<T> {
                         // A backoff too long to represent: wait for a fetch by someone else.
                         None => *retry_at = now.checked_add(backoff),
                     }
+                } else {
+                    // As on the read path: the fetch in flight is the next attempt.
+                    *retry_at = None;
                 }
                 Ok(self.wait_on(slot, waiting, seen))
             }),
@@ -352,9 +360,9 @@ impl<T: CacheType> Store<T> {
         now: Instant,
         seen: &mut Seen,
     ) -> Option<GetOutcome<T::Value, T::Error>> {
-        // The hit path's clock: a storm's gets, woken together, stamp the entry once per
-        // tick of a coarse clock instead of each writing its line.
-        slot.touch(self.shared.hit_nanos());
+        // The hit path's clock where the runtime has a coarse one: a storm's gets, woken
+        // together, stamp the entry once per tick instead of each writing its line.
+        slot.touch(self.shared.stamp_nanos(now));
         let state = slot.state();
         let resets = *seen.resets.get_or_insert(state.resets);
         // An index that went backwards wakes a blocked get with the new value, whatever min
@@ -455,9 +463,10 @@ enum Woken {
     Deadline,
 }
 
-/// A waiting get's one await: its entry's next change, its retry time after a backoff, or its
-/// deadline, whichever comes first (in that order when several are ready). Three words,
-/// where nested `select`s kept each branch's state.
+/// A waiting get's one await: its entry's next change, its deadline, or its retry time after
+/// a backoff, whichever comes first (in that order when several are ready: an answer beats
+/// the timeout, and the timeout beats another attempt). Three words, where nested `select`s
+/// kept each branch's state.
 struct Wake<'s> {
     listener: EventListener,
     retry: Option<&'s mut Sleep>,
@@ -472,14 +481,14 @@ impl Future for Wake<'_> {
         if Pin::new(&mut this.listener).poll(cx).is_ready() {
             return Poll::Ready(Woken::Changed);
         }
-        if let Some(retry) = this.retry.as_deref_mut() {
-            if Pin::new(retry).poll(cx).is_ready() {
-                return Poll::Ready(Woken::Changed);
-            }
-        }
         if let Some(deadline) = this.deadline.as_deref_mut() {
             if Pin::new(deadline).poll(cx).is_ready() {
                 return Poll::Ready(Woken::Deadline);
+            }
+        }
+        if let Some(retry) = this.retry.as_deref_mut() {
+            if Pin::new(retry).poll(cx).is_ready() {
+                return Poll::Ready(Woken::Changed);
             }
         }
         Poll::Pending

@@ -1,5 +1,7 @@
 //! Counters per cache type (docs/contract.md#metrics), exposed as a plain snapshot.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -108,14 +110,18 @@ struct Padded(AtomicU64);
 /// application spawning threads over and over keeps owning its stripes).
 struct ThreadIndex(usize);
 
-/// Indices of exited threads, for the next threads to take.
-static FREE_INDICES: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// Indices of exited threads, for the next threads to take, smallest first (so that after a
+/// burst of threads the next ones own counter stripes again).
+static FREE_INDICES: Mutex<BinaryHeap<Reverse<usize>>> = Mutex::new(BinaryHeap::new());
 static NEXT_THREAD_INDEX: AtomicUsize = AtomicUsize::new(0);
 
 impl ThreadIndex {
     fn claim() -> Self {
         let free = FREE_INDICES.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        Self(free.unwrap_or_else(|| NEXT_THREAD_INDEX.fetch_add(1, Ordering::Relaxed)))
+        Self(free.map_or_else(
+            || NEXT_THREAD_INDEX.fetch_add(1, Ordering::Relaxed),
+            |i| i.0,
+        ))
     }
 }
 
@@ -125,7 +131,7 @@ impl Drop for ThreadIndex {
         FREE_INDICES
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(self.0);
+            .push(Reverse(self.0));
     }
 }
 

@@ -35,9 +35,13 @@ pub(crate) struct Shards<S> {
 #[repr(align(64))]
 struct Table<S>(UnsafeCell<HashTable<S>>);
 
-/// One stripe: a lock per shard.
-#[repr(align(128))]
-struct Stripe([RwLock<()>; SHARDS]);
+/// One stripe: a lock per shard, each on its own line, so that a writer of one shard leaves
+/// the other shards' locks in their readers' caches, and two threads that share a stripe
+/// contend only on the same shard.
+struct Stripe([Lock; SHARDS]);
+
+#[repr(align(64))]
+struct Lock(RwLock<()>);
 
 // SAFETY: a table is reached only through `ReadGuard` (holding its shard's lock in one
 // stripe, shared) and `WriteGuard` (holding its shard's lock in every stripe, exclusive), so
@@ -66,7 +70,7 @@ impl<S> Shards<S> {
                 .map(|_| Table(UnsafeCell::new(HashTable::new())))
                 .collect(),
             stripes: (0..stripe_count())
-                .map(|_| Stripe(std::array::from_fn(|_| RwLock::new(()))))
+                .map(|_| Stripe(std::array::from_fn(|_| Lock(RwLock::new(())))))
                 .collect(),
         }
     }
@@ -82,7 +86,7 @@ impl<S> Shards<S> {
     #[inline]
     pub(crate) fn read(&self, shard: usize) -> ReadGuard<'_, S> {
         let stripe = &self.stripes[thread_index() & (self.stripes.len() - 1)];
-        let lock = stripe.0[shard].read().unwrap_or_else(|p| p.into_inner());
+        let lock = stripe.0[shard].0.read().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the shard's lock in one stripe is held shared for the guard's life, so no
         // `WriteGuard` of the shard exists meanwhile (see `Sync` above).
         let table = unsafe { &*self.tables[shard].0.get() };
@@ -91,12 +95,15 @@ impl<S> Shards<S> {
 
     /// Exclusive access to shard `shard`'s table, under every stripe.
     pub(crate) fn write(&self, shard: usize) -> WriteGuard<'_, S> {
+        // Every stripe must be locked: `new` makes at most `MAX_STRIPES`.
+        debug_assert!(self.stripes.len() <= MAX_STRIPES);
         let mut locks: [Option<RwLockWriteGuard<'_, ()>>; MAX_STRIPES] = Default::default();
         for (slot, stripe) in locks.iter_mut().zip(self.stripes.iter()) {
-            *slot = Some(stripe.0[shard].write().unwrap_or_else(|p| p.into_inner()));
+            *slot = Some(stripe.0[shard].0.write().unwrap_or_else(|p| p.into_inner()));
         }
-        // SAFETY: the shard's lock is held exclusively in every stripe for the guard's life,
-        // so no other guard of the shard exists meanwhile.
+        // SAFETY: the shard's lock is held exclusively in every stripe (`new` makes at most
+        // `MAX_STRIPES` stripes, all of them zipped above) for the guard's life, so no other
+        // guard of the shard exists meanwhile.
         let table = unsafe { &mut *self.tables[shard].0.get() };
         WriteGuard {
             table,

@@ -84,6 +84,16 @@ impl CacheState {
         }
     }
 
+    /// The last-read stamp for a read at `now`: the coarse clock where the runtime has one
+    /// (as a hit stamps), else `now` itself.
+    #[inline]
+    pub(crate) fn stamp_nanos(&self, now: Instant) -> u64 {
+        match &self.hit_clock {
+            Some((clock, origin)) => clock.read().saturating_sub(*origin),
+            None => self.nanos(now),
+        }
+    }
+
     /// `now` as nanoseconds since `epoch` (saturating), the form entries keep their times in.
     #[inline]
     pub(crate) fn nanos(&self, now: Instant) -> u64 {

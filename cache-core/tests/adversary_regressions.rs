@@ -5,9 +5,11 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
+use cache_core::runtime::Sleep;
 use cache_core::sim::SimRuntime;
 use cache_core::testing::{MockRequest, MockServer, MockType};
 use cache_core::{Cache, FetchResult, RegisterOptions, RequestInfo};
@@ -241,4 +243,58 @@ fn a_watch_added_while_capacity_evicts_keeps_its_entry() {
         lost, 0,
         "active watches whose entry was evicted for capacity"
     );
+}
+
+/// A get waiting out its backoff (its own fetch answered index 0, which counts as a failure)
+/// that then finds another get's fetch in flight must wait for that fetch. It kept its retry
+/// time, already past once the fetch had started, so its wait was ready at once, again and
+/// again: it spun for as long as the other fetch ran (on a real runtime, a worker at 100 %;
+/// on the virtual clock, a hang), and its timeout, looked at after the retry, never fired.
+/// Found by review; failed (hung) before the fix.
+#[test]
+fn a_get_past_its_retry_time_waits_for_a_fetch_in_flight_instead_of_spinning() {
+    within(secs(20), "retry vs a fetch in flight", || {
+        let sim = SimRuntime::new(1);
+        let cache = Cache::new(sim.handle());
+        let rt = sim.handle();
+        let origin = sim.now();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let typed = cache.register(MockType::new(
+            RegisterOptions::new().supports_blocking(true),
+            move |_o, _r| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let rt = rt.clone();
+                async move {
+                    // At first the server answers index 0 at once (the first get fetches
+                    // again until its backoff starts); from 50 ms on, a fetch blocks for a
+                    // minute, as a blocking query does.
+                    if rt.now() - origin < Duration::from_millis(50) {
+                        return Ok(FetchResult::new(1u64, 0));
+                    }
+                    Sleep::until(&*rt, rt.now() + secs(60)).await;
+                    Ok(FetchResult::new(2u64, 7))
+                }
+            },
+        ));
+        sim.block_on(async {
+            let start = sim.now();
+            let waiting = MockRequest::new("k").min_index(1).timeout(secs(600));
+            let late = MockRequest::new("k").min_index(1).timeout(secs(600));
+            let (first, second) = futures::join!(typed.get(&waiting), async {
+                // Starts the second fetch while the first get waits out its backoff.
+                sim.sleep(Duration::from_millis(100)).await;
+                typed.get(&late).await
+            });
+            for got in [first, second] {
+                let got = got.unwrap();
+                assert_eq!((got.value, got.meta.index), (Some(2), 7));
+            }
+            assert_eq!(sim.now() - start, secs(60) + Duration::from_millis(100));
+            // The first get's fetches at once, then the one blocking fetch both waited for.
+            let calls = calls.load(Ordering::SeqCst);
+            assert!((2..=8).contains(&calls), "{calls} fetches");
+        });
+        cache.close();
+    });
 }

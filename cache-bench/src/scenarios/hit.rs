@@ -22,7 +22,7 @@ use std::hint::black_box;
 use std::sync::{Arc, Barrier, RwLock};
 use std::time::{Duration, Instant};
 
-use cache_core::{Cache, RequestInfo, TypedCache};
+use cache_core::{Cache, RequestInfo, Response, TypedCache};
 use dashmap::DashMap;
 
 use crate::Mode;
@@ -98,10 +98,16 @@ impl Warm {
         Arc::new(warm)
     }
 
-    /// One hit of ours, polled with a no-op waker.
+    /// One hit of ours, polled with a no-op waker. The value is taken out of the response, as
+    /// a caller that wants the value does (`get(..).await?.value`); the baselines return the
+    /// value alone.
     #[inline]
     pub fn ours_poll(&self, i: usize) {
-        black_box(poll_now(self.ours.get(&self.keys[i])).ok());
+        black_box(
+            poll_now(self.ours.get(&self.keys[i]))
+                .ok()
+                .and_then(Response::into_value),
+        );
     }
 
     /// One read of the bare map.
@@ -178,7 +184,13 @@ impl Warm {
                         let i = this.order[(j + t * n / tasks) % n];
                         match which {
                             Variant::Ours => {
-                                black_box(this.ours.get(&this.keys[i]).await.ok());
+                                black_box(
+                                    this.ours
+                                        .get(&this.keys[i])
+                                        .await
+                                        .ok()
+                                        .and_then(Response::into_value),
+                                );
                             }
                             Variant::Map => this.map_get(i),
                             Variant::Moka => {
