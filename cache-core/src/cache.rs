@@ -393,7 +393,7 @@ impl<T: CacheType> TypedCache<T> {
         &'a self,
         request: &'a T::Request,
     ) -> impl Future<Output = Result<Response<T::Value>, GetError<T::Error>>> + Send + 'a {
-        // Not an `async fn`: a hit is a ready future, with no state machine around it.
+        // Not an `async fn`: two pointers until polled; a hit answers in its first poll.
         self.store.get_result(request)
     }
 

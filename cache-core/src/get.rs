@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -62,31 +62,24 @@ impl<T: CacheType> Store<T> {
     }
 
     /// The hit path: one read lock, no allocation, and the runtime's cheapest clock. A hit is
-    /// returned as its parts ([`GetFuture::Hit`]), written once where the caller keeps its
-    /// future; the answer is only built when the future is polled. Anything else is
-    /// [`GetFuture::Empty`], for the caller to replace.
+    /// returned as its parts, plain words; the caller builds its answer from them.
     #[inline]
-    fn try_hit<'a, R>(&self, hash: u64, info: &RequestInfo<'_>) -> GetFuture<'a, T, R> {
+    fn try_hit(&self, hash: u64, info: &RequestInfo<'_>) -> Option<Hit<T::Value>> {
         let hit = self.read_key(hash, info, |slot| {
             let now_ns = self.shared.hit_nanos();
             let state = slot.state();
             if !self.is_valid_at(state, info, info.must_revalidate, now_ns) {
-                return GetFuture::Empty;
+                return None;
             }
             slot.touch(now_ns);
-            GetFuture::Hit {
+            Some(Hit {
                 value: state.value.clone(),
                 index: state.index,
                 age_ns: self.age_since(state).map_or(0, |t| t.nanos_until(now_ns)),
-            }
-        });
-        match hit {
-            Some(hit @ GetFuture::Hit { .. }) => {
-                self.counters.hits.incr();
-                hit
-            }
-            _ => GetFuture::Empty,
-        }
+            })
+        })??;
+        self.counters.hits.incr();
+        Some(hit)
     }
 
     /// `Cache::get_outcome` for this type (docs/contract.md#get).
@@ -94,7 +87,10 @@ impl<T: CacheType> Store<T> {
         &'a self,
         request: &'a T::Request,
     ) -> GetFuture<'a, T, GetOutcome<T::Value, T::Error>> {
-        self.get_as(request)
+        GetFuture::Start {
+            store: self,
+            request,
+        }
     }
 
     /// `Cache::get` for this type (docs/contract.md#get): [`Store::get`] as a `Result`.
@@ -102,29 +98,43 @@ impl<T: CacheType> Store<T> {
         &'a self,
         request: &'a T::Request,
     ) -> GetFuture<'a, T, GetResult<T>> {
-        self.get_as(request)
+        GetFuture::Start {
+            store: self,
+            request,
+        }
     }
 
-    /// A get answering in the form `R`.
+    /// A get's first step, at its future's first poll: the answer of a hit, in the form `R`,
+    /// or the boxed waiting part of a miss.
     ///
-    /// A hit is answered without allocating; a miss boxes the waiting part. No `RequestInfo`
-    /// is held across an await: its `Cow`s trip the compiler's higher-ranked `Send` check, and
-    /// re-asking the request for it is cheap.
+    /// No `RequestInfo` is held across an await: its `Cow`s trip the compiler's higher-ranked
+    /// `Send` check, and re-asking the request for it is cheap.
     #[inline(always)]
-    fn get_as<'a, R: Answer<T> + 'a>(&'a self, request: &'a T::Request) -> GetFuture<'a, T, R> {
+    fn begin<'a, R: Answer<T> + 'a>(
+        &'a self,
+        request: &'a T::Request,
+    ) -> Result<R, BoxFuture<'a, R>> {
         let info = request.cache_info();
         if info.key.is_empty() {
-            return GetFuture::Slow(Box::pin(self.bypass(request).map(R::from_outcome)));
+            return Err(Box::pin(self.bypass(request).map(R::from_outcome)));
         }
         let hash = self.hash(&info);
-        let future = self.try_hit(hash, &info);
-        if let GetFuture::Empty = future {
-            let start = self.shared.rt.now();
-            return GetFuture::Slow(Box::pin(
-                self.get_slow(request, hash, start).map(R::from_outcome),
-            ));
+        match self.try_hit(hash, &info) {
+            Some(hit) => Ok(R::hit(
+                hit.value,
+                ResultMeta {
+                    hit: true,
+                    index: hit.index,
+                    age: Duration::from_nanos(hit.age_ns),
+                },
+            )),
+            None => {
+                let start = self.shared.rt.now();
+                Err(Box::pin(
+                    self.get_slow(request, hash, start).map(R::from_outcome),
+                ))
+            }
         }
-        future
     }
 
     async fn bypass(&self, request: &T::Request) -> GetOutcome<T::Value, T::Error> {
@@ -568,52 +578,53 @@ impl<T: CacheType> Answer<T> for GetResult<T> {
     }
 }
 
-/// The future of a get: ready at once on a hit, boxed while waiting on a miss.
-///
-/// A hit keeps its parts, plain words, and builds the answer when polled: the answer (a
-/// `Result` of 30-odd bytes whose discriminant hides in `Duration`'s nanoseconds) is then
-/// written once, where the caller wants it, instead of being built in the hit path and
-/// copied out through the future.
-pub(crate) enum GetFuture<'a, T: CacheType, R> {
-    /// A hit, not yet polled.
-    Hit {
-        value: Option<T::Value>,
-        index: u64,
-        age_ns: u64,
-    },
-    /// Answered (or, inside `get_as`, a miss still to be answered).
-    Empty,
-    /// Waiting on a fetch.
-    Slow(BoxFuture<'a, R>),
+/// A hit, as plain words: the value, the entry's index and its age in nanoseconds.
+struct Hit<V> {
+    value: Option<V>,
+    index: u64,
+    age_ns: u64,
 }
 
-// Nothing in a `GetFuture` is pinned structurally: the hit's parts are moved out, the boxed
-// future is pinned by its box.
+/// The future of a get. Two pointers until its first poll, which looks the entry up: a hit
+/// answers at once, its answer written straight where the poller wants it (no hit state is
+/// built first and then copied out through the future); a miss boxes its waiting part.
+pub(crate) enum GetFuture<'a, T: CacheType, R> {
+    /// Not polled yet.
+    Start {
+        store: &'a Store<T>,
+        request: &'a T::Request,
+    },
+    /// Waiting on a fetch.
+    Slow(BoxFuture<'a, R>),
+    /// Answered.
+    Done,
+}
+
+// Nothing in a `GetFuture` is pinned structurally: the boxed future is pinned by its box.
 impl<T: CacheType, R> Unpin for GetFuture<'_, T, R> {}
 
-impl<T: CacheType, R: Answer<T>> Future for GetFuture<'_, T, R> {
+impl<'a, T: CacheType, R: Answer<T> + 'a> Future for GetFuture<'a, T, R> {
     type Output = R;
 
-    #[inline]
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        match this {
-            GetFuture::Hit {
-                value,
-                index,
-                age_ns,
-            } => {
-                let meta = ResultMeta {
-                    hit: true,
-                    index: *index,
-                    age: Duration::from_nanos(*age_ns),
-                };
-                let value = value.take();
-                *this = GetFuture::Empty;
-                Poll::Ready(R::hit(value, meta))
+        if let GetFuture::Start { store, request } = *this {
+            match store.begin(request) {
+                Ok(answer) => {
+                    *this = GetFuture::Done;
+                    return Poll::Ready(answer);
+                }
+                Err(slow) => *this = GetFuture::Slow(slow),
             }
-            GetFuture::Slow(future) => future.as_mut().poll(cx),
-            GetFuture::Empty => panic!("a get future polled after completion"),
+        }
+        match this {
+            GetFuture::Slow(future) => {
+                let answer = ready!(future.as_mut().poll(cx));
+                *this = GetFuture::Done;
+                Poll::Ready(answer)
+            }
+            _ => panic!("a get future polled after completion"),
         }
     }
 }
