@@ -380,6 +380,9 @@ impl<T: CacheType> TypedCache<T> {
     /// `RequestInfo::timeout`, a get that sees no change in time returns the last known value
     /// (possibly none) and no error, as a blocking query does.
     ///
+    /// Like any future, the get does nothing until polled: the entry is looked up at the
+    /// first poll (a hit answers there, without allocating), and the timeout counts from it.
+    ///
     /// # Errors
     ///
     /// [`GetError::Fetch`] or [`GetError::Panicked`] when the fetch this get waited for failed
