@@ -397,7 +397,7 @@ impl<T: CacheType> TypedCache<T> {
         request: &'a T::Request,
     ) -> impl Future<Output = Result<Response<T::Value>, GetError<T::Error>>> + Send + 'a {
         // Not an `async fn`: two pointers until polled; a hit answers in its first poll.
-        self.store.get_result(request)
+        self.store.get(request)
     }
 
     /// Like [`TypedCache::get`], but returns value, meta and error together, so the last good

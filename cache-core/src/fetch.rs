@@ -3,8 +3,11 @@
 //! for refresh types and watched entries — fetches again after backoff, the refresh timer or the
 //! polling interval.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -130,7 +133,7 @@ impl<T: CacheType> Store<T> {
         generation: u32,
         request: T::Request,
         first_at: Option<Option<Instant>>,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    ) -> impl Future<Output = ()> + Send + 'static {
         async move {
             let mut sleep: Option<Sleep> = None;
             // `None`: fetch now; `Some(None)`: sleep until woken (a wait too long to represent).
@@ -170,7 +173,7 @@ impl<T: CacheType> Store<T> {
         generation: u32,
         deadline: Option<Instant>,
         sleep: &'a mut Option<Sleep>,
-    ) -> impl std::future::Future<Output = bool> + 'a {
+    ) -> impl Future<Output = bool> + 'a {
         async move {
             let rt = &self.shared.rt;
             loop {
@@ -235,7 +238,7 @@ impl<T: CacheType> Store<T> {
         entry: &'a Arc<EntryHandle<T>>,
         generation: u32,
         sleep: &'a mut Option<Sleep>,
-    ) -> impl std::future::Future<Output = Option<Ready<T>>> + 'a {
+    ) -> impl Future<Output = Option<Ready<T>>> + 'a {
         async move {
             let rt = &self.shared.rt;
             let mut reserved = false;
@@ -316,7 +319,7 @@ impl<T: CacheType> Store<T> {
         generation: u32,
         (mut opts, connected_timer): (FetchOptions<T::Value>, bool),
         request: &'a T::Request,
-    ) -> impl std::future::Future<Output = Option<FetchOutcome<T>>> + 'a {
+    ) -> impl Future<Output = Option<FetchOutcome<T>>> + 'a {
         // Built before the future: it holds the fetch, not the options that made it.
         if self.opts.supports_blocking {
             opts.connected = self.connected_signal(entry, generation);
@@ -330,7 +333,7 @@ impl<T: CacheType> Store<T> {
             // chain's task holds this future for as long as the fetch runs, per entry).
             // SAFETY: `fetch` is owned by this future, which is pinned while it runs; it is not
             // moved after this, and is dropped in place with the future.
-            let mut fetch = unsafe { std::pin::Pin::new_unchecked(&mut fetch) };
+            let mut fetch = unsafe { Pin::new_unchecked(&mut fetch) };
             let mut removed = Removed { store: self, entry };
             loop {
                 match threshold.as_mut() {
@@ -507,22 +510,19 @@ struct Removed<'a, T: CacheType> {
     entry: &'a Arc<EntryHandle<T>>,
 }
 
-impl<T: CacheType> std::future::Future for Removed<'_, T> {
+impl<T: CacheType> Future for Removed<'_, T> {
     type Output = ();
 
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         // Still registered: no removal took the waker since the last look (the fetch woke the
         // task), so there is nothing to look at.
         if self.entry.extras().set_chain(cx.waker()) {
-            return std::task::Poll::Pending;
+            return Poll::Pending;
         }
         // Registered first, then looked: a removal after the look wakes this waker.
         match self.store.read_slot(self.entry, |_| ()) {
-            Some(()) => std::task::Poll::Pending,
-            None => std::task::Poll::Ready(()),
+            Some(()) => Poll::Pending,
+            None => Poll::Ready(()),
         }
     }
 }

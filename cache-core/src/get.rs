@@ -82,22 +82,12 @@ impl<T: CacheType> Store<T> {
         Some(hit)
     }
 
-    /// `Cache::get_outcome` for this type (docs/contract.md#get).
-    pub(crate) fn get<'a>(
+    /// A get for this type (docs/contract.md#get), answering in the form `R`: a
+    /// [`GetResult`] for `TypedCache::get`, a [`GetOutcome`] for `TypedCache::get_outcome`.
+    pub(crate) fn get<'a, R: Answer<T> + 'a>(
         &'a self,
         request: &'a T::Request,
-    ) -> GetFuture<'a, T, GetOutcome<T::Value, T::Error>> {
-        GetFuture::Start {
-            store: self,
-            request,
-        }
-    }
-
-    /// `Cache::get` for this type (docs/contract.md#get): [`Store::get`] as a `Result`.
-    pub(crate) fn get_result<'a>(
-        &'a self,
-        request: &'a T::Request,
-    ) -> GetFuture<'a, T, GetResult<T>> {
+    ) -> GetFuture<'a, T, R> {
         GetFuture::Start {
             store: self,
             request,
@@ -350,11 +340,7 @@ impl<T: CacheType> Store<T> {
         seen: &mut Seen,
     ) -> EventListener {
         seen.attempts = Some(slot.state().attempts);
-        if !waiting
-            .entry
-            .as_ref()
-            .is_some_and(|e| Arc::ptr_eq(e, slot.handle()))
-        {
+        if !waiting.counted_on(slot) {
             slot.state().waiters.fetch_add(1, Ordering::Relaxed);
             waiting.entry = Some(slot.handle().clone());
         }
@@ -513,15 +499,18 @@ struct Waiting<'a, T: CacheType> {
 }
 
 impl<T: CacheType> Waiting<'_, T> {
+    /// Whether the get is counted among `slot`'s waiters.
+    fn counted_on(&self, slot: &Slot<T>) -> bool {
+        self.entry
+            .as_ref()
+            .is_some_and(|e| Arc::ptr_eq(e, slot.handle()))
+    }
+
     /// Counts the get out of `slot`'s waiters, if it was counted there, under the lock the
     /// get already holds to read its answer: the woken gets of a miss storm then leave
     /// without a second lookup each.
     fn leave(&mut self, slot: &Slot<T>) {
-        if self
-            .entry
-            .as_ref()
-            .is_some_and(|e| Arc::ptr_eq(e, slot.handle()))
-        {
+        if self.counted_on(slot) {
             slot.state().waiters.fetch_sub(1, Ordering::Relaxed);
             // Not the entry's last reference: its table holds one.
             self.entry = None;
@@ -539,7 +528,7 @@ impl<T: CacheType> Drop for Waiting<'_, T> {
     }
 }
 
-/// What [`Store::get_result`] answers: `TypedCache::get`'s output.
+/// What `TypedCache::get` answers.
 pub(crate) type GetResult<T> =
     Result<Response<<T as CacheType>::Value>, GetError<<T as CacheType>::Error>>;
 
@@ -631,7 +620,6 @@ impl<'a, T: CacheType, R: Answer<T> + 'a> Future for GetFuture<'a, T, R> {
 
 #[cfg(test)]
 mod size_tests {
-
     use crate::sim::SimRuntime;
     use crate::testing::{MockError, MockRequest, MockType};
     use crate::{Cache, RegisterOptions};

@@ -51,6 +51,13 @@ unsafe impl<S: Send + Sync> Sync for Shards<S> {}
 // SAFETY: moving the shards moves the tables, nothing thread-bound.
 unsafe impl<S: Send> Send for Shards<S> {}
 
+/// The shard of a hash: its middle bits (hashbrown uses the low bits for buckets and the top 7
+/// for tags).
+#[inline]
+pub(crate) fn shard_of(hash: u64) -> usize {
+    ((hash >> 32) as usize) % SHARDS
+}
+
 /// The stripe count: the machine's parallelism, rounded up to a power of two, at most
 /// [`MAX_STRIPES`]. A power of two keeps the stripe choice a mask.
 fn stripe_count() -> usize {
@@ -73,13 +80,6 @@ impl<S> Shards<S> {
                 .map(|_| Stripe(std::array::from_fn(|_| Lock(RwLock::new(())))))
                 .collect(),
         }
-    }
-
-    /// The shard of a hash: its middle bits (hashbrown uses the low bits for buckets and the
-    /// top 7 for tags).
-    #[inline]
-    pub(crate) fn of(hash: u64) -> usize {
-        ((hash >> 32) as usize) % SHARDS
     }
 
     /// Shared access to shard `shard`'s table, under this thread's stripe.

@@ -78,20 +78,22 @@ impl CacheState {
     /// (a few ns, at most a few ms ahead of the precise time), else the runtime's exact `now`.
     #[inline]
     pub(crate) fn hit_nanos(&self) -> u64 {
-        match &self.hit_clock {
-            Some((clock, origin)) => clock.read().saturating_sub(*origin),
-            None => self.nanos(self.rt.now()),
-        }
+        self.coarse_nanos()
+            .unwrap_or_else(|| self.nanos(self.rt.now()))
     }
 
     /// The last-read stamp for a read at `now`: the coarse clock where the runtime has one
     /// (as a hit stamps), else `now` itself.
     #[inline]
     pub(crate) fn stamp_nanos(&self, now: Instant) -> u64 {
-        match &self.hit_clock {
-            Some((clock, origin)) => clock.read().saturating_sub(*origin),
-            None => self.nanos(now),
-        }
+        self.coarse_nanos().unwrap_or_else(|| self.nanos(now))
+    }
+
+    /// The coarse clock's reading as nanoseconds since `epoch`, if the runtime has one.
+    #[inline]
+    fn coarse_nanos(&self) -> Option<u64> {
+        let (clock, origin) = self.hit_clock.as_ref()?;
+        Some(clock.read().saturating_sub(*origin))
     }
 
     /// `now` as nanoseconds since `epoch` (saturating), the form entries keep their times in.

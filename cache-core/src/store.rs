@@ -27,7 +27,7 @@ use crate::expiry::ExpiryQueue;
 use crate::metrics::{Counters, TypeMetrics, bump};
 use crate::outcome::ResultMeta;
 use crate::ratelimit::TokenBucket;
-use crate::shards::{ReadGuard, SHARDS, Shards, WriteGuard};
+use crate::shards::{ReadGuard, SHARDS, Shards, WriteGuard, shard_of};
 use crate::shared::{CacheState, ErasedStore, EvictOne};
 
 /// Up to this many entries in a type, capacity eviction picks the exact least recently read.
@@ -777,11 +777,11 @@ impl<T: CacheType> Store<T> {
 
     #[inline]
     pub(crate) fn read(&self, hash: u64) -> ReadGuard<'_, Slot<T>> {
-        self.tables.read(Shards::<Slot<T>>::of(hash))
+        self.tables.read(shard_of(hash))
     }
 
     pub(crate) fn write(&self, hash: u64) -> WriteGuard<'_, Slot<T>> {
-        self.tables.write(Shards::<Slot<T>>::of(hash))
+        self.tables.write(shard_of(hash))
     }
 
     pub(crate) fn nanos(&self, now: Instant) -> u64 {

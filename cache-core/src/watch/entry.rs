@@ -31,10 +31,7 @@ impl<T: CacheType> Store<T> {
     /// The entry's current state as a watch event, if it is still cached.
     pub(crate) fn snapshot(&self, entry: &Arc<EntryHandle<T>>) -> Option<Snapshot<T>> {
         let now = self.shared.rt.now();
-        let hash = self.entry_hash(entry);
-        let table = self.read(hash);
-        let slot = table.find(hash, |s| Arc::ptr_eq(s.handle(), entry))?;
-        Some(self.snapshot_of(slot.state(), false, now))
+        self.read_slot(entry, |slot| self.snapshot_of(slot.state(), false, now))
     }
 
     /// Offers a fetch's outcome to every watch of the entry, dropping those whose receiver is
