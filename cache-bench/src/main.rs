@@ -14,7 +14,8 @@ cache-bench [--quick | --smoke] [--only SCENARIO[,SCENARIO…]] [--out DIR] [--c
   --only       run only these scenarios (hit, many, churn, storm, fanout, runtimes, agent…)
   --out        where report.md and report.json go (default: target/bench)
   --command    the command line to record in the report
-  --profile-hit SECS   run only our hit loop for SECS seconds (for perf), no report
+  --profile-hit SECS   run only one hit loop for SECS seconds (for perf), no report: ours, or
+                       the baseline CACHE_BENCH_PROFILE_VARIANT names (map, dash, moka)
   --threads N          with --profile-hit: on N threads at once (default 1)
 ";
 
@@ -55,7 +56,7 @@ fn main() -> ExitCode {
         }
     }
     if let Some(secs) = profile_secs {
-        // Only our hit loop, for `perf record`: no baseline in the profile.
+        // One hit loop alone, for `perf record`: ours or the baseline the environment names.
         cache_bench::scenarios::hit::profile(std::time::Duration::from_secs(secs), threads);
         return ExitCode::SUCCESS;
     }

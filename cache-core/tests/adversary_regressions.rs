@@ -5,14 +5,18 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cache_core::runtime::Sleep;
 use cache_core::sim::SimRuntime;
 use cache_core::testing::{MockRequest, MockServer, MockType};
-use cache_core::{Cache, FetchResult, RegisterOptions, RequestInfo};
+use cache_core::{Cache, EntryQuery, FetchResult, GetError, RegisterOptions, RequestInfo};
+
+mod support;
+
+use support::within_real_time;
 
 /// Counts the bytes each thread holds (tests run in parallel; a simulation runs on its test's
 /// thread).
@@ -50,19 +54,11 @@ fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
-/// Runs `body` on a thread of its own and fails if it has not finished within `bound` of
-/// wall-clock time (a spinning task would otherwise hang the test run).
-fn within(bound: Duration, what: &str, body: impl FnOnce() + Send + 'static) {
-    let (done, finished) = mpsc::channel();
-    std::thread::spawn(move || {
-        body();
-        let _ = done.send(());
-    });
-    match finished.recv_timeout(bound) {
-        Ok(()) => {}
-        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: the body panicked"),
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: still running after {bound:?}"),
-    }
+/// The fixed type most tests here register: every fetch answers 1 at index 1.
+fn one() -> MockType<u64> {
+    MockType::new(RegisterOptions::new(), |_o, _r| async {
+        Ok(FetchResult::new(1u64, 1))
+    })
 }
 
 /// A watched entry of a type whose TTL is zero (or a nanosecond) must not make the expiry
@@ -73,7 +69,7 @@ fn within(bound: Duration, what: &str, body: impl FnOnce() + Send + 'static) {
 #[test]
 fn a_watched_entry_with_a_zero_or_tiny_ttl_does_not_spin_the_expiry_task() {
     for ttl in [Duration::ZERO, Duration::from_nanos(1)] {
-        within(secs(20), &format!("ttl {ttl:?}"), move || {
+        within_real_time(&format!("ttl {ttl:?}"), move || {
             let sim = SimRuntime::new(1);
             let cache = Cache::new(sim.handle());
             let server = MockServer::new(sim.handle(), 1u64, 1);
@@ -105,7 +101,7 @@ fn a_watched_entry_with_a_zero_or_tiny_ttl_does_not_spin_the_expiry_task() {
 /// fetch, although the expiry task evicts their entry as soon as the fetch is stored.
 #[test]
 fn gets_of_a_zero_ttl_type_answer() {
-    within(secs(20), "zero ttl gets", || {
+    within_real_time("zero ttl gets", || {
         let sim = SimRuntime::new(1);
         let cache = Cache::new(sim.handle());
         let server = MockServer::new(sim.handle(), 7u64, 1);
@@ -131,13 +127,8 @@ fn gets_of_a_zero_ttl_type_answer() {
 fn prepopulating_through_a_replaced_registration_keeps_nothing() {
     let sim = SimRuntime::new(1);
     let cache = Cache::new(sim.handle());
-    let echo = || {
-        MockType::new(RegisterOptions::new(), |_o, _r| async {
-            Ok(FetchResult::new(1u64, 1))
-        })
-    };
-    let old = cache.register(echo());
-    let _new = cache.register(echo());
+    let old = cache.register(one());
+    let _new = cache.register(one());
     old.prepopulate(&RequestInfo::new("warm-up"), 0, 1).unwrap();
     sim.block_on(sim.sleep(secs(1)));
     let before = live_bytes();
@@ -163,9 +154,7 @@ fn prepopulating_through_a_replaced_registration_keeps_nothing() {
 fn misses_after_close_create_no_entries() {
     let sim = SimRuntime::new(1);
     let cache = Cache::new(sim.handle());
-    let typed = cache.register(MockType::new(RegisterOptions::new(), |_o, _r| async {
-        Ok(FetchResult::new(1u64, 1))
-    }));
+    let typed = cache.register(one());
     sim.block_on(async {
         typed.get(&MockRequest::new("cached")).await.unwrap();
     });
@@ -173,10 +162,7 @@ fn misses_after_close_create_no_entries() {
     sim.block_on(async {
         for i in 0..1000 {
             let miss = typed.get(&MockRequest::new(&format!("k{i}"))).await;
-            assert!(
-                matches!(miss, Err(cache_core::GetError::Closed)),
-                "{miss:?}"
-            );
+            assert!(matches!(miss, Err(GetError::Closed)), "{miss:?}");
         }
         assert!(
             typed
@@ -200,14 +186,9 @@ fn misses_after_close_create_no_entries() {
 /// watch), no task needs to run: prepopulates insert, and the listing shows the watch.
 #[test]
 fn a_watch_added_while_capacity_evicts_keeps_its_entry() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
     let sim = SimRuntime::new(1);
     let cache = Cache::builder(sim.handle()).max_entries(2).build();
-    let typed = cache.register(MockType::new(RegisterOptions::new(), |_o, _r| async {
-        Ok(FetchResult::new(1u64, 1))
-    }));
+    let typed = cache.register(one());
     let stop = Arc::new(AtomicBool::new(false));
     let churn = {
         let (typed, stop) = (typed.clone(), stop.clone());
@@ -231,7 +212,7 @@ fn a_watch_added_while_capacity_evicts_keeps_its_entry() {
         let handle = typed
             .notify(MockRequest::new(&key).max_age(secs(3600)), (), tx)
             .unwrap();
-        let page = typed.entries(&cache_core::EntryQuery::new().prefix(key.clone()));
+        let page = typed.entries(&EntryQuery::new().prefix(key.clone()));
         let watched = page.entries.iter().any(|e| e.key == key && e.watchers > 0);
         if handle.is_active() && !watched {
             lost += 1;
@@ -253,17 +234,14 @@ fn a_watch_added_while_capacity_evicts_keeps_its_entry() {
 /// Found by review; failed (hung) before the fix.
 #[test]
 fn a_get_past_its_retry_time_waits_for_a_fetch_in_flight_instead_of_spinning() {
-    within(secs(20), "retry vs a fetch in flight", || {
+    within_real_time("retry vs a fetch in flight", || {
         let sim = SimRuntime::new(1);
         let cache = Cache::new(sim.handle());
         let rt = sim.handle();
         let origin = sim.now();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counted = calls.clone();
-        let typed = cache.register(MockType::new(
+        let ty = MockType::new(
             RegisterOptions::new().supports_blocking(true),
             move |_o, _r| {
-                counted.fetch_add(1, Ordering::SeqCst);
                 let rt = rt.clone();
                 async move {
                     // At first the server answers index 0 at once (the first get fetches
@@ -272,11 +250,13 @@ fn a_get_past_its_retry_time_waits_for_a_fetch_in_flight_instead_of_spinning() {
                     if rt.now() - origin < Duration::from_millis(50) {
                         return Ok(FetchResult::new(1u64, 0));
                     }
-                    Sleep::until(&*rt, rt.now() + secs(60)).await;
+                    Sleep::after(&*rt, secs(60)).await;
                     Ok(FetchResult::new(2u64, 7))
                 }
             },
-        ));
+        );
+        let calls = ty.calls();
+        let typed = cache.register(ty);
         sim.block_on(async {
             let start = sim.now();
             let waiting = MockRequest::new("k").min_index(1).timeout(secs(600));

@@ -1,7 +1,6 @@
 //! Minimal regressions for failures the model-based test (`tests/model.rs`) found outside the
 //! twelve defects of issue 10.
 
-use std::sync::mpsc;
 use std::time::Duration;
 
 use cache_core::sim::SimRuntime;
@@ -15,22 +14,9 @@ mod model;
 
 use model::{Op, run};
 
-/// Runs `f` on its own thread and fails if it has not finished within a generous real-time
-/// bound: a livelocked virtual runtime never returns.
-fn within_real_time(what: &str, f: impl FnOnce() + Send + 'static) {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        f();
-        let _ = tx.send(());
-    });
-    match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(()) => {}
-        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: the check panicked"),
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what}: still running after 20 s of real time (livelock)")
-        }
-    }
-}
+mod support;
+
+use support::within_real_time;
 
 /// Found by the model (minimal sequence `Get(d), Notify(b), GetMin(d, timeout 1s), Notify(a),
 /// Get(c)` with a capacity of three, the two watches pinning two slots).

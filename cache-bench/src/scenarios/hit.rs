@@ -60,6 +60,28 @@ pub enum Variant {
     Dash,
 }
 
+impl Variant {
+    /// One polled read of this structure (the synchronous maps are called directly).
+    fn poll_op(self) -> fn(&Warm, usize) {
+        match self {
+            Variant::Ours => Warm::ours_poll,
+            Variant::Map => Warm::map_get,
+            Variant::Moka => Warm::moka_poll,
+            Variant::Dash => Warm::dash_get,
+        }
+    }
+
+    /// Its name in `--profile-hit`'s output.
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Ours => "ours",
+            Variant::Map => "map",
+            Variant::Moka => "moka",
+            Variant::Dash => "dash",
+        }
+    }
+}
+
 impl Warm {
     /// `entries` warm entries in each, on `rt`; `ops` random accesses per sample.
     pub fn new(rt: &BenchRt, entries: usize, ops: usize) -> Arc<Self> {
@@ -214,9 +236,10 @@ impl Warm {
     }
 }
 
-/// Runs only our hit loop (polled) on `threads` threads for `duration`, for a profiler
-/// (`perf record`, callgrind): no baseline runs in the profile. Prints ns/op (aggregate for
-/// more than one thread) and hits/s.
+/// Runs one polled hit loop alone, ours unless `CACHE_BENCH_PROFILE_VARIANT` names a baseline
+/// (`map`, `dash`, `moka`), on `threads` threads for `duration`, for a profiler (`perf
+/// record`, callgrind): nothing else runs in the profile. `CACHE_BENCH_PROFILE_ENTRIES` sets
+/// the warm entries (10 000). Prints ns/op (aggregate for more than one thread) and hits/s.
 pub fn profile(duration: Duration, threads: usize) {
     let rt = BenchRt::new(Flavor::TokioMulti);
     let entries = std::env::var("CACHE_BENCH_PROFILE_ENTRIES")
@@ -224,15 +247,13 @@ pub fn profile(duration: Duration, threads: usize) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000);
     let warm = Warm::new(&rt, entries, 200_000);
-    // `CACHE_BENCH_PROFILE_VARIANT=map|dash|moka` profiles a baseline's loop instead, for
-    // instruction counts side by side (callgrind).
-    let variant = std::env::var("CACHE_BENCH_PROFILE_VARIANT").unwrap_or_default();
-    let op: fn(&Warm, usize) = match variant.as_str() {
-        "map" => Warm::map_get,
-        "dash" => Warm::dash_get,
-        "moka" => Warm::moka_poll,
-        _ => Warm::ours_poll,
+    let variant = match std::env::var("CACHE_BENCH_PROFILE_VARIANT").as_deref() {
+        Ok("map") => Variant::Map,
+        Ok("dash") => Variant::Dash,
+        Ok("moka") => Variant::Moka,
+        _ => Variant::Ours,
     };
+    let op = variant.poll_op();
     let start = Instant::now();
     let mut samples = Vec::new();
     while start.elapsed() < duration {
@@ -247,11 +268,7 @@ pub fn profile(duration: Duration, threads: usize) {
     println!(
         "hit ({}), {threads} thread(s), polled: {ns:.1} ns/op{} = {:.1} M hits/s (median of {}; \
          fastest {min:.1} ns/op)",
-        if variant.is_empty() {
-            "ours"
-        } else {
-            variant.as_str()
-        },
+        variant.name(),
         if threads > 1 { " aggregate" } else { "" },
         1e3 / ns,
         samples.len()
@@ -288,12 +305,7 @@ pub fn run(mode: Mode) -> Vec<Figure> {
                 let rt = &rt;
                 runs.push(match drive {
                     Drive::Poll => {
-                        let op: fn(&Warm, usize) = match variant {
-                            Variant::Ours => Warm::ours_poll,
-                            Variant::Map => Warm::map_get,
-                            Variant::Moka => Warm::moka_poll,
-                            Variant::Dash => Warm::dash_get,
-                        };
+                        let op = variant.poll_op();
                         Box::new(move || warm.time_threads(threads, op))
                     }
                     Drive::Task => Box::new(move || warm.time_tasks(rt, threads, variant)),
