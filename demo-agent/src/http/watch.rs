@@ -58,6 +58,11 @@ struct StreamGuard {
     state: AgentState,
 }
 
+/// The query parameter naming a watched key, and the kind of its correlation id (`key:name`).
+const KEY: &str = "key";
+/// The query parameter naming a watched prefix, and the kind of its correlation id.
+const PREFIX: &str = "prefix";
+
 /// A stream's correlation ids, by position: one string with every id end to end, and where
 /// each ends (a `Vec<String>` took 24 bytes per id besides the text).
 struct Ids {
@@ -72,6 +77,11 @@ impl Ids {
             text: String::with_capacity(len),
             ends: Vec::with_capacity(count),
         }
+    }
+
+    /// The length of the id `kind:name`.
+    fn len_of(kind: &str, name: &str) -> usize {
+        kind.len() + 1 + name.len()
     }
 
     /// Adds `kind:name` as the next id; its position.
@@ -110,8 +120,8 @@ pub(super) async fn watch(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let params = Params::parse(query.as_deref());
-    let keys: Vec<&str> = params.all("key").collect();
-    let prefixes: Vec<&str> = params.all("prefix").collect();
+    let keys: Vec<&str> = params.all(KEY).collect();
+    let prefixes: Vec<&str> = params.all(PREFIX).collect();
     if keys.is_empty() && prefixes.is_empty() {
         return Err(ApiError::bad_request(
             "nothing to watch: add ?key=K and/or ?prefix=P (repeatable)",
@@ -133,10 +143,10 @@ pub(super) async fn watch(
     let (tx, rx) = async_channel::bounded(CHANNEL_CAPACITY);
     let watches = keys.len() + prefixes.len();
     let mut handles = Vec::with_capacity(watches);
-    let ids_len = keys.iter().map(|k| "key:".len() + k.len()).sum::<usize>()
+    let ids_len = keys.iter().map(|k| Ids::len_of(KEY, k)).sum::<usize>()
         + prefixes
             .iter()
-            .map(|p| "prefix:".len() + p.len())
+            .map(|p| Ids::len_of(PREFIX, p))
             .sum::<usize>();
     let mut ids = Ids::with_capacity(watches, ids_len);
     for key in keys {
@@ -145,7 +155,7 @@ pub(super) async fn watch(
             read: ReadOptions::watch(),
         };
         let sink = map_sink(tx.clone(), |event| WatchEvent(Box::new(Update::Key(event))));
-        let id = ids.push("key", key);
+        let id = ids.push(KEY, key);
         handles.push(
             state
                 .inner
@@ -159,7 +169,7 @@ pub(super) async fn watch(
         let sink = map_sink(tx.clone(), |event| {
             WatchEvent(Box::new(Update::Prefix(event)))
         });
-        let id = ids.push("prefix", prefix);
+        let id = ids.push(PREFIX, prefix);
         handles.push(
             state
                 .inner

@@ -266,6 +266,12 @@ struct Snapshot {
 }
 
 impl Snapshot {
+    /// The answer of this snapshot with the index its data gives.
+    fn found_now(self, kind: Kind) -> Found {
+        let index = decide::index_of(kind, &self.kvs, self.revision);
+        self.found(index)
+    }
+
     /// The answer of this snapshot with `index`.
     fn found(self, index: u64) -> Found {
         Found {
@@ -351,7 +357,7 @@ impl Kept {
                     Vec::new()
                 } else {
                     vec![KeyValue {
-                        key: flags_key(&String::from_utf8_lossy(&key)).into_bytes(),
+                        key: target.companion_range().0,
                         value: flags.to_string().into_bytes(),
                         mod_revision,
                         ..KeyValue::default()
@@ -633,13 +639,12 @@ impl EtcdUpstream {
                     .await
                     .map_err(unavailable)?;
                 let reset = query.min_index > 0 && self.must_reset(target, query.min_index);
-                let index = if reset {
-                    1
-                } else {
-                    decide::index_of(target.kind(), &now.kvs, now.revision)
-                };
                 self.note_answered(target);
-                return Ok(now.found(index));
+                return Ok(if reset {
+                    now.found(1)
+                } else {
+                    now.found_now(target.kind())
+                });
             }
             let _open = self.counters.open_blocking();
             let deadline = Instant::now() + wait;
@@ -651,7 +656,7 @@ impl EtcdUpstream {
                 // state takes room only while they run, not in this future during the wait.
                 // (No named locals for what is moved out before the wait: the future would
                 // keep room for them.)
-                let round = self.prepare(target, query.min_index, query.mode, epoch, &mut reset);
+                let round = self.prepare(target, query.min_index, query.mode, epoch, reset);
                 let (kept, from, unchanged_index) = match Box::pin(round).await? {
                     Prepared::Answer(found) => break found,
                     Prepared::Watch {
@@ -713,8 +718,7 @@ impl EtcdUpstream {
                 let now = Box::pin(self.snapshot(target, query.mode))
                     .await
                     .map_err(unavailable)?;
-                let index = decide::index_of(target.kind(), &now.kvs, now.revision);
-                break now.found(index);
+                break now.found_now(target.kind());
             };
             self.note_answered(target);
             Ok(found)
@@ -724,20 +728,20 @@ impl EtcdUpstream {
     /// The first step of a blocking read's round: range `target` now and decide (see
     /// [`decide::after_range`], [`decide::after_history`]) whether the data already answers
     /// the read or a watch must wait for a change, keeping then what answers if none comes.
-    /// `reset` is set (never cleared) when the read must answer a reset.
+    /// `reset`: a watch answered a cluster change (`Next::Reset`); a reset answers at once.
     async fn prepare(
         &self,
         target: Target<'_>,
         min_index: u64,
         mode: ReadMode,
         epoch: u64,
-        reset: &mut bool,
+        reset: bool,
     ) -> Result<Prepared, UpstreamError> {
         let now = self.snapshot(target, mode).await.map_err(unavailable)?;
-        *reset =
-            *reset || self.client.identity.epoch() != epoch || self.must_reset(target, min_index);
+        let reset =
+            reset || self.client.identity.epoch() != epoch || self.must_reset(target, min_index);
         let kind = target.kind();
-        let mut step = decide::after_range(kind, min_index, &now.kvs, now.revision, *reset);
+        let mut step = decide::after_range(kind, min_index, &now.kvs, now.revision, reset);
         if step == Step::CompareHistory {
             let then = self.history(target, min_index).await.map_err(unavailable)?;
             step = decide::after_history(kind, min_index, then.as_deref(), &now.kvs, now.revision);
