@@ -53,7 +53,7 @@ pub fn interleave(rounds: usize, variants: &mut [&mut dyn FnMut() -> f64]) -> Ve
 ///
 /// Meant for futures that are ready at once (a cache hit); it spins, re-polling, if one is
 /// not, and panics after a million polls.
-#[inline]
+#[inline(always)]
 pub fn poll_now<F: Future>(future: F) -> F::Output {
     let mut future = pin!(future);
     match future

@@ -61,25 +61,25 @@ impl<T: CacheType> Store<T> {
         true
     }
 
-    /// The hit path: one read lock, no allocation, and the runtime's cheapest clock. A hit is
-    /// returned as its parts, plain words; the caller builds its answer from them.
+    /// The hit path: one read lock, no allocation, and the runtime's cheapest clock. A hit
+    /// returns its value, and writes its index and age into `meta`: a value alone comes back
+    /// in registers, where a struct of all three would be built on the stack and copied out
+    /// with wide loads of narrow stores (a store-forwarding stall on every hit).
     #[inline]
-    fn try_hit(&self, hash: u64, info: &RequestInfo<'_>) -> Option<Hit<T::Value>> {
-        let hit = self.read_key(hash, info, |slot| {
+    fn try_hit(&self, hash: u64, info: &RequestInfo<'_>, meta: &mut HitMeta) -> Option<T::Value> {
+        let value = self.read_key(hash, info, |slot| {
             let now_ns = self.shared.hit_nanos();
             let state = slot.state();
             if !self.is_valid_at(state, info, info.must_revalidate, now_ns) {
                 return None;
             }
             slot.touch(now_ns);
-            Some(Hit {
-                value: state.value.clone(),
-                index: state.index,
-                age_ns: self.age_since(state).map_or(0, |t| t.nanos_until(now_ns)),
-            })
+            meta.index = state.index;
+            meta.age_ns = self.age_since(state).map_or(0, |t| t.nanos_until(now_ns));
+            state.value.clone()
         })??;
         self.counters.hits.incr();
-        Some(hit)
+        Some(value)
     }
 
     /// A get for this type (docs/contract.md#get), answering in the form `R`: a
@@ -109,13 +109,14 @@ impl<T: CacheType> Store<T> {
             return Err(Box::pin(self.bypass(request).map(R::from_outcome)));
         }
         let hash = self.hash(&info);
-        match self.try_hit(hash, &info) {
-            Some(hit) => Ok(R::hit(
-                hit.value,
+        let mut meta = HitMeta::default();
+        match self.try_hit(hash, &info, &mut meta) {
+            Some(value) => Ok(R::hit(
+                Some(value),
                 ResultMeta {
                     hit: true,
-                    index: hit.index,
-                    age: Duration::from_nanos(hit.age_ns),
+                    index: meta.index,
+                    age: Duration::from_nanos(meta.age_ns),
                 },
             )),
             None => {
@@ -567,9 +568,9 @@ impl<T: CacheType> Answer<T> for GetResult<T> {
     }
 }
 
-/// A hit, as plain words: the value, the entry's index and its age in nanoseconds.
-struct Hit<V> {
-    value: Option<V>,
+/// A hit's meta, as plain words: the entry's index and its age in nanoseconds.
+#[derive(Default)]
+struct HitMeta {
     index: u64,
     age_ns: u64,
 }
