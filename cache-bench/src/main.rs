@@ -16,7 +16,8 @@ cache-bench [--quick | --smoke] [--only SCENARIO[,SCENARIO…]] [--out DIR] [--c
   --command    the command line to record in the report
   --profile-hit SECS   run only one hit loop for SECS seconds (for perf), no report: ours, or
                        the baseline CACHE_BENCH_PROFILE_VARIANT names (map, dash, moka)
-  --threads N          with --profile-hit: on N threads at once (default 1)
+  --threads N          with --profile-hit: on N threads at once (default 1);
+                       CACHE_BENCH_PROFILE_DRIVE=task awaits in N tokio tasks instead
 ";
 
 fn main() -> ExitCode {

@@ -13,7 +13,7 @@ use futures::FutureExt;
 
 use crate::cache_type::{CacheRequest, CacheType, FetchOptions, RequestInfo};
 use crate::error::GetError;
-use crate::metrics::bump;
+use crate::metrics::{bump, thread_index};
 use crate::outcome::{GetOutcome, Response, ResultMeta};
 use crate::runtime::{BoxFuture, Sleep};
 use crate::store::{EntryHandle, EntryState, Slot, Store, panic_message};
@@ -67,7 +67,8 @@ impl<T: CacheType> Store<T> {
     /// with wide loads of narrow stores (a store-forwarding stall on every hit).
     #[inline]
     fn try_hit(&self, hash: u64, info: &RequestInfo<'_>, meta: &mut HitMeta) -> Option<T::Value> {
-        let value = self.read_key(hash, info, |slot| {
+        let thread = thread_index();
+        let value = self.read_key_as(thread, hash, info, |slot| {
             let now_ns = self.shared.hit_nanos();
             let state = slot.state();
             if !self.is_valid_at(state, info, info.must_revalidate, now_ns) {
@@ -78,7 +79,7 @@ impl<T: CacheType> Store<T> {
             meta.age_ns = self.age_since(state).map_or(0, |t| t.nanos_until(now_ns));
             state.value.clone()
         })??;
-        self.counters.hits.incr();
+        self.counters.hits.incr_as(thread);
         Some(value)
     }
 
@@ -94,8 +95,9 @@ impl<T: CacheType> Store<T> {
         }
     }
 
-    /// A get's first step, at its future's first poll: the answer of a hit, in the form `R`,
-    /// or the boxed waiting part of a miss.
+    /// A get's first step, at its future's first poll: a hit answers at once, its answer built
+    /// straight into the poll's result; a miss leaves the boxed waiting part in `future` and
+    /// returns `Pending` for the caller to poll it.
     ///
     /// No `RequestInfo` is held across an await: its `Cow`s trip the compiler's higher-ranked
     /// `Send` check, and re-asking the request for it is cheap.
@@ -103,29 +105,41 @@ impl<T: CacheType> Store<T> {
     fn begin<'a, R: Answer<T> + 'a>(
         &'a self,
         request: &'a T::Request,
-    ) -> Result<R, BoxFuture<'a, R>> {
+        future: &mut GetFuture<'a, T, R>,
+    ) -> Poll<R> {
         let info = request.cache_info();
-        if info.key.is_empty() {
-            return Err(Box::pin(self.bypass(request).map(R::from_outcome)));
-        }
         let hash = self.hash(&info);
         let mut meta = HitMeta::default();
-        match self.try_hit(hash, &info, &mut meta) {
-            Some(value) => Ok(R::hit(
-                Some(value),
-                ResultMeta {
-                    hit: true,
-                    index: meta.index,
-                    age: Duration::from_nanos(meta.age_ns),
-                },
-            )),
-            None => {
-                let start = self.shared.rt.now();
-                Err(Box::pin(
-                    self.get_slow(request, hash, start).map(R::from_outcome),
-                ))
+        if !info.key.is_empty() {
+            if let Some(value) = self.try_hit(hash, &info, &mut meta) {
+                *future = GetFuture::Done;
+                return Poll::Ready(R::hit(
+                    Some(value),
+                    ResultMeta {
+                        hit: true,
+                        index: meta.index,
+                        age: Duration::from_nanos(meta.age_ns),
+                    },
+                ));
             }
         }
+        *future = GetFuture::Slow(self.miss(request, info.key.is_empty(), hash));
+        Poll::Pending
+    }
+
+    /// The waiting part of a get that missed (or bypasses the cache, for an empty key).
+    #[inline(never)]
+    fn miss<'a, R: Answer<T> + 'a>(
+        &'a self,
+        request: &'a T::Request,
+        bypass: bool,
+        hash: u64,
+    ) -> BoxFuture<'a, R> {
+        if bypass {
+            return Box::pin(self.bypass(request).map(R::from_outcome));
+        }
+        let start = self.shared.rt.now();
+        Box::pin(self.get_slow(request, hash, start).map(R::from_outcome))
     }
 
     async fn bypass(&self, request: &T::Request) -> GetOutcome<T::Value, T::Error> {
@@ -600,12 +614,8 @@ impl<'a, T: CacheType, R: Answer<T> + 'a> Future for GetFuture<'a, T, R> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         if let GetFuture::Start { store, request } = *this {
-            match store.begin(request) {
-                Ok(answer) => {
-                    *this = GetFuture::Done;
-                    return Poll::Ready(answer);
-                }
-                Err(slow) => *this = GetFuture::Slow(slow),
+            if let Poll::Ready(answer) = store.begin(request, this) {
+                return Poll::Ready(answer);
             }
         }
         match this {

@@ -148,7 +148,13 @@ pub(crate) fn thread_index() -> usize {
 impl StripedCounter {
     #[inline]
     pub(crate) fn incr(&self) {
-        let index = thread_index();
+        self.incr_as(thread_index());
+    }
+
+    /// [`StripedCounter::incr`] on the thread of index `index` (this thread's
+    /// [`thread_index`]), for a caller that has it already.
+    #[inline]
+    pub(crate) fn incr_as(&self, index: usize) {
         match self.owned.get(index) {
             Some(stripe) => {
                 // Only this thread writes its stripe: no read-modify-write needed.

@@ -85,7 +85,14 @@ impl<S> Shards<S> {
     /// Shared access to shard `shard`'s table, under this thread's stripe.
     #[inline]
     pub(crate) fn read(&self, shard: usize) -> ReadGuard<'_, S> {
-        let stripe = &self.stripes[thread_index() & (self.stripes.len() - 1)];
+        self.read_as(shard, thread_index())
+    }
+
+    /// [`Shards::read`] for the thread of index `thread` (see [`thread_index`]), for a caller
+    /// that needs the index for something else too.
+    #[inline]
+    pub(crate) fn read_as(&self, shard: usize, thread: usize) -> ReadGuard<'_, S> {
+        let stripe = &self.stripes[thread & (self.stripes.len() - 1)];
         let lock = stripe.0[shard].0.read().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the shard's lock in one stripe is held shared for the guard's life, so no
         // `WriteGuard` of the shard exists meanwhile (see `Sync` above).

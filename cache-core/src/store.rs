@@ -24,7 +24,7 @@ use crate::cache_type::{CacheType, FetchState, RegisterOptions, RequestInfo};
 use crate::chain::ChainState;
 use crate::error::GetError;
 use crate::expiry::ExpiryQueue;
-use crate::metrics::{Counters, TypeMetrics, bump};
+use crate::metrics::{Counters, TypeMetrics, bump, thread_index};
 use crate::outcome::ResultMeta;
 use crate::ratelimit::TokenBucket;
 use crate::shards::{ReadGuard, SHARDS, Shards, WriteGuard, shard_of};
@@ -837,7 +837,19 @@ impl<T: CacheType> Store<T> {
         info: &RequestInfo<'_>,
         f: impl FnOnce(&Slot<T>) -> R,
     ) -> Option<R> {
-        let table = self.read(hash);
+        self.read_key_as(thread_index(), hash, info, f)
+    }
+
+    /// [`Store::read_key`] on the thread of index `thread` (this thread's [`thread_index`]).
+    #[inline]
+    pub(crate) fn read_key_as<R>(
+        &self,
+        thread: usize,
+        hash: u64,
+        info: &RequestInfo<'_>,
+        f: impl FnOnce(&Slot<T>) -> R,
+    ) -> Option<R> {
+        let table = self.tables.read_as(shard_of(hash), thread);
         let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
         table.find(hash, |s| s.key.matches(key, dc, token)).map(f)
     }

@@ -239,7 +239,8 @@ impl Warm {
 /// Runs one polled hit loop alone, ours unless `CACHE_BENCH_PROFILE_VARIANT` names a baseline
 /// (`map`, `dash`, `moka`), on `threads` threads for `duration`, for a profiler (`perf
 /// record`, callgrind): nothing else runs in the profile. `CACHE_BENCH_PROFILE_ENTRIES` sets
-/// the warm entries (10 000). Prints ns/op (aggregate for more than one thread) and hits/s.
+/// the warm entries (10 000); `CACHE_BENCH_PROFILE_DRIVE=task` awaits the gets in tokio tasks
+/// instead of polling them. Prints ns/op (aggregate for more than one thread) and hits/s.
 pub fn profile(duration: Duration, threads: usize) {
     let rt = BenchRt::new(Flavor::TokioMulti);
     let entries = std::env::var("CACHE_BENCH_PROFILE_ENTRIES")
@@ -253,11 +254,14 @@ pub fn profile(duration: Duration, threads: usize) {
         Ok("moka") => Variant::Moka,
         _ => Variant::Ours,
     };
+    let tasks = std::env::var("CACHE_BENCH_PROFILE_DRIVE").as_deref() == Ok("task");
     let op = variant.poll_op();
     let start = Instant::now();
     let mut samples = Vec::new();
     while start.elapsed() < duration {
-        samples.push(if threads <= 1 {
+        samples.push(if tasks {
+            warm.time_tasks(&rt, threads, variant)
+        } else if threads <= 1 {
             warm.time(op)
         } else {
             warm.time_threads(threads, op)
@@ -266,9 +270,14 @@ pub fn profile(duration: Duration, threads: usize) {
     let ns = median(&samples);
     let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
-        "hit ({}), {threads} thread(s), polled: {ns:.1} ns/op{} = {:.1} M hits/s (median of {}; \
+        "hit ({}), {threads} {}: {ns:.1} ns/op{} = {:.1} M hits/s (median of {}; \
          fastest {min:.1} ns/op)",
         variant.name(),
+        if tasks {
+            "task(s)"
+        } else {
+            "thread(s), polled"
+        },
         if threads > 1 { " aggregate" } else { "" },
         1e3 / ns,
         samples.len()
