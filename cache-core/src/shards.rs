@@ -19,8 +19,10 @@ use hashbrown::HashTable;
 
 use crate::metrics::thread_index;
 
-/// Tables per store.
-pub(crate) const SHARDS: usize = 64;
+/// Tables per store. Few enough that a thread's lock lines and the table headers stay in its
+/// first-level cache beside the entries a hit reads (16 timed 1–3 ns a hit faster than 64);
+/// enough that writers of different keys seldom meet, with every reader on its own stripe.
+pub(crate) const SHARDS: usize = 16;
 
 /// At most this many stripes, however many cores: a writer takes one lock per stripe.
 pub(crate) const MAX_STRIPES: usize = 8;
