@@ -744,7 +744,7 @@ impl<T: CacheType> Store<T> {
         })
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn hash(&self, info: &RequestInfo<'_>) -> u64 {
         let (key, dc, token) = (&*info.key, &*info.datacenter, &*info.token);
         self.hash_parts(key.as_bytes(), dc.as_bytes(), token.as_bytes())
