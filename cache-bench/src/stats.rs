@@ -84,9 +84,13 @@ fn poll_on<F: Future>(mut future: Pin<&mut F>) -> F::Output {
 pub struct Rng(u64);
 
 impl Rng {
-    /// A generator from `seed` (any value; zero is mapped to a fixed non-zero seed).
+    /// A generator from `seed` (any value). The seed is mixed first (splitmix64's finalizer),
+    /// so that small seeds differ from their first output on, and the state is never zero.
     pub fn new(seed: u64) -> Self {
-        Self(seed.max(0x9E37_79B9_7F4A_7C15))
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Self((z ^ (z >> 31)).max(1))
     }
 
     /// The next 64 random bits.
@@ -119,6 +123,17 @@ pub fn key(i: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seeds_give_different_orders() {
+        let (a, b) = (
+            random_indices(1_000, 8, 0x5EED),
+            random_indices(1_000, 8, 0xB16),
+        );
+        assert_ne!(a, b);
+        assert_eq!(a, random_indices(1_000, 8, 0x5EED));
+        assert_ne!(random_indices(1_000, 8, 0), random_indices(1_000, 8, 1));
+    }
 
     #[test]
     fn median_and_quantiles() {
