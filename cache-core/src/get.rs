@@ -95,9 +95,10 @@ impl<T: CacheType> Store<T> {
         }
     }
 
-    /// A get's first step, at its future's first poll: a hit answers at once, its answer built
-    /// straight into the poll's result; a miss leaves the boxed waiting part in `future` and
-    /// returns `Pending` for the caller to poll it.
+    /// A get's first step, at its future's first poll: a hit sets `future` to `Done` and
+    /// answers at once, its answer built straight into the poll's result; a miss, or an empty
+    /// key (which bypasses the cache), leaves the boxed waiting part in `future` and returns
+    /// `Pending` for the caller to poll it.
     ///
     /// No `RequestInfo` is held across an await: its `Cow`s trip the compiler's higher-ranked
     /// `Send` check, and re-asking the request for it is cheap.
@@ -108,6 +109,7 @@ impl<T: CacheType> Store<T> {
         future: &mut GetFuture<'a, T, R>,
     ) -> Poll<R> {
         let info = request.cache_info();
+        // Hashed before the empty-key check: one branch fewer on a hit; a bypass ignores it.
         let hash = self.hash(&info);
         let mut meta = HitMeta::default();
         if !info.key.is_empty() {
@@ -589,9 +591,10 @@ struct HitMeta {
     age_ns: u64,
 }
 
-/// The future of a get. Two pointers until its first poll, which looks the entry up: a hit
-/// answers at once, its answer written straight where the poller wants it (no hit state is
-/// built first and then copied out through the future); a miss boxes its waiting part.
+/// The future of a get. Two pointers until its first poll, which looks the entry up (see
+/// [`Store::begin`]): a hit answers at once, its answer written straight where the poller
+/// wants it (no hit state is built first and then copied out through the future); a miss,
+/// or a bypass for an empty key, boxes its waiting part.
 pub(crate) enum GetFuture<'a, T: CacheType, R> {
     /// Not polled yet.
     Start {

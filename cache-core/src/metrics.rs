@@ -151,10 +151,12 @@ impl StripedCounter {
         self.incr_as(thread_index());
     }
 
-    /// [`StripedCounter::incr`] on the thread of index `index` (this thread's
-    /// [`thread_index`]), for a caller that has it already.
+    /// [`StripedCounter::incr`] for a caller that has this thread's [`thread_index`] already.
+    /// It must be this thread's: an owned stripe is written without a read-modify-write, so
+    /// another thread's index could lose counts.
     #[inline]
     pub(crate) fn incr_as(&self, index: usize) {
+        debug_assert_eq!(index, thread_index());
         match self.owned.get(index) {
             Some(stripe) => {
                 // Only this thread writes its stripe: no read-modify-write needed.

@@ -21,7 +21,9 @@ use crate::metrics::thread_index;
 
 /// Tables per store. Few enough that a thread's lock lines and the table headers stay in its
 /// first-level cache beside the entries a hit reads (16 timed 1–3 ns a hit faster than 64);
-/// enough that writers of different keys seldom meet, with every reader on its own stripe.
+/// enough that writers of different keys seldom meet (readers on different stripes write
+/// different lines whatever the count). The price: a table's resize, under its write lock,
+/// moves a sixteenth of the type's entries.
 pub(crate) const SHARDS: usize = 16;
 
 /// At most this many stripes, however many cores: a writer takes one lock per stripe.
@@ -90,10 +92,11 @@ impl<S> Shards<S> {
         self.read_as(shard, thread_index())
     }
 
-    /// [`Shards::read`] for the thread of index `thread` (see [`thread_index`]), for a caller
-    /// that needs the index for something else too.
+    /// [`Shards::read`] for a caller that has this thread's [`thread_index`] already (any
+    /// index is sound; another thread's only adds contention).
     #[inline]
     pub(crate) fn read_as(&self, shard: usize, thread: usize) -> ReadGuard<'_, S> {
+        debug_assert_eq!(thread, thread_index());
         let stripe = &self.stripes[thread & (self.stripes.len() - 1)];
         let lock = stripe.0[shard].0.read().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the shard's lock in one stripe is held shared for the guard's life, so no

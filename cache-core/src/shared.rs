@@ -219,7 +219,7 @@ pub(crate) trait ErasedStore: Send + Sync {
     fn cache_type_id(&self) -> TypeId;
     /// The least recently read entry other than `keep` (the one being inserted), as (last
     /// read, a handle that evicts it), for the capacity bound. Exact below [`EXACT_LRU_LIMIT`]
-    /// entries; above it, the oldest of a few random shards (sampled LRU, as Redis does), so an
+    /// entries; above it, the oldest in one random shard (sampled LRU, as Redis does), so an
     /// insert never scans a million entries.
     fn least_recently_read(&self, keep: *const ()) -> Option<(u64, Box<dyn EvictOne>)>;
     /// Ends every watch (the cache is closing).

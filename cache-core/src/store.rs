@@ -32,7 +32,10 @@ use crate::shared::{CacheState, ErasedStore, EvictOne};
 
 /// Up to this many entries in a type, capacity eviction picks the exact least recently read.
 pub(crate) const EXACT_LRU_LIMIT: u64 = 4096;
-const SAMPLED_SHARDS: usize = 4;
+/// Above [`EXACT_LRU_LIMIT`], capacity eviction picks the least recently read of this many
+/// shards' entries (a sixteenth of them).
+const SAMPLED_SHARDS: usize = 1;
+const _: () = assert!(SAMPLED_SHARDS >= 1 && SHARDS % SAMPLED_SHARDS == 0);
 
 /// The shortest pause before the expiry task looks at a watched entry again (see
 /// `Store::check_expiry`).
@@ -840,7 +843,7 @@ impl<T: CacheType> Store<T> {
         self.read_key_as(thread_index(), hash, info, f)
     }
 
-    /// [`Store::read_key`] on the thread of index `thread` (this thread's [`thread_index`]).
+    /// [`Store::read_key`] for a caller that has this thread's [`thread_index`] already.
     #[inline]
     pub(crate) fn read_key_as<R>(
         &self,
