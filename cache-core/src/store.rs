@@ -35,7 +35,7 @@ pub(crate) const EXACT_LRU_LIMIT: u64 = 4096;
 /// Above [`EXACT_LRU_LIMIT`], capacity eviction picks the least recently read of this many
 /// shards' entries (a sixteenth of them).
 const SAMPLED_SHARDS: usize = 1;
-const _: () = assert!(SAMPLED_SHARDS >= 1 && SHARDS % SAMPLED_SHARDS == 0);
+const _: () = assert!(SAMPLED_SHARDS >= 1 && SAMPLED_SHARDS <= SHARDS);
 
 /// The shortest pause before the expiry task looks at a watched entry again (see
 /// `Store::check_expiry`).
