@@ -300,7 +300,7 @@ const THREADS: [usize; 2] = [1, 2];
 pub fn run(mode: Mode) -> Vec<Figure> {
     let entries = mode.pick(10_000, 10_000, 1_000);
     let ops = mode.pick(200_000, 50_000, 500);
-    let rounds = mode.pick(21, 7, 2);
+    let rounds = mode.pick(41, 7, 2);
     let rt = BenchRt::new(Flavor::TokioMulti);
     let warm = Warm::new(&rt, entries, ops);
     let mut figures = Vec::new();

@@ -20,7 +20,7 @@ use super::hit::{Variant, Warm};
 pub fn run(mode: Mode) -> Vec<Figure> {
     let entries = mode.pick(10_000, 10_000, 1_000);
     let ops = mode.pick(200_000, 50_000, 500);
-    let hit_rounds = mode.pick(11, 5, 1);
+    let hit_rounds = mode.pick(31, 5, 1);
     let watches = mode.pick(100_000, 20_000, 300);
     let fan_rounds = mode.pick(11, 5, 1);
     // Every runtime's hits first, then every runtime's fan-out: a fan-out's 100 000 watches
