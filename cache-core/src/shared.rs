@@ -220,7 +220,8 @@ pub(crate) trait ErasedStore: Send + Sync {
     /// The least recently read entry other than `keep` (the one being inserted), as (last
     /// read, a handle that evicts it), for the capacity bound. Exact below [`EXACT_LRU_LIMIT`]
     /// entries; above it, the oldest in one random shard (sampled LRU, as Redis does), so an
-    /// insert never scans a million entries.
+    /// insert never scans a million entries, or in the next shards if every entry of that one
+    /// is held.
     fn least_recently_read(&self, keep: *const ()) -> Option<(u64, Box<dyn EvictOne>)>;
     /// Ends every watch (the cache is closing).
     fn close_watches(&self);

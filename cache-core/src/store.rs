@@ -33,9 +33,8 @@ use crate::shared::{CacheState, ErasedStore, EvictOne};
 /// Up to this many entries in a type, capacity eviction picks the exact least recently read.
 pub(crate) const EXACT_LRU_LIMIT: u64 = 4096;
 /// Above [`EXACT_LRU_LIMIT`], capacity eviction picks the least recently read of this many
-/// shards' entries (a sixteenth of them).
+/// shards' entries (a sixteenth of them), or of more shards if these have none that may go.
 const SAMPLED_SHARDS: usize = 1;
-const _: () = assert!(SAMPLED_SHARDS >= 1 && SAMPLED_SHARDS <= SHARDS);
 
 /// The shortest pause before the expiry task looks at a watched entry again (see
 /// `Store::check_expiry`).
@@ -1147,16 +1146,15 @@ impl<T: CacheType> ErasedStore for Store<T> {
 
     fn least_recently_read(&self, keep: *const ()) -> Option<(u64, Box<dyn EvictOne>)> {
         let mut best: Option<(u64, Arc<EntryHandle<T>>)> = None;
-        let sampled: Vec<usize> =
-            if self.counters.entries.load(Ordering::Relaxed) <= EXACT_LRU_LIMIT {
-                (0..SHARDS).collect()
-            } else {
-                let start = fastrand::usize(..SHARDS);
-                (0..SAMPLED_SHARDS)
-                    .map(|i| (start + i * (SHARDS / SAMPLED_SHARDS)) % SHARDS)
-                    .collect()
-            };
-        for shard in sampled {
+        let exact = self.counters.entries.load(Ordering::Relaxed) <= EXACT_LRU_LIMIT;
+        // Sampled: from a random shard on, the first `SAMPLED_SHARDS`, and further shards only
+        // while none had an entry that may go (all watched or waited on), so that one such
+        // shard never lets the cache grow past its bound while other shards could give.
+        let start = if exact { 0 } else { fastrand::usize(..SHARDS) };
+        for (looked, shard) in (0..SHARDS).map(|i| (i, (start + i) % SHARDS)) {
+            if !exact && looked >= SAMPLED_SHARDS && best.is_some() {
+                break;
+            }
             let table = self.tables.read(shard);
             for slot in table.iter() {
                 // Watched entries stay, so do entries gets are waiting on, and so does the

@@ -226,6 +226,39 @@ fn a_watch_added_while_capacity_evicts_keeps_its_entry() {
     );
 }
 
+/// Above 4 096 entries in a type, capacity eviction samples one shard of sixteen. When every
+/// entry there is held (watched), it must look at further shards rather than let the cache
+/// grow past its bound while other shards hold an entry that may go. Here one entry of 5 000
+/// may go, so a random shard holds it one time in sixteen: sampling alone broke the bound on
+/// nearly every insert (checked by removing the fallback).
+#[test]
+fn a_sampled_eviction_looks_past_shards_where_every_entry_is_held() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::builder(sim.handle()).max_entries(5_000).build();
+    let typed = cache.register(one());
+    let mut watches = Vec::new();
+    for i in 0..4_999 {
+        let key = format!("w{i}");
+        typed
+            .prepopulate(&RequestInfo::new(key.clone()), 1, 1)
+            .unwrap();
+        let (tx, rx) = async_channel::bounded(1);
+        let handle = typed
+            .notify(MockRequest::new(&key).max_age(secs(3600)), (), tx)
+            .unwrap();
+        watches.push((handle, rx));
+    }
+    typed.prepopulate(&RequestInfo::new("free"), 1, 1).unwrap();
+    assert_eq!(cache.len(), 5_000);
+    for i in 0..32 {
+        typed
+            .prepopulate(&RequestInfo::new(format!("new{i}")), 1, 1)
+            .unwrap();
+        assert_eq!(cache.len(), 5_000, "after insert {i}");
+    }
+    assert!(watches.iter().all(|(handle, _)| handle.is_active()));
+}
+
 /// A get waiting out its backoff (its own fetch answered index 0, which counts as a failure)
 /// that then finds another get's fetch in flight must wait for that fetch. It kept its retry
 /// time, already past once the fetch had started, so its wait was ready at once, again and
