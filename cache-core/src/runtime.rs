@@ -45,8 +45,10 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
     /// `None`, the default, makes the cache call [`Runtime::now`] on every hit: right for a
     /// virtual or paused clock, where every timing rule must stay exact. Adapters of real
     /// clocks return [`CoarseClock::system`], which costs a few nanoseconds where `now` costs
-    /// about twenty, and is at most a few milliseconds off (never behind): invisible next to
-    /// TTLs of hours and ages reported in seconds.
+    /// about twenty, and is normally a tick off at most (more right after an idle spell):
+    /// invisible next to TTLs of hours and ages of seconds. A hit on an entry younger than a
+    /// second reads the clock precisely ([`CoarseClock::read_precise`], else [`Runtime::now`]),
+    /// since there a few milliseconds show in its age.
     fn coarse_clock(&self) -> Option<CoarseClock> {
         None
     }
@@ -96,6 +98,17 @@ impl CoarseClock {
         }
     }
 
+    /// The same clock read precisely, on the same origin, where the clock knows how (the
+    /// system's: `CLOCK_MONOTONIC` on Linux); `None` for a custom clock. The cache reads it on
+    /// a hit of an entry younger than a second, whose age a coarse reading's lag would show.
+    #[inline]
+    pub fn read_precise(&self) -> Option<u64> {
+        match self.source {
+            Source::System => Some(system_clock::read_precise()),
+            Source::Custom(_) => None,
+        }
+    }
+
     /// How far a reading may lag the precise time.
     pub fn resolution(&self) -> Duration {
         self.resolution
@@ -110,13 +123,25 @@ mod system_clock {
 
     #[inline]
     pub(super) fn read() -> u64 {
+        read_clock(libc::CLOCK_MONOTONIC_COARSE)
+    }
+
+    /// `CLOCK_MONOTONIC`: the clock `std::time::Instant` reads, on the coarse one's origin.
+    #[inline]
+    pub(super) fn read_precise() -> u64 {
+        read_clock(libc::CLOCK_MONOTONIC)
+    }
+
+    #[inline]
+    fn read_clock(clock: libc::clockid_t) -> u64 {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC_COARSE always exists on
-        // Linux ≥ 2.6.32 and cannot fail with a valid pointer.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC and
+        // CLOCK_MONOTONIC_COARSE always exist on Linux ≥ 2.6.32, and the call cannot fail
+        // with a valid pointer.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
         (ts.tv_sec as u64)
             .saturating_mul(1_000_000_000)
             .saturating_add(ts.tv_nsec as u64)
@@ -156,6 +181,12 @@ mod system_clock {
         let origin = *ORIGIN.get_or_init(Instant::now);
         u64::try_from(Instant::now().saturating_duration_since(origin).as_nanos())
             .unwrap_or(u64::MAX)
+    }
+
+    /// Here the "coarse" clock is the precise one already.
+    #[inline]
+    pub(super) fn read_precise() -> u64 {
+        read()
     }
 
     pub(super) fn clock() -> CoarseClock {

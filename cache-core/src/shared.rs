@@ -24,8 +24,9 @@ pub(crate) struct CacheState {
     /// The origin of the entries' last-read timestamps.
     pub(crate) epoch: Instant,
     /// The runtime's coarse clock, if it has one, with its reading at `epoch` less its
-    /// resolution (so hit-path times are never behind the precise time).
-    hit_clock: Option<(CoarseClock, u64)>,
+    /// resolution (so hit-path times are normally not behind the precise time), and its
+    /// precise reading just before `epoch`, if it has one.
+    hit_clock: Option<(CoarseClock, u64, Option<u64>)>,
     closed: AtomicBool,
     pub(crate) close_event: Event,
     pub(crate) backoff: BackoffPolicy,
@@ -51,10 +52,13 @@ impl CacheState {
         rate_limit: RateLimit,
         max_entries: Option<usize>,
     ) -> Arc<Self> {
+        let clock = rt.coarse_clock();
+        // Read before `epoch`, so that precise times measured from it are never behind.
+        let precise_origin = clock.and_then(|c| c.read_precise());
         let epoch = rt.now();
-        let hit_clock = rt.coarse_clock().map(|clock| {
+        let hit_clock = clock.map(|clock| {
             let lag = u64::try_from(clock.resolution().as_nanos()).unwrap_or(u64::MAX);
-            (clock, clock.read().saturating_sub(lag))
+            (clock, clock.read().saturating_sub(lag), precise_origin)
         });
         Arc::new(Self {
             rt,
@@ -74,14 +78,6 @@ impl CacheState {
         })
     }
 
-    /// Nanoseconds since `epoch` for the hit path: the coarse clock where the runtime has one
-    /// (a few ns, at most a few ms ahead of the precise time), else the runtime's exact `now`.
-    #[inline]
-    pub(crate) fn hit_nanos(&self) -> u64 {
-        self.coarse_nanos()
-            .unwrap_or_else(|| self.nanos(self.rt.now()))
-    }
-
     /// The last-read stamp for a read at `now`: the coarse clock where the runtime has one
     /// (as a hit stamps), else `now` itself.
     #[inline]
@@ -89,11 +85,26 @@ impl CacheState {
         self.coarse_nanos().unwrap_or_else(|| self.nanos(now))
     }
 
-    /// The coarse clock's reading as nanoseconds since `epoch`, if the runtime has one.
+    /// The coarse clock's reading as nanoseconds since `epoch`, if the runtime has one: a few
+    /// nanoseconds to read, and aligned to be up to its resolution ahead of the precise time,
+    /// but it can fall behind by more right after an idle spell (see `Store::hit_now`).
     #[inline]
-    fn coarse_nanos(&self) -> Option<u64> {
-        let (clock, origin) = self.hit_clock.as_ref()?;
+    pub(crate) fn coarse_nanos(&self) -> Option<u64> {
+        let (clock, origin, _) = self.hit_clock.as_ref()?;
         Some(clock.read().saturating_sub(*origin))
+    }
+
+    /// The precise time as nanoseconds since `epoch`: the coarse clock's precise reading where
+    /// it has one (`CLOCK_MONOTONIC`, a third of the cost of a runtime's `now` on tokio), else
+    /// the runtime's `now`.
+    #[inline]
+    pub(crate) fn precise_nanos(&self) -> u64 {
+        match &self.hit_clock {
+            Some((clock, _, Some(origin))) => clock
+                .read_precise()
+                .map_or_else(|| self.nanos(self.rt.now()), |n| n.saturating_sub(*origin)),
+            _ => self.nanos(self.rt.now()),
+        }
     }
 
     /// `now` as nanoseconds since `epoch` (saturating), the form entries keep their times in.

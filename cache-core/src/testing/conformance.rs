@@ -207,6 +207,50 @@ pub async fn expiry_evicts(rt: SharedRuntime) {
     cache.close();
 }
 
+/// On a real clock a hit's age never lags the real time since the fetch, grows with it, and
+/// a `max_age` below it sends the get to the server (Consul's `TestCacheGet_nonRefreshAge`
+/// and the age checks of `TestCacheGet_refreshAge`). The hit path may read a coarse clock
+/// (ticks of a few milliseconds): its readings are aligned never to fall behind.
+pub async fn age_counts_real_time_on_a_hit(rt: SharedRuntime) {
+    let cache = Cache::new(rt.clone());
+    let server = MockServer::new(rt.clone(), 8u64, 4);
+    let typed = cache.register(server.polling_type(RegisterOptions::new()));
+    let first = typed.get(&MockRequest::new("k")).await.unwrap();
+    let fetched_by = rt.now();
+    assert!(!first.meta.hit);
+    let mut last = Duration::ZERO;
+    for round in 0..10 {
+        Sleep::after(&*rt, Duration::from_millis(5)).await;
+        let since = rt.now() - fetched_by;
+        let r = typed.get(&MockRequest::new("k")).await.unwrap();
+        assert!(r.meta.hit, "round {round}");
+        assert!(
+            r.meta.age >= since,
+            "round {round}: age {:?}, at least {since:?} since the fetch",
+            r.meta.age
+        );
+        assert!(
+            r.meta.age > last + Duration::from_millis(1),
+            "round {round}: age {:?} after {last:?} and a 5 ms sleep",
+            r.meta.age
+        );
+        last = r.meta.age;
+    }
+    let reads = server.reads();
+    let r = typed
+        .get(&MockRequest::new("k").max_age(Duration::from_millis(1)))
+        .await
+        .unwrap();
+    assert!(!r.meta.hit, "a 1 ms max age served an entry {last:?} old");
+    assert_eq!(server.reads(), reads + 1);
+    assert!(
+        r.meta.age < last,
+        "{:?} after a fetch, {last:?} before",
+        r.meta.age
+    );
+    cache.close();
+}
+
 /// A watch delivers the current value, then a change, on the runtime's tasks.
 pub async fn watch_delivers_updates(rt: SharedRuntime) {
     let cache = Cache::new(rt.clone());
@@ -572,6 +616,7 @@ macro_rules! conformance_tests {
             background_refresh_runs,
             close_stops_background_work,
             expiry_evicts,
+            age_counts_real_time_on_a_hit,
             watch_delivers_updates,
             watches_share_one_fetch_stream,
             close_ends_watches,
