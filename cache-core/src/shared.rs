@@ -23,9 +23,9 @@ pub(crate) struct CacheState {
     pub(crate) rt: SharedRuntime,
     /// The origin of the entries' last-read timestamps.
     pub(crate) epoch: Instant,
-    /// The runtime's coarse clock, if it has one, with its reading at `epoch` less its
-    /// resolution (so hit-path times are normally not behind the precise time), and its
-    /// precise reading just before `epoch`, if it has one.
+    /// The runtime's coarse clock, if it has one, with its reading at `epoch` less two of its
+    /// ticks (so hit-path times are not behind the precise time, even right after an idle
+    /// spell), and its precise reading just before `epoch`, if it has one.
     hit_clock: Option<(CoarseClock, u64, Option<u64>)>,
     closed: AtomicBool,
     pub(crate) close_event: Event,
@@ -57,8 +57,13 @@ impl CacheState {
         let precise_origin = clock.and_then(|c| c.read_precise());
         let epoch = rt.now();
         let hit_clock = clock.map(|clock| {
-            let lag = u64::try_from(clock.resolution().as_nanos()).unwrap_or(u64::MAX);
-            (clock, clock.read().saturating_sub(lag), precise_origin)
+            // Two ticks: right after an idle spell the coarse clock lags by more than one (up
+            // to 7.6 ms measured with 4 ms ticks), and a stamp behind the precise time would
+            // shorten a TTL.
+            let lead = u64::try_from(clock.resolution().as_nanos())
+                .unwrap_or(u64::MAX)
+                .saturating_mul(2);
+            (clock, clock.read().saturating_sub(lead), precise_origin)
         });
         Arc::new(Self {
             rt,
@@ -86,8 +91,8 @@ impl CacheState {
     }
 
     /// The coarse clock's reading as nanoseconds since `epoch`, if the runtime has one: a few
-    /// nanoseconds to read, and aligned to be up to its resolution ahead of the precise time,
-    /// but it can fall behind by more right after an idle spell (see `Store::hit_now`).
+    /// nanoseconds to read, and aligned to lead the precise time by up to three ticks (see
+    /// `hit_clock`), which shows in an age of milliseconds (see `Store::hit_now`).
     #[inline]
     pub(crate) fn coarse_nanos(&self) -> Option<u64> {
         let (clock, origin, _) = self.hit_clock.as_ref()?;
