@@ -46,8 +46,8 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
     /// virtual or paused clock, where every timing rule must stay exact. Adapters of real
     /// clocks return [`CoarseClock::system`], which costs a few nanoseconds where `now` costs
     /// about twenty, and is normally a tick off at most (more right after an idle spell):
-    /// invisible next to TTLs of hours and ages of seconds. A hit on an entry younger than a
-    /// second reads the clock precisely ([`CoarseClock::read_precise`], else [`Runtime::now`]),
+    /// invisible next to TTLs of hours and ages of seconds. A hit on an entry younger than
+    /// 250 ms reads the clock precisely ([`CoarseClock::read_precise`], else [`Runtime::now`]),
     /// since there a few milliseconds show in its age.
     fn coarse_clock(&self) -> Option<CoarseClock> {
         None
@@ -100,7 +100,7 @@ impl CoarseClock {
 
     /// The same clock read precisely, on the same origin, where the clock knows how (the
     /// system's: `CLOCK_MONOTONIC` on Linux); `None` for a custom clock. The cache reads it on
-    /// a hit of an entry younger than a second, whose age a coarse reading's lag would show.
+    /// a hit of an entry younger than 250 ms, whose age a coarse reading's lag would show.
     #[inline]
     pub fn read_precise(&self) -> Option<u64> {
         match self.source {
