@@ -16,7 +16,7 @@ use crate::error::GetError;
 use crate::metrics::{bump, thread_index};
 use crate::outcome::{GetOutcome, Response, ResultMeta};
 use crate::runtime::{BoxFuture, Sleep};
-use crate::store::{EntryHandle, EntryState, Slot, Store, panic_message};
+use crate::store::{EntryHandle, EntryState, Slot, Stamp, Store, panic_message};
 use event_listener::EventListener;
 
 // ===== impl Store: get =====
@@ -70,34 +70,32 @@ impl<T: CacheType> Store<T> {
         let thread = thread_index();
         let value = self.read_key_as(thread, hash, info, |slot| {
             let state = slot.state();
-            let now_ns = self.hit_now(state);
+            let since = self.age_since(state);
+            let now_ns = self.hit_now(since);
             if !self.is_valid_at(state, info, info.must_revalidate, now_ns) {
                 return None;
             }
             slot.touch(now_ns);
             meta.index = state.index;
-            meta.age_ns = self.age_since(state).map_or(0, |t| t.nanos_until(now_ns));
+            meta.age_ns = since.map_or(0, |t| t.nanos_until(now_ns));
             state.value.clone()
         })??;
         self.counters.hits.incr_as(thread);
         Some(value)
     }
 
-    /// The time of a hit on `state`, as nanoseconds since the epoch: the runtime's coarse
-    /// clock where it has one, unless the entry's age (since its fetch, or since a refresh
-    /// type lost contact) is under [`EXACT_AGES_BELOW`]; then the precise clock, and on
+    /// The time of a hit on an entry whose age counts from `since` (its fetch, or when a
+    /// refresh type lost contact; see [`Store::age_since`]), as nanoseconds since the epoch:
+    /// the runtime's coarse clock where it has one, unless that age is under
+    /// [`EXACT_AGES_BELOW`]; then the precise clock, and on
     /// runtimes without a coarse clock [`Runtime::now`](crate::Runtime::now). A coarse reading
     /// moves in ticks and, right after an idle spell, lags (seen: unchanged across a 5 ms
     /// sleep), which an age of milliseconds shows (Consul's own tests sleep 5 ms and expect
     /// the age to have grown by as much) and one of seconds does not.
     #[inline]
-    fn hit_now(&self, state: &EntryState<T>) -> u64 {
+    fn hit_now(&self, since: Option<Stamp>) -> u64 {
         match self.shared.coarse_nanos() {
-            Some(coarse)
-                if self
-                    .age_since(state)
-                    .is_none_or(|since| since.nanos_until(coarse) >= EXACT_AGES_BELOW) =>
-            {
+            Some(coarse) if since.is_none_or(|t| t.nanos_until(coarse) >= EXACT_AGES_BELOW) => {
                 coarse
             }
             _ => self.shared.precise_nanos(),

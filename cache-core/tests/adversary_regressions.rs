@@ -11,8 +11,11 @@ use std::time::Duration;
 
 use cache_core::runtime::Sleep;
 use cache_core::sim::SimRuntime;
-use cache_core::testing::{MockRequest, MockServer, MockType};
-use cache_core::{Cache, EntryQuery, FetchResult, GetError, RegisterOptions, RequestInfo};
+use cache_core::testing::{MockError, MockRequest, MockServer, MockType};
+use cache_core::{
+    Cache, EntryQuery, FetchResult, GetError, RegisterOptions, RequestInfo, TypedCache,
+    UpdateEvent, WatchHandle,
+};
 
 mod support;
 
@@ -59,6 +62,23 @@ fn one() -> MockType<u64> {
     MockType::new(RegisterOptions::new(), |_o, _r| async {
         Ok(FetchResult::new(1u64, 1))
     })
+}
+
+/// Prepopulates `key` (value 1, index 1) and watches it (a polled watch with an hour's max
+/// age, so the watch itself fetches nothing soon): the watch and its receiver.
+fn prepopulate_watched(
+    typed: &TypedCache<MockType<u64>>,
+    key: &str,
+) -> (
+    WatchHandle,
+    async_channel::Receiver<UpdateEvent<(), u64, MockError>>,
+) {
+    typed.prepopulate(&RequestInfo::new(key), 1, 1).unwrap();
+    let (tx, rx) = async_channel::bounded(1);
+    let handle = typed
+        .notify(MockRequest::new(key).max_age(secs(3600)), (), tx)
+        .unwrap();
+    (handle, rx)
 }
 
 /// A watched entry of a type whose TTL is zero (or a nanosecond) must not make the expiry
@@ -205,13 +225,7 @@ fn a_watch_added_while_capacity_evicts_keeps_its_entry() {
     let mut lost = 0;
     for i in 0..20_000 {
         let key = format!("w{i}");
-        typed
-            .prepopulate(&RequestInfo::new(key.clone()), 1, 1)
-            .unwrap();
-        let (tx, _rx) = async_channel::bounded(1);
-        let handle = typed
-            .notify(MockRequest::new(&key).max_age(secs(3600)), (), tx)
-            .unwrap();
+        let (handle, _rx) = prepopulate_watched(&typed, &key);
         let page = typed.entries(&EntryQuery::new().prefix(key.clone()));
         let watched = page.entries.iter().any(|e| e.key == key && e.watchers > 0);
         if handle.is_active() && !watched {
@@ -238,15 +252,7 @@ fn a_sampled_eviction_looks_past_shards_where_every_entry_is_held() {
     let typed = cache.register(one());
     let mut watches = Vec::new();
     for i in 0..4_999 {
-        let key = format!("w{i}");
-        typed
-            .prepopulate(&RequestInfo::new(key.clone()), 1, 1)
-            .unwrap();
-        let (tx, rx) = async_channel::bounded(1);
-        let handle = typed
-            .notify(MockRequest::new(&key).max_age(secs(3600)), (), tx)
-            .unwrap();
-        watches.push((handle, rx));
+        watches.push(prepopulate_watched(&typed, &format!("w{i}")));
     }
     typed.prepopulate(&RequestInfo::new("free"), 1, 1).unwrap();
     assert_eq!(cache.len(), 5_000);
