@@ -152,6 +152,14 @@ impl<T: CacheType> Store<T> {
                     Some(ready) => self.run_fetch(&entry, generation, ready, &request),
                     None => return,
                 };
+                if next_at.is_some() {
+                    // A fetch that answers at once, due again at once (a refresh with no
+                    // timer, a blocking fetch answering the same index, the first failures'
+                    // immediate retries), would otherwise loop inside one poll of this task and
+                    // starve every other task of a single-threaded runtime: let them run
+                    // between fetches (they see this one in flight already).
+                    YieldNow(false).await;
+                }
                 let Some(result) = fetch.await else {
                     return;
                 };
@@ -499,6 +507,21 @@ impl<T: CacheType> Store<T> {
                 state.chain.stop_refresh();
             }
         }
+    }
+}
+
+/// Pending once, waking its task at once: the runtime runs its other ready tasks first.
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if std::mem::replace(&mut self.0, true) {
+            return Poll::Ready(());
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 

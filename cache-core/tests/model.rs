@@ -851,27 +851,11 @@ impl Model {
         self.begin_read(key, inc, min_index);
     }
 
-    /// The chain fetches again from its own task: a read that answers at once completes
-    /// before any get woken meanwhile looks (they run after the chain's task yields).
+    /// The chain fetches again from its own task: it claims the fetch (so the entry is
+    /// fetching), then yields before running it, so gets woken by the last fetch look first
+    /// and a read that answers at once completes after them.
     fn continue_chain(&mut self, key: usize) {
-        let e = self.entry(key);
-        e.sleep_until = None;
-        e.fetching = true;
-        // A non-blocking fetch asks for no index: it answers at once.
-        let (inc, min_index) = (e.inc, if is_polled(key) { 0 } else { e.index });
-        let (value, index, failures) = &mut self.up[key];
-        match read_step(*value, *index, failures, min_index, false) {
-            Some(result) => self.complete(key, inc, result),
-            None => {
-                let deadline = self.now + QUERY_TIMEOUT;
-                self.fetches.push(MFetch {
-                    key,
-                    inc,
-                    min_index,
-                    deadline,
-                });
-            }
-        }
+        self.start_fetch(key);
     }
 
     fn begin_read(&mut self, key: usize, inc: u64, min_index: u64) {

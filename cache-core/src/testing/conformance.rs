@@ -173,6 +173,79 @@ pub async fn background_refresh_runs(rt: SharedRuntime) {
     cache.close();
 }
 
+/// A refresh with no timer whose fetches answer at once (a non-blocking type at one index; a
+/// blocking type answering its min index again) fetches back to back, yet leaves the runtime
+/// to its other tasks: on a single-threaded runtime this case's own task still gets its turn.
+/// Consul's tests whose mocks answer at once (`TestCacheGet_refreshAge`,
+/// `TestCacheGet_noIndexSetsOne`), ported to a current-thread runtime, need exactly that.
+pub async fn immediate_refreshes_let_other_tasks_run(rt: SharedRuntime) {
+    let _watchdog = Watchdog::arm("immediate_refreshes_let_other_tasks_run");
+    let cache = Cache::new(rt.clone());
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let opts = |blocking| {
+        RegisterOptions::new()
+            .refresh(true)
+            .supports_blocking(blocking)
+            .refresh_timer(Duration::ZERO)
+    };
+    let polled = cache.register(MockType::<u64>::new(opts(false), at_once(&fetches)));
+    let blocking = cache.register(MockType::<u32>::new(opts(true), at_once(&fetches)));
+    polled
+        .get(&MockRequest::new("k"))
+        .await
+        .expect("polled get");
+    blocking
+        .get(&MockRequest::new("k"))
+        .await
+        .expect("blocking get");
+    let before = fetches.load(Ordering::SeqCst);
+    // Back to the runtime: with a refresh that never yields, a single-threaded one would not
+    // run this task again.
+    Sleep::after(&*rt, Duration::from_millis(20)).await;
+    assert!(
+        fetches.load(Ordering::SeqCst) > before,
+        "the refreshes stopped"
+    );
+    cache.close();
+}
+
+/// A fetch that answers value 1 at index 4 at once, counting its calls in `fetches`.
+fn at_once<V: From<u8>>(
+    fetches: &Arc<AtomicUsize>,
+) -> impl Fn(
+    crate::FetchOptions<V>,
+    MockRequest,
+) -> futures::future::Ready<Result<FetchResult<V>, MockError>>
++ Send
++ Sync
++ 'static {
+    let fetches = fetches.clone();
+    move |_, _| {
+        fetches.fetch_add(1, Ordering::SeqCst);
+        futures::future::ready(Ok(FetchResult::new(V::from(1), 4)))
+    }
+}
+
+/// Aborts the process if a case is still running after a minute: a case that starves its own
+/// runtime cannot fail by itself, and a hung test would hold CI until its limit.
+struct Watchdog(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
+
+impl Watchdog {
+    fn arm(case: &'static str) -> Self {
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            // Dropping the watchdog disconnects the channel and ends the wait.
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                wait.recv_timeout(Duration::from_secs(60))
+            {
+                eprintln!("conformance case {case} still running after 60 s: its runtime starved");
+                std::process::abort();
+            }
+        });
+        Self(done)
+    }
+}
+
 /// After close, background refresh stops (an in-flight fetch may still finish).
 pub async fn close_stops_background_work(rt: SharedRuntime) {
     let cache = Cache::new(rt.clone());
@@ -614,6 +687,7 @@ macro_rules! conformance_tests {
             blocking_get_wakes_on_change,
             single_flight_across_tasks,
             background_refresh_runs,
+            immediate_refreshes_let_other_tasks_run,
             close_stops_background_work,
             expiry_evicts,
             age_counts_real_time_on_a_hit,
