@@ -28,9 +28,10 @@ impl<T: CacheType> Store<T> {
         state: &EntryState<T>,
         info: &RequestInfo<'_>,
         must_revalidate: bool,
+        max_age: Option<Duration>,
         now: Instant,
     ) -> bool {
-        self.is_valid_at(state, info, must_revalidate, self.nanos(now))
+        self.is_valid_at(state, info, must_revalidate, max_age, self.nanos(now))
     }
 
     /// [`Store::is_valid`] with the time as nanoseconds since the epoch.
@@ -39,6 +40,7 @@ impl<T: CacheType> Store<T> {
         state: &EntryState<T>,
         info: &RequestInfo<'_>,
         must_revalidate: bool,
+        max_age: Option<Duration>,
         now_ns: u64,
     ) -> bool {
         if state.value.is_none() {
@@ -48,7 +50,7 @@ impl<T: CacheType> Store<T> {
             return false;
         }
         if !self.opts.refresh {
-            if let (Some(max_age), Some(fetched_at)) = (info.max_age, state.fetched_at) {
+            if let (Some(max_age), Some(fetched_at)) = (max_age, state.fetched_at) {
                 if fetched_at.until(now_ns) > max_age {
                     return false;
                 }
@@ -72,7 +74,7 @@ impl<T: CacheType> Store<T> {
             let state = slot.state();
             let since = self.age_since(state);
             let now_ns = self.hit_now(since);
-            if !self.is_valid_at(state, info, info.must_revalidate, now_ns) {
+            if !self.is_valid_at(state, info, info.must_revalidate, info.max_age, now_ns) {
                 return None;
             }
             slot.touch(now_ns);
@@ -412,7 +414,11 @@ impl<T: CacheType> Store<T> {
                 seen.attempted = true;
             }
         }
-        if reset || self.is_valid(state, info, seen.must_revalidate, now) {
+        // Once an attempt this get waited for has succeeded, its `max_age` is met: the value
+        // is that fresh. On a real clock it is a few microseconds old by the time the woken
+        // get looks, and a `max_age` below that would send the get to the server for ever.
+        let max_age = info.max_age.filter(|_| !seen.attempted);
+        if reset || self.is_valid(state, info, seen.must_revalidate, max_age, now) {
             if seen.first {
                 self.counters.hits.incr();
             }
@@ -478,9 +484,10 @@ struct Seen {
     resets: Option<u32>,
     /// No look yet: the get counts as a hit or a miss once.
     first: bool,
-    /// Set once an attempt this get waited for succeeded without satisfying it (a blocking
-    /// fetch that saw no change, or one with no value): further attempts respect the entry's
-    /// backoff, so a type answering index 0 or nothing at once cannot spin the get.
+    /// Set once an attempt this get waited for succeeded. Its `max_age` is met from then on;
+    /// if the get still waits (a blocking fetch that saw no change, or one with no value),
+    /// further attempts respect the entry's backoff, so a type answering index 0 or nothing
+    /// at once cannot spin the get.
     attempted: bool,
     /// The request's `must_revalidate`, until the first fetch it waited for (the reference
     /// revalidates once).

@@ -209,6 +209,44 @@ pub async fn immediate_refreshes_let_other_tasks_run(rt: SharedRuntime) {
     cache.close();
 }
 
+/// A get's own fetch answers it, however small its `max_age`: on a real clock the value is a
+/// few microseconds old by the time the woken get looks, which must not send it to the
+/// server again (and again, for as long as each look comes after its fetch).
+pub async fn a_tiny_max_age_is_met_by_the_gets_own_fetch(rt: SharedRuntime) {
+    let _watchdog = Watchdog::arm("a_tiny_max_age_is_met_by_the_gets_own_fetch");
+    let cache = Cache::new(rt.clone());
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let typed = cache.register(MockType::<u64>::new(
+        RegisterOptions::new(),
+        at_once(&fetches),
+    ));
+    typed.get(&MockRequest::new("k")).await.expect("first get");
+    for (n, max_age) in [
+        Duration::ZERO,
+        Duration::from_nanos(1),
+        Duration::from_micros(1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        Sleep::after(&*rt, Duration::from_millis(2)).await;
+        let r = typed
+            .get(&MockRequest::new("k").max_age(max_age))
+            .await
+            .expect("get");
+        assert!(
+            !r.meta.hit,
+            "max_age {max_age:?}: a 2 ms old value was a hit"
+        );
+        assert_eq!(
+            fetches.load(Ordering::SeqCst),
+            n + 2,
+            "max_age {max_age:?}: one fetch per get"
+        );
+    }
+    cache.close();
+}
+
 /// A fetch that answers value 1 at index 4 at once, counting its calls in `fetches`.
 fn at_once<V: From<u8>>(
     fetches: &Arc<AtomicUsize>,
@@ -688,6 +726,7 @@ macro_rules! conformance_tests {
             single_flight_across_tasks,
             background_refresh_runs,
             immediate_refreshes_let_other_tasks_run,
+            a_tiny_max_age_is_met_by_the_gets_own_fetch,
             close_stops_background_work,
             expiry_evicts,
             age_counts_real_time_on_a_hit,
