@@ -231,6 +231,7 @@ impl<T: CacheType> Store<T> {
         let mut waiting = Waiting {
             store: self,
             entry: None,
+            counted: false,
         };
         loop {
             if self.is_retired() {
@@ -381,6 +382,7 @@ impl<T: CacheType> Store<T> {
         if !waiting.counted_on(slot) {
             slot.state().waiters.fetch_add(1, Ordering::Relaxed);
             waiting.entry = Some(slot.handle().clone());
+            waiting.counted = true;
         }
         slot.handle().changed.listen()
     }
@@ -463,10 +465,14 @@ impl<T: CacheType> Store<T> {
 
     fn timeout_outcome(&self, hash: u64, info: &RequestInfo<'_>) -> GetOutcome<T::Value, T::Error> {
         let now = self.shared.rt.now();
-        self.read_key(hash, info, |slot| GetOutcome {
-            value: slot.state().value.clone(),
-            meta: self.meta(slot.state(), false, now),
-            error: None,
+        self.read_key(hash, info, |slot| {
+            // The end of a wait is a read (contract: Get 8): the TTL counts from here.
+            slot.touch(self.shared.stamp_nanos(now));
+            GetOutcome {
+                value: slot.state().value.clone(),
+                meta: self.meta(slot.state(), false, now),
+                error: None,
+            }
         })
         .unwrap_or(GetOutcome {
             value: None,
@@ -539,6 +545,9 @@ impl Future for Wake<'_> {
 struct Waiting<'a, T: CacheType> {
     store: &'a Store<T>,
     entry: Option<Arc<EntryHandle<T>>>,
+    /// Whether the get was ever counted: leaving may have let an entry go that capacity
+    /// eviction had to keep.
+    counted: bool,
 }
 
 impl<T: CacheType> Waiting<'_, T> {
@@ -564,9 +573,16 @@ impl<T: CacheType> Waiting<'_, T> {
 impl<T: CacheType> Drop for Waiting<'_, T> {
     fn drop(&mut self) {
         if let Some(entry) = self.entry.take() {
+            // A get dropped while it waits: the end of its wait is a read (contract: Get 8).
+            let now = self.store.shared.stamp_nanos(self.store.shared.rt.now());
             self.store.read_slot(&entry, |slot| {
+                slot.touch(now);
                 slot.state().waiters.fetch_sub(1, Ordering::Relaxed);
             });
+        }
+        if self.counted {
+            // No lock held here: eviction takes table locks.
+            self.store.shared.enforce_capacity_on_release();
         }
     }
 }

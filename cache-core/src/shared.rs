@@ -156,6 +156,19 @@ impl CacheState {
         }
     }
 
+    /// After an entry stopped being held (its last waiting get left, or its last watch):
+    /// evicts down to the capacity if inserts went past it while every candidate was held.
+    /// Without this the cache would stay past its bound until the next insert. Not after
+    /// close, which ends every watch at once and leaves the entries as they are (they no
+    /// longer expire either, and no miss inserts one).
+    pub(crate) fn enforce_capacity_on_release(&self) {
+        if let Some(max) = self.max_entries.filter(|_| !self.is_closed()) {
+            if self.entries.load(Ordering::Relaxed) > max {
+                self.evict_down_to(max, std::ptr::null());
+            }
+        }
+    }
+
     /// Counts an entry removed from its table.
     pub(crate) fn on_remove(&self) {
         self.entries.fetch_sub(1, Ordering::Relaxed);

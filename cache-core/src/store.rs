@@ -36,8 +36,8 @@ pub(crate) const EXACT_LRU_LIMIT: u64 = 4096;
 /// shards' entries (a sixteenth of them), or of more shards if these have none that may go.
 const SAMPLED_SHARDS: usize = 1;
 
-/// The shortest pause before the expiry task looks at a watched entry again (see
-/// `Store::check_expiry`).
+/// The shortest pause before the expiry task looks at a held entry (watched, or waited on by a
+/// get) again (see `Store::expiry_at`).
 const WATCHED_RECHECK: Duration = Duration::from_secs(1);
 
 // ===== Entry data =====
@@ -468,8 +468,8 @@ impl<T: CacheType> EntryState<T> {
         self.watchers.load(Ordering::Acquire) > 0
     }
 
-    /// Whether capacity eviction must leave the entry: it is watched, or gets are waiting on
-    /// it (see `waiters`).
+    /// Whether capacity eviction and expiry must leave the entry: it is watched, or gets are
+    /// waiting on it (see `waiters`).
     fn held(&self) -> bool {
         self.watched() || self.waiters.load(Ordering::Relaxed) > 0
     }
@@ -974,11 +974,14 @@ impl<T: CacheType> Store<T> {
     /// What expiry does with the entry at `now`.
     fn expiry_at(&self, slot: &Slot<T>, now: Instant) -> Expiry {
         let ttl = self.opts.last_get_ttl;
-        if slot.state().watched() {
-            // Watched entries stay alive while watched. Looked at again a TTL later, but never
-            // sooner than `WATCHED_RECHECK`: with a TTL of zero (or a few nanoseconds) the next
-            // look would be due at once, and the expiry task would spin for as long as the
-            // watch lasts. Such an entry may outlive its last watch by up to that much.
+        if slot.state().held() {
+            // Watched entries stay alive while watched, and entries a get waits on while it
+            // waits (a wait is a read, contract: Get 8; evicting the entry would drop the
+            // blocking query it waits on, and the get would start another from index 0).
+            // Looked at again a TTL later, but never sooner than `WATCHED_RECHECK`: with a TTL
+            // of zero (or a few nanoseconds) the next look would be due at once, and the
+            // expiry task would spin for as long as the watch or wait lasts. Such an entry may
+            // outlive its last watch or waiting get by up to that much.
             return Expiry::Keep(now.checked_add(ttl.max(WATCHED_RECHECK)));
         }
         match self

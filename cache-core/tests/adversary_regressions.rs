@@ -317,3 +317,79 @@ fn a_get_past_its_retry_time_waits_for_a_fetch_in_flight_instead_of_spinning() {
         cache.close();
     });
 }
+
+/// Concurrent misses of distinct keys under `max_entries(1)`: each entry is kept while its get
+/// waits on it, so the count goes past the bound; once every get has answered it must come
+/// back to the bound by itself, and likewise when a watch that held an entry ends. Failed
+/// before the fix (found on real runtimes by `cache-tokio/tests/adversary_real_time.rs`): it
+/// stayed at 4 until the next insert.
+#[test]
+fn the_bound_comes_back_once_the_gets_that_held_entries_answer() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::builder(sim.handle()).max_entries(1).build();
+    let rt = sim.clone();
+    let typed = cache.register(MockType::new(RegisterOptions::new(), move |_o, _r| {
+        let rt = rt.clone();
+        async move {
+            rt.sleep(Duration::from_millis(10)).await;
+            Ok(FetchResult::new(1u64, 1))
+        }
+    }));
+    let requests = ["a", "b", "c", "d"].map(MockRequest::new);
+    sim.block_on(async {
+        let gets = requests.iter().map(|r| typed.get(r));
+        for got in futures::future::join_all(gets).await {
+            assert_eq!(got.unwrap().value, Some(1));
+        }
+    });
+    assert_eq!(cache.len(), 1);
+    // And once a watch that held an entry ends.
+    let (first, _rx1) = prepopulate_watched(&typed, "w1");
+    let (_second, _rx2) = prepopulate_watched(&typed, "w2");
+    assert_eq!(cache.len(), 2, "both watched");
+    drop(first);
+    sim.block_on(sim.sleep(Duration::from_millis(1)));
+    assert_eq!(cache.len(), 1);
+    cache.close();
+}
+
+/// A blocking get whose wait outlasts its entry's TTL keeps the entry (a wait is a read), so
+/// its one blocking query stays open. Failed before the fix: the entry expired under the get,
+/// which dropped the query; the woken get created the entry again, fetched from index 0 and
+/// blocked again, every TTL (here 15 upstream reads in the get's 300 ms instead of 1).
+#[test]
+fn an_entry_a_get_waits_on_does_not_expire_under_it() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::new(sim.handle());
+    let server = MockServer::new(sim.handle(), 1u64, 5);
+    let typed = cache.register(
+        server.blocking_type(
+            RegisterOptions::new()
+                .last_get_ttl(Duration::from_millis(40))
+                .query_timeout(secs(600)),
+        ),
+    );
+    sim.block_on(async {
+        typed.get(&MockRequest::new("k")).await.unwrap();
+        let reads = server.reads();
+        let waited = typed
+            .get(
+                &MockRequest::new("k")
+                    .min_index(5)
+                    .timeout(Duration::from_millis(300)),
+            )
+            .await
+            .unwrap();
+        assert_eq!((waited.value, waited.meta.index), (Some(1), 5));
+        assert_eq!(
+            server.reads(),
+            reads + 1,
+            "one blocking query for the whole wait"
+        );
+        assert_eq!(cache.len(), 1, "kept while waited on");
+        // Unread from the timeout on, it expires (looked at again within a second).
+        Sleep::after(&*sim.handle(), Duration::from_millis(1_100)).await;
+        assert_eq!(cache.len(), 0);
+    });
+    cache.close();
+}

@@ -781,11 +781,14 @@ impl Model {
         }
         then(self);
         if inserted {
-            self.enforce_capacity(key);
+            self.enforce_capacity(Some(key));
         }
     }
 
-    fn enforce_capacity(&mut self, inserted: usize) {
+    /// Evicts down to the capacity, never `inserted`: after an insert, and after an entry stops
+    /// being held (a get that waited answers, an entry's last watch leaves), since inserts may
+    /// have gone past the bound while every candidate was held.
+    fn enforce_capacity(&mut self, inserted: Option<usize>) {
         while self.len() > CAPACITY {
             let candidates: Vec<(Duration, usize)> = self
                 .entries
@@ -813,7 +816,7 @@ impl Model {
             if candidates.iter().filter(|(t, _)| *t == oldest).count() > 1 {
                 self.ambiguous(format!("capacity: several entries last read at {oldest:?}"));
             }
-            if key == inserted || oldest == self.now {
+            if Some(key) == inserted || (inserted.is_some() && oldest == self.now) {
                 self.ambiguous(format!("capacity: would evict {} read now", KEYS[key]));
                 return;
             }
@@ -926,6 +929,14 @@ impl Model {
         });
         if let Some(answer) = answer {
             self.gets[g].answer = Some(answer);
+            self.answered(g);
+        }
+    }
+
+    /// A get has its answer: if it waited, its entry is no longer held by it.
+    fn answered(&mut self, g: usize) {
+        if self.gets[g].seen_attempts.is_some() && !self.closed {
+            self.enforce_capacity(None);
         }
     }
 
@@ -992,7 +1003,11 @@ impl Model {
             self.offer(w, &snapshot, resets);
         }
         let now = self.now;
-        if self.entry(key).sleep_until == Some(now) {
+        // A watch that ended above may have let capacity eviction take the entry.
+        if self.entries[key]
+            .as_ref()
+            .is_some_and(|e| e.sleep_until == Some(now))
+        {
             self.continue_chain(key);
         }
     }
@@ -1057,6 +1072,11 @@ impl Model {
                 if self.gets[g].key == key && self.gets[g].answer.is_none() {
                     self.work.push_back(Work::Look(g));
                 }
+            }
+            // The entry may go now: capacity eviction may have had to keep it (not after
+            // close, which ends every watch and leaves the entries).
+            if !self.closed {
+                self.enforce_capacity(None);
             }
         }
     }
@@ -1255,6 +1275,10 @@ impl Model {
                 }
                 Timed::GetTimeout(g) => {
                     let key = self.gets[g].key;
+                    // The end of a wait is a read (contract: Get 8).
+                    if self.entries[key].is_some() {
+                        self.touch(key);
+                    }
                     self.gets[g].answer = Some(match &self.entries[key] {
                         Some(e) => Answer::Value {
                             value: e.value,
@@ -1267,6 +1291,7 @@ impl Model {
                             hit: false,
                         },
                     });
+                    self.answered(g);
                 }
                 Timed::ChainWakes(k) => {
                     let closed = self.closed;
@@ -1276,7 +1301,14 @@ impl Model {
                         self.continue_chain(k);
                     }
                 }
-                Timed::Expires(k) => self.evict(k),
+                Timed::Expires(k) => {
+                    if self.gets.iter().any(|g| g.key == k && g.answer.is_none()) {
+                        // The engine keeps an entry a get waits on and looks again later.
+                        self.ambiguous(format!("expiry of {} while a get waits on it", KEYS[k]));
+                        return;
+                    }
+                    self.evict(k)
+                }
                 Timed::Sweep => {
                     for w in 0..self.watches.len() {
                         if !self.watches[w].rx {

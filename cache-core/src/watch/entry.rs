@@ -143,6 +143,8 @@ impl<T: CacheType> Store<T> {
         if left == Some(0) {
             // Wake a chain that only ran for the watches, so that it stops now.
             wake_all(&entry.changed);
+            // The entry may go now: capacity eviction may have had to keep it.
+            self.shared.enforce_capacity_on_release();
         }
     }
 }
