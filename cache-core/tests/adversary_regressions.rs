@@ -393,3 +393,56 @@ fn an_entry_a_get_waits_on_does_not_expire_under_it() {
     });
     cache.close();
 }
+
+/// A sink is the consumer's code, and a panic in it is contained like any callback's
+/// (contract: Fetch 9): the panicking watch ends, the others on the entry go on receiving, the
+/// fetch chain goes on fetching, and `prepopulate` does not panic in its caller. Failed before
+/// the fix (found by `cache-tokio/tests/adversary_watch.rs`): the panic unwound through the
+/// fetch chain, which died with it, so no watch of the entry heard of a change again; and
+/// `prepopulate` panicked.
+#[test]
+fn a_panicking_sink_ends_its_own_watch_only() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::new(sim.handle());
+    let server = MockServer::new(sim.handle(), 1u64, 3);
+    let typed = cache.register(server.blocking_type(RegisterOptions::new()));
+    let (before_tx, before) = async_channel::bounded(16);
+    let (panicky_tx, _panicky_rx) = async_channel::bounded(16);
+    let (after_tx, after) = async_channel::bounded(16);
+    let panicky = cache_core::watch::map_sink(panicky_tx, |e: UpdateEvent<(), u64, MockError>| {
+        assert!(e.meta.index < 5, "a sink that panics from index 5 on");
+        e
+    });
+    let _b = typed.notify(MockRequest::new("k"), (), before_tx).unwrap();
+    let _p = typed.notify(MockRequest::new("k"), (), panicky).unwrap();
+    let _a = typed.notify(MockRequest::new("k"), (), after_tx).unwrap();
+    let indexes = |rx: &async_channel::Receiver<UpdateEvent<(), u64, MockError>>| {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| e.meta.index)
+            .collect::<Vec<_>>()
+    };
+    sim.block_on(sim.sleep(Duration::from_millis(1)));
+    assert_eq!((indexes(&before), indexes(&after)), (vec![3], vec![3]));
+    server.set(5, 5);
+    sim.block_on(sim.sleep(Duration::from_millis(1)));
+    assert_eq!((indexes(&before), indexes(&after)), (vec![5], vec![5]));
+    assert_eq!(
+        cache.metrics().total().watches,
+        2,
+        "the panicking watch ended"
+    );
+    server.set(6, 6);
+    sim.block_on(sim.sleep(Duration::from_millis(1)));
+    assert_eq!((indexes(&before), indexes(&after)), (vec![6], vec![6]));
+    // And through prepopulate, on the caller's thread.
+    let (panicky_tx, _panicky_rx) = async_channel::bounded(16);
+    let panicky = cache_core::watch::map_sink(panicky_tx, |e: UpdateEvent<(), u64, MockError>| {
+        assert!(e.meta.index < 9, "a sink that panics from index 9 on");
+        e
+    });
+    let _p = typed.notify(MockRequest::new("k"), (), panicky).unwrap();
+    sim.block_on(sim.sleep(Duration::from_millis(1)));
+    typed.prepopulate(&RequestInfo::new("k"), 9, 9).unwrap();
+    assert_eq!((indexes(&before), indexes(&after)), (vec![9], vec![9]));
+    cache.close();
+}

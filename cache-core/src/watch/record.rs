@@ -2,11 +2,13 @@
 //! what it delivered, the rules of what is news (blocking and polled), and the short-lived task
 //! that waits for room in a full sink and then catches up.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use event_listener::Event;
+use futures::FutureExt;
 use futures::future::{Either, select};
 
 use super::handle::{WatchEnd, WatchHandle};
@@ -122,7 +124,14 @@ where
     ) {
         loop {
             let send = match self.lock().sink.as_ref() {
-                Some(sink) => sink.send(self.event(&snapshot)),
+                // A panicking sink counts as closed (contract: Fetch 9).
+                Some(sink) => match guarded(|| sink.send(self.event(&snapshot))) {
+                    Some(send) => AssertUnwindSafe(send).catch_unwind(),
+                    None => {
+                        store.remove_watcher(&entry, &*self);
+                        return;
+                    }
+                },
                 None => return,
             };
             let cancelled = self.cancel_event.listen();
@@ -130,8 +139,8 @@ where
                 return;
             }
             match select(send, cancelled).await {
-                Either::Left((Ok(()), _)) => {}
-                Either::Left((Err(_), _)) => {
+                Either::Left((Ok(Ok(())), _)) => {}
+                Either::Left((Ok(Err(_)) | Err(_), _)) => {
                     store.remove_watcher(&entry, &*self);
                     return;
                 }
@@ -143,7 +152,15 @@ where
                 Some(latest) if std::mem::take(&mut progress.dirty) => {
                     // News arrived while we waited (a risen index, a reset, or — for a polled
                     // watch — a changed value at the same index): send the latest state.
-                    progress.last_index = latest.meta.index.max(progress.last_index);
+                    // What is sent now is what the watch has seen. The entry may be ahead of
+                    // the last offer (whose turn comes next, and will find nothing new): past
+                    // a reset that offer has not made yet, the index is the lower one, else
+                    // the watch would take the rises below its old high mark for old news.
+                    progress.last_index = if latest.resets == progress.last_resets {
+                        latest.meta.index.max(progress.last_index)
+                    } else {
+                        latest.meta.index
+                    };
                     progress.last_resets = latest.resets;
                     if self.polling {
                         progress.last_value.clone_from(&latest.value);
@@ -185,7 +202,7 @@ where
         }
         let mut progress = self.lock();
         if !self.accept(store, &mut progress, snapshot) {
-            return progress.sink.as_ref().is_some_and(|s| !s.is_closed());
+            return progress.sink.as_ref().is_some_and(|s| sink_open(s));
         }
         if progress.pending {
             // A flush task is waiting for room; it sends the latest when it gets some.
@@ -195,10 +212,12 @@ where
         let Some(sink) = progress.sink.as_ref() else {
             return false;
         };
-        match sink.try_send(self.event(snapshot)) {
-            Ok(()) => true,
-            Err(TrySendError::Closed) => false,
-            Err(TrySendError::Full) => {
+        // A panicking sink counts as closed: the watch ends, and the fetch chain that offers
+        // (or the caller of `prepopulate`) goes on (contract: Fetch 9).
+        match guarded(|| sink.try_send(self.event(snapshot))) {
+            Some(Ok(())) => true,
+            Some(Err(TrySendError::Closed)) | None => false,
+            Some(Err(TrySendError::Full)) => {
                 progress.pending = true;
                 drop(progress);
                 if let (Some(store), Some(this)) = (store.this(), self.this.upgrade()) {
@@ -219,10 +238,21 @@ where
     }
 }
 
+/// Runs the consumer's sink code, `None` if it panicked: a sink is user code, and a panic in
+/// it must not unwind through the fetch chain that offers it an event (contract: Fetch 9).
+fn guarded<R>(f: impl FnOnce() -> R) -> Option<R> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).ok()
+}
+
+/// Whether the sink's receiver is still there; a panic counts as gone.
+fn sink_open<Ev, S: EventSink<Ev>>(sink: &S) -> bool {
+    guarded(|| !sink.is_closed()).unwrap_or(false)
+}
+
 /// Whether two values differ by the type's `value_eq` (`==` unless overridden); a panicking
 /// comparison counts as a change, so the watch delivers rather than miss one.
 fn values_differ<T: CacheType>(ty: &T, old: &T::Value, new: &T::Value) -> bool {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ty.value_eq(old, new)))
+    std::panic::catch_unwind(AssertUnwindSafe(|| ty.value_eq(old, new)))
         .map_or(true, |equal| !equal)
 }
 
@@ -236,7 +266,7 @@ where
         if self.cancelled.load(Ordering::Acquire) {
             return false;
         }
-        let closed = self.lock().sink.as_ref().is_none_or(|s| s.is_closed());
+        let closed = self.lock().sink.as_ref().is_none_or(|s| !sink_open(s));
         if !closed {
             return true;
         }

@@ -46,7 +46,9 @@ pub struct SinkClosed;
 ///
 /// `try_send` and `is_closed` (and a [`map_sink`] conversion) run while the cache holds the
 /// entry's watch list: they must hand the event on and return, never call back into the cache
-/// (a watch or notify of the same entry from there would deadlock).
+/// (a watch or notify of the same entry from there would deadlock). A panic in any of them
+/// (or in `send`) counts as a receiver gone: the watch ends, and the entry's other watches and
+/// its fetches go on.
 pub trait EventSink<Ev>: Send + Sync + 'static {
     /// Sends without waiting.
     ///
