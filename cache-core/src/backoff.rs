@@ -79,7 +79,13 @@ impl BackoffPolicy {
         if !self.jitter || base.is_zero() {
             return base;
         }
-        let stagger = base.mul_f64(jitter.clamp(0.0, 1.0));
+        // NaN counts as no jitter: `mul_f64` would panic on it.
+        let jitter = if jitter.is_nan() {
+            0.0
+        } else {
+            jitter.clamp(0.0, 1.0)
+        };
+        let stagger = base.mul_f64(jitter);
         base.saturating_add(stagger.min(base - Duration::from_nanos(1)))
     }
 }

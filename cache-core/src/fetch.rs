@@ -94,7 +94,7 @@ impl<T: CacheType> Store<T> {
             age: state
                 .fetched_at
                 .map_or(Duration::ZERO, |t| self.since(t, now)),
-            jitter: self.shared.rt.jitter(),
+            jitter: self.shared.jitter(),
         };
         chain::next_fetch(&self.shared.backoff, &after)
     }
@@ -332,7 +332,13 @@ impl<T: CacheType> Store<T> {
         if self.opts.supports_blocking {
             opts.connected = self.connected_signal(entry, generation);
         }
-        let mut fetch = AssertUnwindSafe(self.ty.fetch(opts, request)).catch_unwind();
+        // A fetch may panic while polled or before it returns its future: both are contained
+        // (contract: Fetch 9).
+        let mut fetch =
+            match std::panic::catch_unwind(AssertUnwindSafe(|| self.ty.fetch(opts, request))) {
+                Ok(fetch) => Either::Left(AssertUnwindSafe(fetch).catch_unwind()),
+                Err(panic) => Either::Right(futures::future::ready(Err(panic))),
+            };
         let mut threshold =
             connected_timer.then(|| Sleep::after(&*self.shared.rt, CONNECTED_THRESHOLD));
         async move {

@@ -173,9 +173,12 @@ impl<T: CacheType> Store<T> {
             opts.min_index = info.min_index;
             opts.timeout = info.timeout.unwrap_or_default();
         }
-        let result = AssertUnwindSafe(self.ty.fetch(opts, request))
-            .catch_unwind()
-            .await;
+        // Contained whether it panics while polled or before it returns its future.
+        let result =
+            match std::panic::catch_unwind(AssertUnwindSafe(|| self.ty.fetch(opts, request))) {
+                Ok(fetch) => AssertUnwindSafe(fetch).catch_unwind().await,
+                Err(panic) => Err(panic),
+            };
         match result {
             Ok(Ok(result)) => GetOutcome {
                 value: result.value,
@@ -338,7 +341,7 @@ impl<T: CacheType> Store<T> {
                     let backoff = if seen.attempted {
                         slot.state()
                             .backoff()
-                            .wait(&self.shared.backoff, self.shared.rt.jitter())
+                            .wait(&self.shared.backoff, self.shared.jitter())
                     } else {
                         Duration::ZERO
                     };

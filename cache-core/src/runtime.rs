@@ -34,7 +34,8 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
     /// A uniformly distributed number in `[0, 1)`, used for backoff jitter.
     ///
     /// The default draws from a thread-local generator; the virtual-time runtime overrides it
-    /// with a seeded one so that jitter is reproducible.
+    /// with a seeded one so that jitter is reproducible. The cache clamps what it gets to
+    /// `[0, 1]` and reads NaN as 0.
     fn jitter(&self) -> f64 {
         fastrand::f64()
     }

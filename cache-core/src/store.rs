@@ -405,6 +405,12 @@ pub(crate) struct EntryState<T: CacheType> {
     cold: Option<Box<Cold<T>>>,
 }
 
+/// Drops `value`, containing a panic in its `Drop` (a fetch state's cleanup, a value: the
+/// consumer's code, contract: Fetch 9).
+pub(crate) fn drop_contained<V>(value: V) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(value)));
+}
+
 /// The attempt number after `attempt`: it wraps, skipping 0 (which means "no attempt yet").
 pub(crate) fn next_attempt(attempt: u32) -> u32 {
     attempt.wrapping_add(1).max(1)
@@ -545,11 +551,13 @@ impl<T: CacheType> EntryState<T> {
     }
 
     pub(crate) fn set_fetch_state(&mut self, state: Option<FetchState>) {
-        match (state, self.cold.as_mut()) {
-            (None, None) => {}
-            (None, Some(cold)) => cold.fetch_state = None,
-            (state, _) => self.cold_mut().fetch_state = state,
-        }
+        let old = match (state, self.cold.as_mut()) {
+            (None, None) => None,
+            (None, Some(cold)) => cold.fetch_state.take(),
+            (state, _) => std::mem::replace(&mut self.cold_mut().fetch_state, state),
+        };
+        // The state's cleanup is the consumer's code.
+        drop_contained(old);
     }
 
     pub(crate) fn lost_contact_at(&self) -> Option<Stamp> {
@@ -651,9 +659,11 @@ impl<T: CacheType> std::ops::Deref for Slot<T> {
 
 impl<T: CacheType> Drop for Slot<T> {
     /// An entry out of its table drops its value and fetch state at once, even while tasks
-    /// still hold the entry to find it gone.
+    /// still hold the entry to find it gone. Their `Drop` is the consumer's code: a panic in
+    /// it stays here, not in whoever evicted the entry (an unrelated get, the expiry task, a
+    /// re-registration).
     fn drop(&mut self) {
-        *self.state_mut() = EntryState::new();
+        drop_contained(std::mem::replace(self.state_mut(), EntryState::new()));
     }
 }
 

@@ -42,7 +42,13 @@ async fn run_sweeper(shared: Weak<CacheState>) {
             return;
         }
         let closed = strong.close_event.listen();
-        let deadline = strong.rt.now() + SWEEP_INTERVAL;
+        // A clock too near the end of `Instant` (a user's runtime) has no next tick: the
+        // sweep then waits for close alone.
+        let Some(deadline) = strong.rt.now().checked_add(SWEEP_INTERVAL) else {
+            drop(strong);
+            closed.await;
+            continue;
+        };
         let timer = match sleep.as_mut() {
             Some(timer) => {
                 timer.reset(deadline);
