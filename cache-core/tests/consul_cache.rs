@@ -532,7 +532,7 @@ fn cache_get_blocking_index() {
 }
 
 /// Go `TestCacheGet_cancellation`: a blocking get whose context ends (50 ms) returns at once
-/// without a value. Our cancellation is dropping the get's future (SPEC §4.5): it must still be
+/// without a value. Our cancellation is dropping the get's future (contract: Get 5): it must still be
 /// pending at 50 ms, and dropping it there ends it.
 #[test]
 fn cache_get_cancellation() {
@@ -595,7 +595,7 @@ fn cache_get_blocking_index_timeout() {
 
 /// Go `TestCacheGet_blockingIndexError`: a blocking get whose fetch fails returns the error at
 /// once (not at its 1 min timeout), and the failures are not retried in a loop (< 10). Our
-/// SPEC §4.4 makes it exactly one attempt.
+/// contract: Get 4 makes it exactly one attempt.
 #[test]
 fn cache_get_blocking_index_error() {
     let sim = SimRuntime::new(1);
@@ -633,7 +633,7 @@ fn cache_get_blocking_index_error() {
     });
     let retries = script.used(1);
     assert!(retries < 10, "retries: {retries}");
-    assert_eq!(retries, 1, "SPEC §4.4: one attempt");
+    assert_eq!(retries, 1, "contract: Get 4: one attempt");
 }
 
 /// Go `TestCacheGet_emptyFetchResult`: a fetch answering no value keeps the previous value but
@@ -671,7 +671,7 @@ fn cache_get_empty_fetch_result() {
             "the second fetch gets the first state"
         );
         // Go's get re-fetches at once for its whole timeout (a hot loop paced only by its
-        // test's channel); SPEC §4.4/§5 back a get's further attempts off after answers at
+        // test's channel); contract: Get 4 and Fetch 4 back a get's further attempts off after answers at
         // index 0: three free retries, then 2 s or more, so four fetches in 100 ms.
         assert_eq!(calls.len(), 5, "1 + 4 fetches by the second get: {calls:?}");
         let before = calls.len();
@@ -782,7 +782,7 @@ fn cache_get_periodic_refresh_multiple() {
 }
 
 /// Go `TestCacheGet_periodicRefreshErrorBackoff`: a failing background refresh is backed off
-/// (fewer than 10 attempts in 500 ms) and hits keep serving the last value. With SPEC §6's
+/// (fewer than 10 attempts in 500 ms) and hits keep serving the last value. With contract: Backoff's
 /// policy that is exactly 4 failed attempts (3 free retries, then 2 s or more).
 #[test]
 fn cache_get_periodic_refresh_error_backoff() {
@@ -809,7 +809,10 @@ fn cache_get_periodic_refresh_error_backoff() {
     });
     let retries = script.used(1);
     assert!(retries < 10, "retries: {retries}");
-    assert_eq!(retries, 4, "SPEC §6: three free retries, then >= 2 s");
+    assert_eq!(
+        retries, 4,
+        "contract: Backoff: three free retries, then >= 2 s"
+    );
     cache.close();
 }
 
@@ -838,7 +841,10 @@ fn cache_get_periodic_refresh_bad_rpc_zero_index_error_backoff() {
     });
     let retries = script.count();
     assert!(retries < 10, "{retries} retries, should be < 10");
-    assert_eq!(retries, 4, "SPEC §5/§6: index 0 counts as a failure");
+    assert_eq!(
+        retries, 4,
+        "contract: Fetch 4 and Backoff: index 0 counts as a failure"
+    );
     cache.close();
 }
 
@@ -1048,7 +1054,7 @@ fn keep_state(last: Option<FetchState>, make: impl FnOnce() -> FetchState) -> Fe
 /// Go `TestCacheGet_expireBackgroudRefreshCancel`: a blocking refresh type whose open fetch
 /// ends only when the entry's state is cleaned up (eviction cancels it): after the TTL
 /// (400 ms) the entry is gone and the next get is a miss — the cancelled fetch did not put it
-/// back. (Our cache also drops an evicted entry's fetch in flight, SPEC §5.)
+/// back. (Our cache also drops an evicted entry's fetch in flight, contract: Fetch 7.)
 #[test]
 fn cache_get_expire_backgroud_refresh_cancel() {
     let sim = SimRuntime::new(1);
@@ -1152,7 +1158,7 @@ fn cache_get_expire_backgroud_refresh() {
 
 /// Go `TestCacheGet_expireResetGetNoChange`: a blocking get that waits 300 ms (twice the
 /// 150 ms TTL) while the server keeps answering "no change" every 10 ms keeps its entry alive:
-/// the entry's state is never cleaned up (SPEC §4.7: every look, waiting included, extends
+/// the entry's state is never cleaned up (contract: Get 8: every look, waiting included, extends
 /// the TTL).
 #[test]
 fn cache_get_expire_reset_get_no_change() {
@@ -1665,7 +1671,7 @@ fn cache_throttle() {
 
 /// Go `TestCache_ExpiryLoop_ExitsWhenStopped`: the expiry loop ends when the cache is stopped.
 /// Go runs the loop on a bare struct; here the observable effect: after `close` no expiry
-/// timer stays armed and an entry past its TTL is not evicted (SPEC §8: reads still work).
+/// timer stays armed and an entry past its TTL is not evicted (contract: Lifecycle 6: reads still work).
 #[test]
 fn cache_expiry_loop_exits_when_stopped() {
     let sim = SimRuntime::new(1);

@@ -585,7 +585,7 @@ fn cache_notify_polling() {
                     .expect("didn't receive the notification");
                 assert_eq!(seen(&ev), ok("test", 12, false, 1));
                 assert!(ev.meta.age < ms(50), "age {:?}", ev.meta.age);
-                // SPEC §9 / contract Watch 4, exactly: the poll waits max_age less the value's
+                // contract: Watch 4, exactly: the poll waits max_age less the value's
                 // age, plus jitter of up to a tenth of max_age.
                 let waited = sim.elapsed() - first_at;
                 assert!(
@@ -668,10 +668,10 @@ fn cache_watch_error_backoff() {
                 let retries = script.count() - 1;
                 assert!(num_errors < 10, "num_errors: {num_errors}");
                 assert!(retries < 10, "retries: {retries}");
-                // Stricter, per SPEC §9 / contract Watch 3: after a value was delivered, errors at
+                // Stricter, per contract: Watch 3: after a value was delivered, errors at
                 // an unchanged index are retried, not delivered.
                 assert_eq!(num_errors, 0);
-                // Per SPEC §6 (the reference's policy): three immediate retries, then the fourth
+                // Per contract: Backoff (the reference's policy): three immediate retries, then the fourth
                 // failure waits 2 s plus jitter of up to 2 s.
                 assert_eq!(retries, 4, "{:?}", script.calls());
                 sim.sleep(secs(4)).await;
@@ -724,10 +724,10 @@ fn cache_watch_error_backoff_non_blocking() {
                 let retries = script.count() - 1;
                 assert!(num_errors < 10, "num_errors: {num_errors}");
                 assert!(retries < 10, "retries: {retries}");
-                // Stricter, per SPEC §9 / contract Watch 4: a poll delivers when the index rose or
+                // Stricter, per contract: Watch 4: a poll delivers when the index rose or
                 // the value changed; a failed poll does neither.
                 assert_eq!(num_errors, 0);
-                // Contract Watch 4 and SPEC §6: the first poll after max age (+ up to a tenth of
+                // Contract Watch 4 and contract: Backoff: the first poll after max age (+ up to a tenth of
                 // jitter), then, failing, three immediate retries, then a 2–4 s backoff.
                 assert_eq!(retries, 4, "{:?}", script.calls());
                 sim.sleep(secs(4)).await;
@@ -892,7 +892,7 @@ fn is_equal() {
     // Rows with Go `nil` values have no counterpart: a fetch without a value keeps the old
     // one, and a watch's first value is always delivered. Note: docs/contract.md (Watch 4)
     // says the default `value_eq` "compares nothing"; the trait's default is `==`, as Go's
-    // `reflect.DeepEqual` and SPEC §9 ("the value changed"), which is what is asserted here.
+    // `reflect.DeepEqual` and contract: Watch 4 ("the value changed"), which is what is asserted here.
     within_real_time("is_equal", || {
         // Sanity check, as Go's: a decoded copy is not equal field by field.
         assert_ne!(message(100, false), message(100, true));
