@@ -234,7 +234,7 @@ impl<T: CacheType> Store<T> {
         let mut waiting = Waiting {
             store: self,
             entry: None,
-            counted: false,
+            released: false,
         };
         loop {
             if self.is_retired() {
@@ -385,7 +385,6 @@ impl<T: CacheType> Store<T> {
         if !waiting.counted_on(slot) {
             slot.state().waiters.fetch_add(1, Ordering::Relaxed);
             waiting.entry = Some(slot.handle().clone());
-            waiting.counted = true;
         }
         slot.handle().changed.listen()
     }
@@ -548,9 +547,9 @@ impl Future for Wake<'_> {
 struct Waiting<'a, T: CacheType> {
     store: &'a Store<T>,
     entry: Option<Arc<EntryHandle<T>>>,
-    /// Whether the get was ever counted: leaving may have let an entry go that capacity
-    /// eviction had to keep.
-    counted: bool,
+    /// Whether leaving made the entry evictable (this get was its last waiter and it is not
+    /// watched): capacity eviction may have had to keep it, so the bound is checked again.
+    released: bool,
 }
 
 impl<T: CacheType> Waiting<'_, T> {
@@ -566,11 +565,18 @@ impl<T: CacheType> Waiting<'_, T> {
     /// without a second lookup each.
     fn leave(&mut self, slot: &Slot<T>) {
         if self.counted_on(slot) {
-            slot.state().waiters.fetch_sub(1, Ordering::Relaxed);
+            self.released = release(slot);
             // Not the entry's last reference: its table holds one.
             self.entry = None;
         }
     }
+}
+
+/// Counts a get out of `slot`'s waiters; whether that left the entry evictable (no waiter, no
+/// watch).
+fn release<T: CacheType>(slot: &Slot<T>) -> bool {
+    let before = slot.state().waiters.fetch_sub(1, Ordering::Relaxed);
+    before == 1 && !slot.state().watched()
 }
 
 impl<T: CacheType> Drop for Waiting<'_, T> {
@@ -578,12 +584,15 @@ impl<T: CacheType> Drop for Waiting<'_, T> {
         if let Some(entry) = self.entry.take() {
             // A get dropped while it waits: the end of its wait is a read (contract: Get 8).
             let now = self.store.shared.stamp_nanos(self.store.shared.rt.now());
-            self.store.read_slot(&entry, |slot| {
-                slot.touch(now);
-                slot.state().waiters.fetch_sub(1, Ordering::Relaxed);
-            });
+            self.released = self
+                .store
+                .read_slot(&entry, |slot| {
+                    slot.touch(now);
+                    release(slot)
+                })
+                .unwrap_or(false);
         }
-        if self.counted {
+        if self.released {
             // No lock held here: eviction takes table locks.
             self.store.shared.enforce_capacity_on_release();
         }

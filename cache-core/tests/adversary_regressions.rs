@@ -446,3 +446,51 @@ fn a_panicking_sink_ends_its_own_watch_only() {
     assert_eq!((indexes(&before), indexes(&after)), (vec![9], vec![9]));
     cache.close();
 }
+
+/// A sink that is always full and whose `send` panics: the watch's catch-up task, which waits
+/// for room, meets the panic and ends the watch. Failed before the fix (found in review): it
+/// removed the watch while still holding the watch's own lock, which removing takes again, so
+/// the task deadlocked (and with it the entry's watch list).
+#[test]
+fn a_sink_panicking_in_send_ends_its_watch_without_deadlock() {
+    struct FullThenPanics;
+    impl cache_core::EventSink<UpdateEvent<(), u64, MockError>> for FullThenPanics {
+        fn try_send(
+            &self,
+            _: UpdateEvent<(), u64, MockError>,
+        ) -> Result<(), cache_core::watch::TrySendError> {
+            Err(cache_core::watch::TrySendError::Full)
+        }
+        fn send(
+            &self,
+            _: UpdateEvent<(), u64, MockError>,
+        ) -> cache_core::BoxFuture<'static, Result<(), cache_core::watch::SinkClosed>> {
+            panic!("a sink whose send panics")
+        }
+        fn is_closed(&self) -> bool {
+            false
+        }
+    }
+    within_real_time("a panicking send", || {
+        let sim = SimRuntime::new(1);
+        let cache = Cache::new(sim.handle());
+        let typed = cache.register(one());
+        typed.prepopulate(&RequestInfo::new("k"), 1, 1).unwrap();
+        let _watch = typed
+            .notify(
+                MockRequest::new("k").max_age(secs(3600)),
+                (),
+                FullThenPanics,
+            )
+            .unwrap();
+        sim.block_on(sim.sleep(Duration::from_millis(1)));
+        assert_eq!(cache.metrics().total().watches, 0, "the watch ended");
+        // The entry's watch list is free: another watch comes and goes.
+        let (tx, rx) = async_channel::bounded(1);
+        let other = typed.notify(MockRequest::new("k").max_age(secs(3600)), (), tx);
+        assert!(other.is_ok());
+        sim.block_on(sim.sleep(Duration::from_millis(1)));
+        assert_eq!(rx.try_recv().map(|e| e.meta.index).ok(), Some(1));
+        cache.close();
+    });
+}

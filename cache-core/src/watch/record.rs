@@ -123,17 +123,20 @@ where
         mut snapshot: Snapshot<T>,
     ) {
         loop {
-            let send = match self.lock().sink.as_ref() {
-                // A panicking sink counts as closed (contract: Fetch 9).
-                Some(sink) => match guarded(|| sink.send(self.event(&snapshot))) {
-                    Some(send) => AssertUnwindSafe(send).catch_unwind(),
-                    None => {
-                        store.remove_watcher(&entry, &*self);
-                        return;
-                    }
-                },
-                None => return,
+            // The progress lock ends with this block: removing the watch takes it again.
+            let send = {
+                let progress = self.lock();
+                let Some(sink) = progress.sink.as_ref() else {
+                    return;
+                };
+                guarded(|| sink.send(self.event(&snapshot)))
             };
+            // A panicking sink counts as closed (contract: Fetch 9).
+            let Some(send) = send else {
+                store.remove_watcher(&entry, &*self);
+                return;
+            };
+            let send = AssertUnwindSafe(send).catch_unwind();
             let cancelled = self.cancel_event.listen();
             if self.cancelled.load(Ordering::Acquire) {
                 return;
