@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use futures::future::{Either, select};
 
-use crate::cache_type::{CacheType, Connected, FetchOptions, FetchResult, LastResult};
+use crate::cache_type::{CacheType, Connected, FetchOptions, FetchResult, FetchState, LastResult};
 use crate::chain;
 use crate::error::GetError;
 use crate::metrics::bump;
 use crate::runtime::Sleep;
-use crate::store::{EntryHandle, EntryState, Slot, Store, next_attempt, panic_message, wake_all};
+use crate::store::{
+    EntryHandle, EntryState, Slot, Store, drop_contained, next_attempt, panic_message, wake_all,
+};
 
 /// What a fetch attempt gave: its result, or the panic it raised.
 type FetchOutcome<T> =
@@ -393,13 +395,19 @@ impl<T: CacheType> Store<T> {
         let next = self.with_slot(entry, |slot| {
             if !slot.state().chain.owns(generation) {
                 // Replaced by a newer chain while in flight: the newer one owns the entry.
-                return (None, None);
+                return (None, None, None);
             }
-            self.apply(slot, result, fatal, now);
+            let leftovers = self.apply(slot, result, fatal, now);
             let snapshot =
                 (slot.state().watched()).then(|| self.snapshot_of(slot.state(), false, now));
             let wait = self.next_fetch(slot, now);
             slot.state_mut().chain.fetch_done(wait);
+            (wait, snapshot, Some(leftovers))
+        });
+        // What the result replaced is dropped out of the lock: its `Drop` is the consumer's
+        // code (a fetch state may hold a watch of this cache, whose end evicts for capacity).
+        let next = next.map(|(wait, snapshot, leftovers)| {
+            drop_contained(leftovers);
             (wait, snapshot)
         });
         wake_all(&entry.changed);
@@ -442,7 +450,11 @@ impl<T: CacheType> Store<T> {
         result: std::thread::Result<Result<FetchResult<T::Value>, T::Error>>,
         fatal: bool,
         now: Instant,
-    ) {
+    ) -> Leftovers<T> {
+        let mut leftovers = Leftovers {
+            value: None,
+            state: None,
+        };
         let state = slot.state_mut();
         let first = !state.expiry_scheduled();
         state.attempts = next_attempt(state.attempts);
@@ -458,19 +470,21 @@ impl<T: CacheType> Store<T> {
                     result.value.is_some() || (result.not_modified && state.value.is_some());
                 if has_value {
                     if let Some(value) = result.value {
-                        if !result.not_modified || state.value.is_none() {
-                            state.value = Some(value);
-                        }
+                        leftovers.value = if !result.not_modified || state.value.is_none() {
+                            state.value.replace(value)
+                        } else {
+                            Some(value)
+                        };
                     }
                     let index = result.index.max(1);
                     if index < state.index {
                         state.resets = state.resets.wrapping_add(1);
                     }
                     state.index = index;
-                    state.set_fetch_state(result.state);
+                    leftovers.state = state.set_fetch_state(result.state);
                     state.fetched_at = Some(self.stamp(now));
                 } else if result.state.is_some() {
-                    state.set_fetch_state(result.state);
+                    leftovers.state = state.set_fetch_state(result.state);
                 }
                 if self.opts.refresh {
                     state.clear_lost_contact();
@@ -513,7 +527,15 @@ impl<T: CacheType> Store<T> {
                 state.chain.stop_refresh();
             }
         }
+        leftovers
     }
+}
+
+/// What storing a fetch's result replaced (or did not keep): dropped once the table's lock is
+/// released.
+struct Leftovers<T: CacheType> {
+    value: Option<T::Value>,
+    state: Option<FetchState>,
 }
 
 /// Pending once, waking its task at once: the runtime runs its other ready tasks first.

@@ -550,14 +550,15 @@ impl<T: CacheType> EntryState<T> {
         self.cold.as_ref()?.fetch_state.as_ref()
     }
 
-    pub(crate) fn set_fetch_state(&mut self, state: Option<FetchState>) {
-        let old = match (state, self.cold.as_mut()) {
+    /// Replaces the fetch state, returning the old one for the caller to drop out of the
+    /// table's lock (its cleanup is the consumer's code; see `drop_contained`).
+    #[must_use]
+    pub(crate) fn set_fetch_state(&mut self, state: Option<FetchState>) -> Option<FetchState> {
+        match (state, self.cold.as_mut()) {
             (None, None) => None,
             (None, Some(cold)) => cold.fetch_state.take(),
             (state, _) => std::mem::replace(&mut self.cold_mut().fetch_state, state),
-        };
-        // The state's cleanup is the consumer's code.
-        drop_contained(old);
+        }
     }
 
     pub(crate) fn lost_contact_at(&self) -> Option<Stamp> {
