@@ -24,6 +24,16 @@ pub struct BackoffPolicy {
     pub jitter: bool,
 }
 
+/// A jitter as the fraction it stands for: clamped to `[0, 1]`, NaN as 0. Jitter comes from a
+/// `Runtime`, user code, and `Duration` arithmetic panics on NaN or a negative factor.
+pub(crate) fn unit_jitter(jitter: f64) -> f64 {
+    if jitter.is_nan() {
+        0.0
+    } else {
+        jitter.clamp(0.0, 1.0)
+    }
+}
+
 impl BackoffPolicy {
     /// The reference policy: 3 free retries, 1 s unit, 60 s cap, jitter on.
     pub const fn new() -> Self {
@@ -79,13 +89,7 @@ impl BackoffPolicy {
         if !self.jitter || base.is_zero() {
             return base;
         }
-        // NaN counts as no jitter: `mul_f64` would panic on it.
-        let jitter = if jitter.is_nan() {
-            0.0
-        } else {
-            jitter.clamp(0.0, 1.0)
-        };
-        let stagger = base.mul_f64(jitter);
+        let stagger = base.mul_f64(unit_jitter(jitter));
         base.saturating_add(stagger.min(base - Duration::from_nanos(1)))
     }
 }

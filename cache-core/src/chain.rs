@@ -22,7 +22,7 @@
 
 use std::time::Duration;
 
-use crate::backoff::{Backoff, BackoffPolicy};
+use crate::backoff::{Backoff, BackoffPolicy, unit_jitter};
 
 /// What an entry's fetch chain is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -187,7 +187,7 @@ pub(crate) fn next_fetch(policy: &BackoffPolicy, after: &After) -> Option<Durati
     }
     // A polled watch: its max age less the value's age, plus up to a tenth of it of jitter.
     let jitter = Duration::try_from_secs_f64(
-        after.poll_every.as_secs_f64() * after.jitter.clamp(0.0, 1.0) / 10.0,
+        after.poll_every.as_secs_f64() * unit_jitter(after.jitter) / 10.0,
     )
     .unwrap_or(Duration::MAX);
     Some(

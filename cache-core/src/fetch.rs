@@ -19,11 +19,12 @@ use crate::error::GetError;
 use crate::metrics::bump;
 use crate::runtime::Sleep;
 use crate::store::{
-    EntryHandle, EntryState, Slot, Store, drop_contained, next_attempt, panic_message, wake_all,
+    EntryHandle, EntryState, Slot, Store, contained, drop_contained, next_attempt, panic_message,
+    wake_all,
 };
 
 /// What a fetch attempt gave: its result, or the panic it raised.
-type FetchOutcome<T> =
+pub(crate) type FetchOutcome<T> =
     std::thread::Result<Result<FetchResult<<T as CacheType>::Value>, <T as CacheType>::Error>>;
 
 /// A fetch ready to start: its options, and whether to arm the "connected" timer.
@@ -96,7 +97,7 @@ impl<T: CacheType> Store<T> {
             age: state
                 .fetched_at
                 .map_or(Duration::ZERO, |t| self.since(t, now)),
-            jitter: self.shared.jitter(),
+            jitter: self.shared.rt.jitter(),
         };
         chain::next_fetch(&self.shared.backoff, &after)
     }
@@ -238,6 +239,19 @@ impl<T: CacheType> Store<T> {
         claimed.unwrap_or(Some(false))
     }
 
+    /// The type's fetch, with a panic contained whether it comes while the future is polled or
+    /// before `fetch` returns it (contract: Fetch 9): the chain's fetches and pass-throughs.
+    pub(crate) fn fetch_contained<'a>(
+        &'a self,
+        opts: FetchOptions<T::Value>,
+        request: &'a T::Request,
+    ) -> impl Future<Output = FetchOutcome<T>> + 'a {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.ty.fetch(opts, request))) {
+            Ok(fetch) => Either::Left(AssertUnwindSafe(fetch).catch_unwind()),
+            Err(panic) => Either::Right(futures::future::ready(Err(panic))),
+        }
+    }
+
     /// One table lock per fetch: the ownership check, the per-entry rate limit (re-read each
     /// time so reloaded options apply) and the fetch options together. A fetch that must wait
     /// reserves its token first, so late timer wake-ups cost no rate. `None`: the entry was
@@ -334,13 +348,7 @@ impl<T: CacheType> Store<T> {
         if self.opts.supports_blocking {
             opts.connected = self.connected_signal(entry, generation);
         }
-        // A fetch may panic while polled or before it returns its future: both are contained
-        // (contract: Fetch 9).
-        let mut fetch =
-            match std::panic::catch_unwind(AssertUnwindSafe(|| self.ty.fetch(opts, request))) {
-                Ok(fetch) => Either::Left(AssertUnwindSafe(fetch).catch_unwind()),
-                Err(panic) => Either::Right(futures::future::ready(Err(panic))),
-            };
+        let mut fetch = self.fetch_contained(opts, request);
         let mut threshold =
             connected_timer.then(|| Sleep::after(&*self.shared.rt, CONNECTED_THRESHOLD));
         async move {
@@ -386,10 +394,7 @@ impl<T: CacheType> Store<T> {
         let now = self.shared.rt.now();
         // User code (`is_fatal`) runs before the table lock is taken, contained like fetch.
         let fatal = match &result {
-            Ok(Err(error)) => {
-                std::panic::catch_unwind(AssertUnwindSafe(|| self.ty.is_fatal(error)))
-                    .unwrap_or(false)
-            }
+            Ok(Err(error)) => contained(|| self.ty.is_fatal(error)).unwrap_or(false),
             _ => false,
         };
         let next = self.with_slot(entry, |slot| {
@@ -538,7 +543,8 @@ struct Leftovers<T: CacheType> {
     state: Option<FetchState>,
 }
 
-/// Pending once, waking its task at once: the runtime runs its other ready tasks first.
+/// Pending once, waking its task at once: the runtime runs its other ready tasks first
+/// (futures-lite's `yield_now`, which cache-core does not depend on).
 struct YieldNow(bool);
 
 impl Future for YieldNow {

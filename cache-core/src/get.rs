@@ -2,7 +2,6 @@
 //! entry's fetch, timeouts, the one-attempt error rule and stale-if-error.
 
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -173,13 +172,7 @@ impl<T: CacheType> Store<T> {
             opts.min_index = info.min_index;
             opts.timeout = info.timeout.unwrap_or_default();
         }
-        // Contained whether it panics while polled or before it returns its future.
-        let result =
-            match std::panic::catch_unwind(AssertUnwindSafe(|| self.ty.fetch(opts, request))) {
-                Ok(fetch) => AssertUnwindSafe(fetch).catch_unwind().await,
-                Err(panic) => Err(panic),
-            };
-        match result {
+        match self.fetch_contained(opts, request).await {
             Ok(Ok(result)) => GetOutcome {
                 value: result.value,
                 meta: ResultMeta::default(),
@@ -341,7 +334,7 @@ impl<T: CacheType> Store<T> {
                     let backoff = if seen.attempted {
                         slot.state()
                             .backoff()
-                            .wait(&self.shared.backoff, self.shared.jitter())
+                            .wait(&self.shared.backoff, self.shared.rt.jitter())
                     } else {
                         Duration::ZERO
                     };
@@ -575,8 +568,8 @@ impl<T: CacheType> Waiting<'_, T> {
 /// Counts a get out of `slot`'s waiters; whether that left the entry evictable (no waiter, no
 /// watch).
 fn release<T: CacheType>(slot: &Slot<T>) -> bool {
-    let before = slot.state().waiters.fetch_sub(1, Ordering::Relaxed);
-    before == 1 && !slot.state().watched()
+    slot.state().waiters.fetch_sub(1, Ordering::Relaxed);
+    !slot.state().held()
 }
 
 impl<T: CacheType> Drop for Waiting<'_, T> {

@@ -156,29 +156,14 @@ impl CacheState {
         }
     }
 
-    /// The runtime's jitter, made safe: a `Runtime` is user code, and a value outside
-    /// `[0, 1]` (negative, NaN, infinite) would turn into a negative, NaN or endless wait in
-    /// the time arithmetic it feeds (contract: Options, no arithmetic on time may panic).
-    /// NaN counts as 0, the rest is clamped.
-    pub(crate) fn jitter(&self) -> f64 {
-        let jitter = self.rt.jitter();
-        if jitter.is_nan() {
-            0.0
-        } else {
-            jitter.clamp(0.0, 1.0)
-        }
-    }
-
     /// After an entry stopped being held (its last waiting get left, or its last watch):
     /// evicts down to the capacity if inserts went past it while every candidate was held.
     /// Without this the cache would stay past its bound until the next insert. Not after
     /// close, which ends every watch at once and leaves the entries as they are (they no
     /// longer expire either, and no miss inserts one).
     pub(crate) fn enforce_capacity_on_release(&self) {
-        if let Some(max) = self.max_entries.filter(|_| !self.is_closed()) {
-            if self.entries.load(Ordering::Relaxed) > max {
-                self.evict_down_to(max, std::ptr::null());
-            }
+        if !self.is_closed() {
+            self.enforce_capacity(std::ptr::null());
         }
     }
 

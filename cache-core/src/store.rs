@@ -405,10 +405,15 @@ pub(crate) struct EntryState<T: CacheType> {
     cold: Option<Box<Cold<T>>>,
 }
 
-/// Drops `value`, containing a panic in its `Drop` (a fetch state's cleanup, a value: the
-/// consumer's code, contract: Fetch 9).
+/// Runs the consumer's code (a callback, a sink, a `Drop`), `None` if it panicked: a panic
+/// there stays there, whichever task or caller ran it (contract: Fetch 9).
+pub(crate) fn contained<R>(f: impl FnOnce() -> R) -> Option<R> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok()
+}
+
+/// Drops `value`, containing a panic in its `Drop` (a fetch state's cleanup, a value).
 pub(crate) fn drop_contained<V>(value: V) {
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(value)));
+    contained(move || drop(value));
 }
 
 /// The attempt number after `attempt`: it wraps, skipping 0 (which means "no attempt yet").
@@ -476,7 +481,7 @@ impl<T: CacheType> EntryState<T> {
 
     /// Whether capacity eviction and expiry must leave the entry: it is watched, or gets are
     /// waiting on it (see `waiters`).
-    fn held(&self) -> bool {
+    pub(crate) fn held(&self) -> bool {
         self.watched() || self.waiters.load(Ordering::Relaxed) > 0
     }
 

@@ -844,7 +844,9 @@ impl Model {
         e.value.is_some() && (is_polled(key) || !(min_index > 0 && min_index >= e.index))
     }
 
-    /// Starts the entry's fetch (a new chain, replacing a sleeping one).
+    /// Starts the entry's fetch (a new chain, replacing a sleeping one), or a chain's next
+    /// fetch: the entry is fetching at once, and a read that answers at once completes as
+    /// queued work, after the gets the last fetch woke (the chain yields before running it).
     fn start_fetch(&mut self, key: usize) {
         let e = self.entry(key);
         e.sleep_until = None;
@@ -852,13 +854,6 @@ impl Model {
         // A non-blocking fetch asks for no index: it answers at once.
         let (inc, min_index) = (e.inc, if is_polled(key) { 0 } else { e.index });
         self.begin_read(key, inc, min_index);
-    }
-
-    /// The chain fetches again from its own task: it claims the fetch (so the entry is
-    /// fetching), then yields before running it, so gets woken by the last fetch look first
-    /// and a read that answers at once completes after them.
-    fn continue_chain(&mut self, key: usize) {
-        self.start_fetch(key);
     }
 
     fn begin_read(&mut self, key: usize, inc: u64, min_index: u64) {
@@ -1008,7 +1003,7 @@ impl Model {
             .as_ref()
             .is_some_and(|e| e.sleep_until == Some(now))
         {
-            self.continue_chain(key);
+            self.start_fetch(key);
         }
     }
 
@@ -1298,7 +1293,7 @@ impl Model {
                     let e = self.entry(k);
                     e.sleep_until = None;
                     if !closed && (is_refresh(k) || !e.watchers.is_empty()) {
-                        self.continue_chain(k);
+                        self.start_fetch(k);
                     }
                 }
                 Timed::Expires(k) => {

@@ -20,62 +20,10 @@ use cache_core::{
     BackoffPolicy, BoxFuture, Cache, CacheType, FetchOptions, FetchResult, RegisterOptions,
     RequestInfo, SharedRuntime, WatchError,
 };
-use cache_tokio::TokioRuntime;
 use futures::{Stream, StreamExt};
 
-// ===== Harness (as in adversary_real_time.rs) =====
-
-/// How a case is run.
-#[derive(Debug, Clone, Copy)]
-enum Flavour {
-    /// A current-thread runtime: the case and every task of the cache share one thread.
-    CurrentThread,
-    /// A 2-worker multi-thread runtime, the case blocked on from the test's thread.
-    MultiThread,
-}
-
-type Case = fn(SharedRuntime) -> BoxFuture<'static, ()>;
-
-fn run(flavour: Flavour, name: &'static str, case: Case) {
-    let _watchdog = Watchdog::arm(name, flavour);
-    let runtime = match flavour {
-        Flavour::CurrentThread => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        Flavour::MultiThread => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build(),
-    }
-    .expect("failed to build a tokio runtime");
-    runtime.block_on(async move {
-        let rt: SharedRuntime = Arc::new(TokioRuntime::current());
-        case(rt).await;
-    });
-    // Background tasks of a starved or leaking cache must not hold the test up either.
-    runtime.shutdown_timeout(Duration::from_secs(5));
-}
-
-/// Aborts the process if a case is still running after 60 s.
-struct Watchdog(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
-
-impl Watchdog {
-    fn arm(case: &'static str, flavour: Flavour) -> Self {
-        let (done, wait) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                wait.recv_timeout(Duration::from_secs(60))
-            {
-                eprintln!(
-                    "adversary watch case {case} ({flavour:?}) still running after 60 s: hung or \
-                     starved"
-                );
-                std::process::abort();
-            }
-        });
-        Self(done)
-    }
-}
+mod support;
+use support::{Flavour, run};
 
 /// One `#[test]` per case and flavour.
 macro_rules! cases {

@@ -14,6 +14,7 @@ use futures::future::{Either, select};
 
 use super::mock::{MockError, MockRequest, MockType};
 use super::server::MockServer;
+use super::watchdog::Watchdog;
 use crate::cache::Cache;
 use crate::cache_type::{FetchResult, RegisterOptions};
 use crate::runtime::{SharedRuntime, Sleep};
@@ -179,7 +180,7 @@ pub async fn background_refresh_runs(rt: SharedRuntime) {
 /// Consul's tests whose mocks answer at once (`TestCacheGet_refreshAge`,
 /// `TestCacheGet_noIndexSetsOne`), ported to a current-thread runtime, need exactly that.
 pub async fn immediate_refreshes_let_other_tasks_run(rt: SharedRuntime) {
-    let _watchdog = Watchdog::arm("immediate_refreshes_let_other_tasks_run");
+    let _watchdog = Watchdog::arm("conformance case immediate_refreshes_let_other_tasks_run");
     let cache = Cache::new(rt.clone());
     let fetches = Arc::new(AtomicUsize::new(0));
     let opts = |blocking| {
@@ -213,7 +214,7 @@ pub async fn immediate_refreshes_let_other_tasks_run(rt: SharedRuntime) {
 /// few microseconds old by the time the woken get looks, which must not send it to the
 /// server again (and again, for as long as each look comes after its fetch).
 pub async fn a_tiny_max_age_is_met_by_the_gets_own_fetch(rt: SharedRuntime) {
-    let _watchdog = Watchdog::arm("a_tiny_max_age_is_met_by_the_gets_own_fetch");
+    let _watchdog = Watchdog::arm("conformance case a_tiny_max_age_is_met_by_the_gets_own_fetch");
     let cache = Cache::new(rt.clone());
     let fetches = Arc::new(AtomicUsize::new(0));
     let typed = cache.register(MockType::<u64>::new(
@@ -261,26 +262,6 @@ fn at_once<V: From<u8>>(
     move |_, _| {
         fetches.fetch_add(1, Ordering::SeqCst);
         futures::future::ready(Ok(FetchResult::new(V::from(1), 4)))
-    }
-}
-
-/// Aborts the process if a case is still running after a minute: a case that starves its own
-/// runtime cannot fail by itself, and a hung test would hold CI until its limit.
-struct Watchdog(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
-
-impl Watchdog {
-    fn arm(case: &'static str) -> Self {
-        let (done, wait) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            // Dropping the watchdog disconnects the channel and ends the wait.
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                wait.recv_timeout(Duration::from_secs(60))
-            {
-                eprintln!("conformance case {case} still running after 60 s: its runtime starved");
-                std::process::abort();
-            }
-        });
-        Self(done)
     }
 }
 

@@ -138,13 +138,15 @@ impl<T: CacheType> Store<T> {
         let left = self.read_slot(entry, |slot| {
             slot.touch(now);
             let before = slot.state().watchers.fetch_sub(n, Ordering::AcqRel);
-            before.saturating_sub(n)
+            (before.saturating_sub(n), slot.state().held())
         });
-        if left == Some(0) {
+        if let Some((0, held)) = left {
             // Wake a chain that only ran for the watches, so that it stops now.
             wake_all(&entry.changed);
-            // The entry may go now: capacity eviction may have had to keep it.
-            self.shared.enforce_capacity_on_release();
+            if !held {
+                // The entry may go now: capacity eviction may have had to keep it.
+                self.shared.enforce_capacity_on_release();
+            }
         }
     }
 }

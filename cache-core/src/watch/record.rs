@@ -17,7 +17,7 @@ use super::sweep::register_sweep;
 use crate::cache_type::{CacheRequest, CacheType};
 use crate::error::WatchError;
 use crate::shared::Sweep;
-use crate::store::{EntryHandle, Snapshot, Store, Watcher};
+use crate::store::{EntryHandle, Snapshot, Store, Watcher, contained};
 
 /// A watch's mutable state: its sink and what it has delivered, under one lock, so that
 /// offering a fetch to a watch takes a single lock.
@@ -129,7 +129,7 @@ where
                 let Some(sink) = progress.sink.as_ref() else {
                     return;
                 };
-                guarded(|| sink.send(self.event(&snapshot)))
+                contained(|| sink.send(self.event(&snapshot)))
             };
             // A panicking sink counts as closed (contract: Fetch 9).
             let Some(send) = send else {
@@ -217,7 +217,7 @@ where
         };
         // A panicking sink counts as closed: the watch ends, and the fetch chain that offers
         // (or the caller of `prepopulate`) goes on (contract: Fetch 9).
-        match guarded(|| sink.try_send(self.event(snapshot))) {
+        match contained(|| sink.try_send(self.event(snapshot))) {
             Some(Ok(())) => true,
             Some(Err(TrySendError::Closed)) | None => false,
             Some(Err(TrySendError::Full)) => {
@@ -241,22 +241,15 @@ where
     }
 }
 
-/// Runs the consumer's sink code, `None` if it panicked: a sink is user code, and a panic in
-/// it must not unwind through the fetch chain that offers it an event (contract: Fetch 9).
-fn guarded<R>(f: impl FnOnce() -> R) -> Option<R> {
-    std::panic::catch_unwind(AssertUnwindSafe(f)).ok()
-}
-
 /// Whether the sink's receiver is still there; a panic counts as gone.
 fn sink_open<Ev, S: EventSink<Ev>>(sink: &S) -> bool {
-    guarded(|| !sink.is_closed()).unwrap_or(false)
+    contained(|| !sink.is_closed()).unwrap_or(false)
 }
 
 /// Whether two values differ by the type's `value_eq` (`==` unless overridden); a panicking
 /// comparison counts as a change, so the watch delivers rather than miss one.
 fn values_differ<T: CacheType>(ty: &T, old: &T::Value, new: &T::Value) -> bool {
-    std::panic::catch_unwind(AssertUnwindSafe(|| ty.value_eq(old, new)))
-        .map_or(true, |equal| !equal)
+    contained(|| ty.value_eq(old, new)).is_none_or(|equal| !equal)
 }
 
 impl<T, C, S> Sweep for Record<T, C, S>
