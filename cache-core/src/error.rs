@@ -14,6 +14,11 @@ pub enum GetError<E> {
     /// The type's fetch panicked; the cache contained the panic and the entry stays usable.
     #[error("fetch panicked: {0}")]
     Panicked(Arc<str>),
+    /// The runtime dropped the cache's fetch task before the fetch completed (a runtime shut
+    /// down while the cache lives on, or a fetch task that panicked outside the fetch, such as
+    /// in the value's `Clone`). The entry stays usable: the next get starts a new fetch.
+    #[error("the runtime dropped the fetch task before the fetch completed")]
+    Abandoned,
     /// The type was never registered with this cache.
     #[error("cache type `{0}` is not registered")]
     NotRegistered(&'static str),
@@ -30,6 +35,7 @@ impl<E> Clone for GetError<E> {
         match self {
             Self::Fetch(e) => Self::Fetch(e.clone()),
             Self::Panicked(m) => Self::Panicked(m.clone()),
+            Self::Abandoned => Self::Abandoned,
             Self::NotRegistered(n) => Self::NotRegistered(n),
             Self::Closed => Self::Closed,
             Self::Replaced(n) => Self::Replaced(n),

@@ -17,7 +17,7 @@ use crate::cache_type::{CacheType, Connected, FetchOptions, FetchResult, FetchSt
 use crate::chain;
 use crate::error::GetError;
 use crate::metrics::bump;
-use crate::runtime::Sleep;
+use crate::runtime::{BoxFuture, Runtime, Sleep};
 use crate::store::{
     EntryHandle, EntryState, Slot, Store, contained, drop_contained, next_attempt, panic_message,
     wake_all,
@@ -36,29 +36,62 @@ type Ready<T> = (FetchOptions<<T as CacheType>::Value>, bool);
 const CONNECTED_THRESHOLD: Duration = Duration::from_secs(31);
 
 impl<T: CacheType> Store<T> {
-    /// Starts a fetch chain for the entry; the caller checked that none is in flight.
-    pub(crate) fn start_fetch(&self, slot: &mut Slot<T>, request: T::Request) {
-        self.start_chain(slot, request, None);
+    /// Starts a fetch chain for the entry; the caller checked that none is in flight. The
+    /// caller spawns it once the table's lock is released (see [`StartedChain`]).
+    pub(crate) fn start_fetch(
+        &self,
+        slot: &mut Slot<T>,
+        request: T::Request,
+    ) -> Option<StartedChain> {
+        self.start_chain(slot, request, None)
     }
 
     /// Starts a fetch chain whose first fetch waits until `first_at` (`None`: runs now;
-    /// `Some(None)`: until woken), replacing any chain sleeping between refreshes.
+    /// `Some(None)`: until woken), replacing any chain sleeping between refreshes. The caller
+    /// spawns it once the table's lock is released. `None`: the store is gone.
     pub(crate) fn start_chain(
         &self,
         slot: &mut Slot<T>,
         request: T::Request,
         first_at: Option<Option<Instant>>,
-    ) {
-        let Some(this) = self.this.upgrade() else {
-            return;
-        };
+    ) -> Option<StartedChain> {
+        let this = self.this.upgrade()?;
         let (generation, replaced) = slot.state_mut().chain.start(first_at.is_none());
         if replaced {
             // Wake the replaced chain so that it stops now, not at its next timer.
             wake_all(&slot.handle().changed);
         }
-        let chain = this.fetch_chain(slot.handle().clone(), generation, request, first_at);
-        self.shared.rt.spawn(Box::pin(chain));
+        let task = ChainTask {
+            store: this,
+            entry: slot.handle().clone(),
+            generation,
+            finished: false,
+        };
+        Some(StartedChain(Box::pin(task.run(request, first_at))))
+    }
+
+    /// A chain's task ended before its chain did: dropped by its runtime (unrun, or with
+    /// its fetch in flight), or unwound by a panic outside the fetch. Nothing will complete
+    /// its fetch, so it ends here as a failed attempt ([`GetError::Abandoned`]): the gets
+    /// waiting for it answer, and the next get or watch starts a new chain. Not under the
+    /// table's lock (see [`StartedChain`]).
+    fn abandon(&self, entry: &Arc<EntryHandle<T>>, generation: u32) {
+        let now = self.shared.rt.now();
+        let ended = self.with_slot(entry, |slot| {
+            let chain = slot.state().chain;
+            if !chain.owns(generation) || !chain.is_active() {
+                return false;
+            }
+            if chain.is_fetching() {
+                // An error replaces nothing: no leftovers to drop.
+                drop(self.apply(slot, Err(GetError::Abandoned), false, now));
+            }
+            slot.state_mut().chain.stop(generation);
+            true
+        });
+        if ended == Some(true) {
+            wake_all(&entry.changed);
+        }
     }
 
     /// Whether the entry still needs its chain (see [`chain::needed`]).
@@ -122,58 +155,6 @@ impl<T: CacheType> Store<T> {
         })
     }
 
-    /// One fetch after another for an entry, until nothing needs it any more: for refresh types
-    /// until eviction, close, a fatal error or give-up; for any type while it is watched. A
-    /// newer chain taking over (a get that found the entry invalid) also stops it.
-    ///
-    /// The task of every entry being fetched or refreshed, so its size is memory per entry:
-    /// not an `async fn` (which would keep its arguments twice), and each stage is a future
-    /// of its own, so the task holds only the stage it is in.
-    #[allow(clippy::manual_async_fn)] // an `async fn` keeps its arguments twice
-    fn fetch_chain(
-        self: Arc<Self>,
-        entry: Arc<EntryHandle<T>>,
-        generation: u32,
-        request: T::Request,
-        first_at: Option<Option<Instant>>,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        async move {
-            let mut sleep: Option<Sleep> = None;
-            // `None`: fetch now; `Some(None)`: sleep until woken (a wait too long to represent).
-            let mut next_at: Option<Option<Instant>> = first_at;
-            loop {
-                if let Some(deadline) = next_at {
-                    if !self
-                        .wait_turn(&entry, generation, deadline, &mut sleep)
-                        .await
-                    {
-                        return;
-                    }
-                }
-                // The options go straight into the fetch: the task keeps no copy of them.
-                let fetch = match self.reserve(&entry, generation, &mut sleep).await {
-                    Some(ready) => self.run_fetch(&entry, generation, ready, &request),
-                    None => return,
-                };
-                if next_at.is_some() {
-                    // A fetch that answers at once, due again at once (a refresh with no
-                    // timer, a blocking fetch answering the same index, the first failures'
-                    // immediate retries), would otherwise loop inside one poll of this task and
-                    // starve every other task of a single-threaded runtime: let them run
-                    // between fetches (they see this one in flight already).
-                    YieldNow(false).await;
-                }
-                let Some(result) = fetch.await else {
-                    return;
-                };
-                match self.complete(&entry, generation, result) {
-                    Some(wait) => next_at = Some(wait),
-                    None => return,
-                }
-            }
-        }
-    }
-
     /// Waits until the chain's next fetch is due (`deadline`; `None`: until woken), waking
     /// early on eviction, replacement, close, or a request to retry now. Returns whether the
     /// chain claimed its fetch (`false`: it ends).
@@ -187,23 +168,30 @@ impl<T: CacheType> Store<T> {
     ) -> impl Future<Output = bool> + 'a {
         async move {
             let rt = &self.shared.rt;
+            // The timer fired: the fetch is due even if `now()` is not quite at the deadline
+            // yet (a runtime whose timers fire early would otherwise re-arm a timer that fires
+            // at once, and spin until its clock caught up).
+            let mut fired = false;
             loop {
                 // A chain due at once (a blocking refresh) claims without listening: an entry's
                 // event allocates its listener list on the first listen, for good.
-                if let Some(claimed) = self.claim_turn(entry, generation, deadline) {
+                if let Some(claimed) = self.claim_turn(entry, generation, deadline, fired) {
                     return claimed;
                 }
                 let changed = entry.changed.listen();
                 let closed = self.shared.close_event.listen();
                 // Listening, look again: a wake-up since the first look would be lost.
-                if let Some(claimed) = self.claim_turn(entry, generation, deadline) {
+                if let Some(claimed) = self.claim_turn(entry, generation, deadline, fired) {
                     return claimed;
                 }
                 match deadline {
                     Some(deadline) => {
                         let timer = sleep.get_or_insert_with(|| Sleep::until(&**rt, deadline));
                         timer.reset(deadline);
-                        select(select(changed, closed), timer).await;
+                        fired = matches!(
+                            select(select(changed, closed), timer).await,
+                            Either::Right(_)
+                        );
                     }
                     None => {
                         select(changed, closed).await;
@@ -220,6 +208,7 @@ impl<T: CacheType> Store<T> {
         entry: &Arc<EntryHandle<T>>,
         generation: u32,
         deadline: Option<Instant>,
+        fired: bool,
     ) -> Option<bool> {
         let claimed = self.with_slot(entry, |slot| {
             if !slot.state().chain.owns(generation) {
@@ -229,7 +218,7 @@ impl<T: CacheType> Store<T> {
                 slot.state_mut().chain.stop(generation);
                 return Some(false);
             }
-            let due = deadline.is_some_and(|d| self.shared.rt.now() >= d);
+            let due = fired || deadline.is_some_and(|d| self.shared.rt.now() >= d);
             slot.state_mut()
                 .chain
                 .claim(generation, due)
@@ -397,6 +386,7 @@ impl<T: CacheType> Store<T> {
             Ok(Err(error)) => contained(|| self.ty.is_fatal(error)).unwrap_or(false),
             _ => false,
         };
+        let result = into_result::<T>(result);
         let next = self.with_slot(entry, |slot| {
             if !slot.state().chain.owns(generation) {
                 // Replaced by a newer chain while in flight: the newer one owns the entry.
@@ -452,7 +442,7 @@ impl<T: CacheType> Store<T> {
     fn apply(
         &self,
         slot: &mut Slot<T>,
-        result: std::thread::Result<Result<FetchResult<T::Value>, T::Error>>,
+        result: Result<FetchResult<T::Value>, GetError<T::Error>>,
         fatal: bool,
         now: Instant,
     ) -> Leftovers<T> {
@@ -464,7 +454,7 @@ impl<T: CacheType> Store<T> {
         let first = !state.expiry_scheduled();
         state.attempts = next_attempt(state.attempts);
         let success = match result {
-            Ok(Ok(result)) => {
+            Ok(result) => {
                 bump(&self.counters.fetch_success);
                 if result.not_modified {
                     bump(&self.counters.fetch_not_modified);
@@ -499,18 +489,12 @@ impl<T: CacheType> Store<T> {
                 // whatever the index.
                 result.index > 0 || (!self.opts.supports_blocking && !self.opts.refresh)
             }
-            Ok(Err(error)) => {
+            Err(error) => {
                 bump(&self.counters.fetch_errors);
                 if fatal {
                     bump(&self.counters.fetch_errors_fatal);
                 }
-                let failing = state.set_error(Some(GetError::Fetch(Arc::new(error))));
-                self.adjust_failing(failing);
-                false
-            }
-            Err(panic) => {
-                bump(&self.counters.fetch_errors);
-                let failing = state.set_error(Some(GetError::Panicked(panic_message(&*panic))));
+                let failing = state.set_error(Some(error));
                 self.adjust_failing(failing);
                 false
             }
@@ -533,6 +517,113 @@ impl<T: CacheType> Store<T> {
             }
         }
         leftovers
+    }
+}
+
+/// A fetch chain ready to run, returned by [`Store::start_chain`] under the table's lock and
+/// spawned once it is released: a runtime may drop a task inside `spawn` (tokio's, shutting
+/// down), and the dropped task's [`ChainTask`] then takes that lock to end its chain.
+#[must_use = "a started chain runs only once spawned"]
+pub(crate) struct StartedChain(BoxFuture<'static, ()>);
+
+impl StartedChain {
+    /// Hands the chain to the runtime.
+    pub(crate) fn spawn(self, rt: &dyn Runtime) {
+        rt.spawn(self.0);
+    }
+}
+
+/// What an entry's chain task owns: its store and entry, the chain's generation, and whether
+/// the chain ended by itself. Dropped before that, it ends the chain ([`Store::abandon`]), so
+/// an entry is never left "fetching" with no task to finish the fetch.
+struct ChainTask<T: CacheType> {
+    store: Arc<Store<T>>,
+    entry: Arc<EntryHandle<T>>,
+    generation: u32,
+    finished: bool,
+}
+
+impl<T: CacheType> ChainTask<T> {
+    /// One fetch after another for the entry, until nothing needs it any more: for refresh
+    /// types until eviction, close, a fatal error or give-up; for any type while it is watched.
+    /// A newer chain taking over (a get that found the entry invalid) also stops it.
+    ///
+    /// The task of every entry being fetched or refreshed, so its size is memory per entry:
+    /// not an `async fn` (which would keep its arguments twice), and each stage is a future
+    /// of its own, so the task holds only the stage it is in.
+    #[allow(clippy::manual_async_fn)] // an `async fn` keeps its arguments twice
+    fn run(
+        mut self,
+        request: T::Request,
+        first_at: Option<Option<Instant>>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            let (store, entry, generation) = (&*self.store, &self.entry, self.generation);
+            let mut sleep: Option<Sleep> = None;
+            // `None`: fetch now; `Some(None)`: sleep until woken (a wait too long to represent).
+            let mut next_at: Option<Option<Instant>> = first_at;
+            'chain: loop {
+                if let Some(deadline) = next_at {
+                    if !store
+                        .wait_turn(entry, generation, deadline, &mut sleep)
+                        .await
+                    {
+                        break 'chain;
+                    }
+                }
+                // The options go straight into the fetch: the task keeps no copy of them.
+                let fetch = match store.reserve(entry, generation, &mut sleep).await {
+                    Some(ready) => store.run_fetch(entry, generation, ready, &request),
+                    None => break 'chain,
+                };
+                if next_at.is_some() {
+                    // A fetch that answers at once, due again at once (a refresh with no
+                    // timer, a blocking fetch answering the same index, the first failures'
+                    // immediate retries), would otherwise loop inside one poll of this task and
+                    // starve every other task of a single-threaded runtime: let them run
+                    // between fetches (they see this one in flight already).
+                    YieldNow(false).await;
+                }
+                let Some(result) = fetch.await else {
+                    break 'chain;
+                };
+                match store.complete(entry, generation, result) {
+                    Some(wait) => next_at = Some(wait),
+                    None => break 'chain,
+                }
+            }
+            self.finish();
+        }
+    }
+
+    /// The chain ended by itself: nothing to abandon.
+    fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl<T: CacheType> Drop for ChainTask<T> {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Contained: this may run while a panic unwinds the task.
+            contained(|| self.store.abandon(&self.entry, self.generation));
+        }
+    }
+}
+
+/// A fetch's outcome with its failure as a get's error. A panic becomes its message; the
+/// payload, the consumer's value, is dropped contained.
+pub(crate) fn into_result<T: CacheType>(
+    outcome: FetchOutcome<T>,
+) -> Result<FetchResult<T::Value>, GetError<T::Error>> {
+    match outcome {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(error)) => Err(GetError::Fetch(Arc::new(error))),
+        Err(panic) => {
+            let message = panic_message(&*panic);
+            drop_contained(panic);
+            Err(GetError::Panicked(message))
+        }
     }
 }
 

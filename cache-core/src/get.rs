@@ -12,10 +12,11 @@ use futures::FutureExt;
 
 use crate::cache_type::{CacheRequest, CacheType, FetchOptions, RequestInfo};
 use crate::error::GetError;
+use crate::fetch::into_result;
 use crate::metrics::{bump, thread_index};
 use crate::outcome::{GetOutcome, Response, ResultMeta};
 use crate::runtime::{BoxFuture, Sleep};
-use crate::store::{EntryHandle, EntryState, Slot, Stamp, Store, panic_message};
+use crate::store::{EntryHandle, EntryState, Slot, Stamp, Store};
 use event_listener::EventListener;
 
 // ===== impl Store: get =====
@@ -172,21 +173,16 @@ impl<T: CacheType> Store<T> {
             opts.min_index = info.min_index;
             opts.timeout = info.timeout.unwrap_or_default();
         }
-        match self.fetch_contained(opts, request).await {
-            Ok(Ok(result)) => GetOutcome {
+        match into_result::<T>(self.fetch_contained(opts, request).await) {
+            Ok(result) => GetOutcome {
                 value: result.value,
                 meta: ResultMeta::default(),
                 error: None,
             },
-            Ok(Err(error)) => GetOutcome {
+            Err(error) => GetOutcome {
                 value: None,
                 meta: ResultMeta::default(),
-                error: Some(GetError::Fetch(Arc::new(error))),
-            },
-            Err(panic) => GetOutcome {
-                value: None,
-                meta: ResultMeta::default(),
-                error: Some(GetError::Panicked(panic_message(&*panic))),
+                error: Some(error),
             },
         }
     }
@@ -257,8 +253,13 @@ impl<T: CacheType> Store<T> {
                 deadline: sleep.as_mut(),
             }
             .await;
-            if let Woken::Deadline = woken {
-                return self.timeout_outcome(hash, &request.cache_info());
+            match woken {
+                Woken::Deadline => return self.timeout_outcome(hash, &request.cache_info()),
+                // The retry is due even if `now()` is not quite at its time yet (a runtime
+                // whose timers fire early would otherwise have the get re-arm a timer that
+                // fires at once, and spin until its clock caught up).
+                Woken::Retry => retry_at = retry_at.map(|_| start),
+                Woken::Changed => {}
             }
             // The reference revalidates once: after a fetch, the entry counts as current.
             seen.must_revalidate = false;
@@ -313,47 +314,57 @@ impl<T: CacheType> Store<T> {
                     error: Some(GetError::Closed),
                 })
             }
-            _ => self.with_entry(hash, &info, |slot| {
-                if let Some(outcome) = self.look(slot, &info, now, seen) {
-                    waiting.leave(slot);
-                    return Err(outcome);
-                }
-                if seen.first {
-                    self.count_miss(slot.state());
-                }
-                if !slot.state().chain.is_fetching() && self.shared.is_closed() {
-                    // A closed cache starts nothing new: answer at once with what there is.
-                    waiting.leave(slot);
-                    return Err(GetOutcome {
-                        value: slot.state().value.clone(),
-                        meta: self.meta(slot.state(), false, now),
-                        error: Some(GetError::Closed),
-                    });
-                }
-                if !slot.state().chain.is_fetching() {
-                    let backoff = if seen.attempted {
-                        slot.state()
-                            .backoff()
-                            .wait(&self.shared.backoff, self.shared.rt.jitter())
-                    } else {
-                        Duration::ZERO
-                    };
-                    match *retry_at {
-                        Some(at) if now >= at => {
-                            *retry_at = None;
-                            self.start_fetch(slot, request.clone());
-                        }
-                        Some(_) => {}
-                        None if backoff.is_zero() => self.start_fetch(slot, request.clone()),
-                        // A backoff too long to represent: wait for a fetch by someone else.
-                        None => *retry_at = now.checked_add(backoff),
+            _ => {
+                let mut started = None;
+                let step = self.with_entry(hash, &info, |slot| {
+                    if let Some(outcome) = self.look(slot, &info, now, seen) {
+                        waiting.leave(slot);
+                        return Err(outcome);
                     }
-                } else {
-                    // As on the read path: the fetch in flight is the next attempt.
-                    *retry_at = None;
+                    if seen.first {
+                        self.count_miss(slot.state());
+                    }
+                    if !slot.state().chain.is_fetching() && self.shared.is_closed() {
+                        // A closed cache starts nothing new: answer at once with what there is.
+                        waiting.leave(slot);
+                        return Err(GetOutcome {
+                            value: slot.state().value.clone(),
+                            meta: self.meta(slot.state(), false, now),
+                            error: Some(GetError::Closed),
+                        });
+                    }
+                    if !slot.state().chain.is_fetching() {
+                        let backoff = if seen.attempted {
+                            slot.state()
+                                .backoff()
+                                .wait(&self.shared.backoff, self.shared.rt.jitter())
+                        } else {
+                            Duration::ZERO
+                        };
+                        match *retry_at {
+                            Some(at) if now >= at => {
+                                *retry_at = None;
+                                started = self.start_fetch(slot, request.clone());
+                            }
+                            Some(_) => {}
+                            None if backoff.is_zero() => {
+                                started = self.start_fetch(slot, request.clone());
+                            }
+                            // A backoff too long to represent: wait for a fetch by someone else.
+                            None => *retry_at = now.checked_add(backoff),
+                        }
+                    } else {
+                        // As on the read path: the fetch in flight is the next attempt.
+                        *retry_at = None;
+                    }
+                    Ok(self.wait_on(slot, waiting, seen))
+                });
+                // Spawned out of the table's lock (see `StartedChain`).
+                if let Some(chain) = started {
+                    chain.spawn(&*self.shared.rt);
                 }
-                Ok(self.wait_on(slot, waiting, seen))
-            }),
+                step
+            }
         }
     }
 
@@ -497,8 +508,10 @@ struct Seen {
 
 /// What woke a waiting get.
 enum Woken {
-    /// The entry changed (a fetch completed, or it was evicted), or the get's retry time came.
+    /// The entry changed (a fetch completed, or it was evicted).
     Changed,
+    /// The get's retry time came.
+    Retry,
     /// The get's deadline (its `timeout`) passed.
     Deadline,
 }
@@ -528,7 +541,7 @@ impl Future for Wake<'_> {
         }
         if let Some(retry) = this.retry.as_deref_mut() {
             if Pin::new(retry).poll(cx).is_ready() {
-                return Poll::Ready(Woken::Changed);
+                return Poll::Ready(Woken::Retry);
             }
         }
         Poll::Pending

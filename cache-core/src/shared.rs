@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Instant;
 
 use event_listener::Event;
-use futures::future::select;
+use futures::future::{Either, select};
 
 use crate::backoff::BackoffPolicy;
 use crate::metrics::TypeMetrics;
@@ -211,6 +211,8 @@ impl CacheState {
     pub(crate) async fn run_expiry(self: Arc<Self>) {
         let shared = &self;
         let mut sleep: Option<Sleep> = None;
+        // The timer fired last time round.
+        let mut fired = false;
         loop {
             let earlier = shared.expiry_changed.listen();
             let closed = shared.close_event.listen();
@@ -228,12 +230,23 @@ impl CacheState {
                     (a, b) => a.or(b),
                 };
             }
+            // Fired, yet nothing due: the runtime's timers fire early.
+            let early = std::mem::take(&mut fired) && !any_due;
             if any_due {
                 continue;
             }
             let wake = select(earlier, closed);
             match next {
-                Some(deadline) => {
+                Some(mut deadline) => {
+                    if early {
+                        // Arm past the deadline by the gap, so that the next firing finds it
+                        // due, rather than re-arm a timer that fires at once and spin until
+                        // `now()` gets there (an entry never expires before its time by
+                        // `now()`).
+                        deadline = deadline
+                            .checked_add(deadline.saturating_duration_since(now))
+                            .unwrap_or(deadline);
+                    }
                     let timer = match sleep.as_mut() {
                         Some(timer) => {
                             timer.reset(deadline);
@@ -242,7 +255,7 @@ impl CacheState {
                         None => sleep.insert(Sleep::until(&*shared.rt, deadline)),
                     };
                     // A fired timer is re-armed by `reset` next time round.
-                    select(wake, timer).await;
+                    fired = matches!(select(wake, timer).await, Either::Right(_));
                 }
                 None => {
                     wake.await;

@@ -11,10 +11,9 @@
 //! Nine cases failed before their fixes (a fetch panicking before it returns its future, on
 //! the chain and on a pass-through; a fetch state's `Drop` panicking on replacement, expiry,
 //! capacity eviction and re-registration; a NaN jitter in backoff and in a polled watch; a
-//! clock near the end of `Instant` in the watch sweeper). Three more it found are left for
-//! later and described in the session's closing note, not kept as ignored tests: a
-//! `Value::clone` panic inside the chain, timers that fire early (a spin until `now()`
-//! reaches the deadline), a chain task its runtime drops unrun (the entry stays fetching).
+//! clock near the end of `Instant` in the watch sweeper); later, a chain task its runtime drops
+//! unrun or a `Value::clone` panic unwinds (the entry stayed "fetching" for ever), and timers
+//! that fire early (a spin until `now()` reached the deadline).
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -975,6 +974,49 @@ fn late_timers_only_delay() {
     });
 }
 
+/// Timers that fire early (a runtime whose timers and `now()` disagree by a millisecond): the
+/// engine must not re-arm a timer that fires at once and loop until `now()` reaches the
+/// deadline (a busy spin on a real clock; for ever on a virtual one, which moves only when
+/// every task is idle). The refresh chain's wait, a get's retry after backoff and the expiry
+/// task each spun before (contract: Runtime 1).
+#[test]
+fn early_timers_do_not_spin() {
+    bounded("early timers", Duration::from_secs(5), || {
+        let rt = Adv::new(1);
+        *rt.early.lock().unwrap() = Duration::from_millis(1);
+        let cache = Cache::new(rt.handle());
+        let (refreshed, refreshes) = counting(
+            RegisterOptions::new()
+                .refresh(true)
+                .refresh_timer(secs(10))
+                .last_get_ttl(secs(3600)),
+        );
+        let refreshed = cache.register(refreshed);
+        // Answers index 0 at once: a blocking get for a newer index retries after backoff.
+        let zero = cache.register(MockType::new(
+            RegisterOptions::new().supports_blocking(true),
+            |_o, _r| async { Ok::<_, MockError>(FetchResult::new(1i64, 0)) },
+        ));
+        let (expiring, _) = counting32(RegisterOptions::new().last_get_ttl(secs(10)));
+        let expiring = cache.register(expiring);
+        rt.block_on(async {
+            refreshed.get(&MockRequest::new("a")).await.unwrap();
+            let t0 = rt.sim.elapsed();
+            let got = zero
+                .get_outcome(&MockRequest::new("z").min_index(5).timeout(secs(20)))
+                .await;
+            assert!(got.value.is_some(), "{:?}", got.error);
+            assert!(rt.sim.elapsed() - t0 >= secs(19), "held to its timeout");
+            expiring.get(&MockRequest::new("e")).await.unwrap();
+            assert_eq!(cache.len(), 3);
+            rt.sleep(secs(60)).await;
+            assert_eq!(cache.len(), 2, "the 10 s entry expired");
+        });
+        assert!(refreshes.load(Ordering::SeqCst) >= 5);
+        assert_eq!(rt.panics(), 0);
+    });
+}
+
 static LAG_CLOCK: AtomicU64 = AtomicU64::new(0);
 static LEAD_CLOCK: AtomicU64 = AtomicU64::new(0);
 
@@ -1043,6 +1085,131 @@ fn a_leading_coarse_clock_breaks_nothing() {
 }
 
 // ===== misbehaving runtimes: spawn =====
+
+/// A runtime that drops spawned futures without running them (a tokio runtime shutting down
+/// drops its tasks; a cache kept in a static outlives the per-test runtimes that spawned its
+/// fetches). A get whose fetch task was dropped answers at once with `Abandoned` (before: it
+/// joined a fetch that never completed, for ever without a timeout), and once spawns work
+/// again the entry fetches again (contract: Fetch 10).
+#[test]
+fn an_entry_recovers_after_its_chain_task_was_dropped() {
+    let (first, second, dropped) = bounded("dropped spawns", LIMIT, || {
+        let rt = Adv::new(1);
+        let cache = Cache::new(rt.handle());
+        let (ty, _n) = counting(RegisterOptions::new());
+        let typed = cache.register(ty);
+        rt.drop_spawns.store(true, Ordering::SeqCst);
+        let t0 = rt.sim.elapsed();
+        // No timeout: before the fix this get never returned.
+        let first = rt.block_on(typed.get_outcome(&MockRequest::new("a")));
+        let waited = rt.sim.elapsed() - t0;
+        rt.drop_spawns.store(false, Ordering::SeqCst);
+        let second = rt.block_on(typed.get_outcome(&MockRequest::new("a").timeout(secs(5))));
+        (
+            (first.value, first.error.map(|e| e.to_string()), waited),
+            (second.value, second.error.map(|e| e.to_string())),
+            rt.spawns_dropped.load(Ordering::SeqCst),
+        )
+    });
+    assert_eq!(
+        first,
+        (
+            None,
+            Some(GetError::<MockError>::Abandoned.to_string()),
+            Duration::ZERO
+        ),
+        "the dropped fetch task's get answers at once, with its error"
+    );
+    assert!(dropped >= 1);
+    assert_eq!(second, (Some(1), None), "once the runtime spawns again");
+}
+
+/// The same for a watch: its chain dropped unrun leaves the entry idle, not "fetching", so a
+/// later get (spawns working again) fetches, and the watch hears of the value.
+#[test]
+fn a_watch_whose_chain_task_was_dropped_is_served_by_the_next_chain() {
+    let (index, value) = bounded("dropped watch chain", LIMIT, || {
+        let rt = Adv::new(1);
+        let cache = Cache::new(rt.handle());
+        let (ty, _n) = counting(RegisterOptions::new().supports_blocking(true));
+        let typed = cache.register(ty);
+        let (tx, rx) = async_channel::bounded(4);
+        rt.drop_spawns.store(true, Ordering::SeqCst);
+        let _watch = typed.notify(MockRequest::new("w"), (), tx).unwrap();
+        rt.drop_spawns.store(false, Ordering::SeqCst);
+        rt.block_on(async {
+            let got = typed
+                .get_outcome(&MockRequest::new("w").timeout(secs(5)))
+                .await;
+            let event = rx.recv().await.unwrap();
+            (event.meta.index, got.value)
+        })
+    });
+    // The type answers every blocking fetch at once with the next index.
+    assert!(index >= 1 && value.is_some(), "{index} {value:?}");
+}
+
+/// `Value::clone` is user code the fetch chain calls (the last result handed to the next
+/// fetch). A panic there unwinds the chain's task: the get waiting on that chain answers with
+/// `Abandoned` at once (before: the entry stayed "fetching" and the get waited for ever), and
+/// the next get fetches again (contract: Fetch 10).
+#[test]
+fn a_value_clone_panicking_in_the_chain_answers_the_waiting_get() {
+    static CLONE_PANICS: AtomicBool = AtomicBool::new(false);
+
+    #[derive(Debug, PartialEq)]
+    struct Touchy(u64);
+
+    impl Clone for Touchy {
+        fn clone(&self) -> Self {
+            // Once: the get then answering from the entry clones it too.
+            if CLONE_PANICS.swap(false, Ordering::SeqCst) {
+                panic!("Value::clone panicked");
+            }
+            Touchy(self.0)
+        }
+    }
+
+    let (first, second, panics) = bounded("value clone", LIMIT, || {
+        let rt = Adv::new(1);
+        let cache = Cache::new(rt.handle());
+        let n = Arc::new(AtomicU64::new(0));
+        let n2 = n.clone();
+        let typed = cache.register(MockType::new(RegisterOptions::new(), move |_o, _r| {
+            let v = n2.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok::<_, MockError>(FetchResult::new(Touchy(v), v)) }
+        }));
+        rt.block_on(async {
+            assert_eq!(
+                typed.get(&MockRequest::new("k")).await.unwrap().value,
+                Some(Touchy(1))
+            );
+            // A revalidation: the chain hands the old value to the fetch, and its clone panics.
+            CLONE_PANICS.store(true, Ordering::SeqCst);
+            let first = typed
+                .get_outcome(&MockRequest::new("k").must_revalidate())
+                .await
+                .error
+                .map(|e| e.to_string());
+            let second = typed
+                .get(&MockRequest::new("k").must_revalidate())
+                .await
+                .unwrap()
+                .value;
+            (first, second, rt.panics())
+        })
+    });
+    assert_eq!(
+        first,
+        Some(GetError::<MockError>::Abandoned.to_string()),
+        "the waiting get answers"
+    );
+    assert_eq!(second, Some(Touchy(2)), "the entry fetches again");
+    assert_eq!(
+        panics, 1,
+        "the chain's task died of the panic (the runtime saw it)"
+    );
+}
 
 // ===== handles dropped while work is in flight =====
 

@@ -1697,3 +1697,67 @@ cases!(
     polled_watch_huge_max_age,
     panicking_fetch_at_once,
 );
+
+/// A cache that outlives the tokio runtime its adapter spawns on (kept in a static across
+/// `#[tokio::test]`s, each with its own runtime): the runtime's shutdown drops the fetch task
+/// in flight, and every later `spawn` drops its task at once. Gets must answer (with
+/// `Abandoned`) instead of joining a fetch that never completes; hits keep working.
+#[test]
+fn a_cache_outliving_its_runtime_answers_instead_of_hanging() {
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache = Cache::new(Arc::new(TokioRuntime::from_handle(first.handle().clone())));
+    let typed = cache.register(MockType::new(RegisterOptions::new(), |_o, r| {
+        let slow = r.key() == "slow";
+        async move {
+            if slow {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, MockError>(FetchResult::new(7u64, 1))
+        }
+    }));
+    first.block_on(async {
+        let held = typed.clone();
+        tokio::spawn(async move { held.get(&MockRequest::new("slow")).await });
+        assert_eq!(
+            typed.get(&MockRequest::new("fast")).await.unwrap().value,
+            Some(7)
+        );
+    });
+    // The shutdown drops the chain with the slow fetch in flight, and the waiting get.
+    drop(first);
+
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let answer = |key: &'static str| {
+            let typed = typed.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(30),
+                    typed.get_outcome(&MockRequest::new(key)),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("the get of {key} never answered"))
+            }
+        };
+        let hit = answer("fast").await;
+        assert_eq!(
+            (hit.value, hit.meta.hit),
+            (Some(7), true),
+            "hits need no task"
+        );
+        for key in ["slow", "new"] {
+            let got = answer(key).await;
+            assert!(
+                matches!(got.error, Some(GetError::Abandoned)),
+                "{key}: {:?}",
+                got.error
+            );
+        }
+    });
+}

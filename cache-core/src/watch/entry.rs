@@ -71,6 +71,7 @@ impl<T: CacheType> Store<T> {
         let info = request.cache_info();
         let hash = self.hash(&info);
         let max_age = watcher.max_age();
+        let mut started = None;
         let added = self.with_entry(hash, &info, |slot| {
             if self.shared.is_closed() {
                 return Err(WatchError::Closed);
@@ -99,11 +100,15 @@ impl<T: CacheType> Store<T> {
                     (true, Some(max_age), Some(at)) => Some(self.at(at).checked_add(max_age)),
                     _ => None,
                 };
-                self.start_chain(slot, request.clone(), first_at);
+                started = self.start_chain(slot, request.clone(), first_at);
             }
             Ok((slot.handle().clone(), initial))
         });
         drop(info);
+        // Spawned out of the table's lock (see `StartedChain`).
+        if let Some(chain) = started {
+            chain.spawn(&*self.shared.rt);
+        }
         let (entry, initial) = added?;
         if let Some(snapshot) = initial {
             if !watcher.offer(self, &entry, &snapshot) {
