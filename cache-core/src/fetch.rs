@@ -38,55 +38,62 @@ const CONNECTED_THRESHOLD: Duration = Duration::from_secs(31);
 impl<T: CacheType> Store<T> {
     /// Starts a fetch chain for the entry; the caller checked that none is in flight. The
     /// caller spawns it once the table's lock is released (see [`StartedChain`]).
+    #[must_use = "a started chain runs only once spawned"]
     pub(crate) fn start_fetch(
         &self,
         slot: &mut Slot<T>,
         request: T::Request,
-    ) -> Option<StartedChain> {
+    ) -> Option<StartedChain<T>> {
         self.start_chain(slot, request, None)
     }
 
     /// Starts a fetch chain whose first fetch waits until `first_at` (`None`: runs now;
     /// `Some(None)`: until woken), replacing any chain sleeping between refreshes. The caller
     /// spawns it once the table's lock is released. `None`: the store is gone.
+    #[must_use = "a started chain runs only once spawned"]
     pub(crate) fn start_chain(
         &self,
         slot: &mut Slot<T>,
         request: T::Request,
         first_at: Option<Option<Instant>>,
-    ) -> Option<StartedChain> {
+    ) -> Option<StartedChain<T>> {
         let this = self.this.upgrade()?;
         let (generation, replaced) = slot.state_mut().chain.start(first_at.is_none());
-        if replaced {
-            // Wake the replaced chain so that it stops now, not at its next timer.
-            wake_all(&slot.handle().changed);
-        }
         let task = ChainTask {
             store: this,
             entry: slot.handle().clone(),
             generation,
             finished: false,
         };
-        Some(StartedChain(Box::pin(task.run(request, first_at))))
+        Some(StartedChain {
+            // Woken with the spawn, so that it stops now, not at its next timer.
+            replaced: replaced.then(|| slot.handle().clone()),
+            task: Box::pin(task.run(request, first_at)),
+        })
     }
 
     /// A chain's task ended before its chain did: dropped by its runtime (unrun, or with
-    /// its fetch in flight), or unwound by a panic outside the fetch. Nothing will complete
-    /// its fetch, so it ends here as a failed attempt ([`GetError::Abandoned`]): the gets
-    /// waiting for it answer, and the next get or watch starts a new chain. Not under the
+    /// its fetch in flight), or unwound by a panic outside the fetch. Nothing will run the
+    /// chain again, so it ends here, leaving the entry idle: a fetch in flight counts as a
+    /// failed attempt ([`GetError::Abandoned`]), which the gets waiting for it answer, and the
+    /// next get that needs a fetch, or the next watch, starts a new chain. A refresh type's
+    /// entry keeps its value unrefreshed meanwhile, as after a fatal error. Not under the
     /// table's lock (see [`StartedChain`]).
     fn abandon(&self, entry: &Arc<EntryHandle<T>>, generation: u32) {
-        let now = self.shared.rt.now();
+        // Contained: a runtime shutting down may panic on a clock read (tokio's, during
+        // thread-local destruction); the chain ends whatever it does.
+        let now = contained(|| self.shared.rt.now());
         let ended = self.with_slot(entry, |slot| {
             let chain = slot.state().chain;
             if !chain.owns(generation) || !chain.is_active() {
                 return false;
             }
-            if chain.is_fetching() {
-                // An error replaces nothing: no leftovers to drop.
-                drop(self.apply(slot, Err(GetError::Abandoned), false, now));
-            }
             slot.state_mut().chain.stop(generation);
+            if let (true, Some(now)) = (chain.is_fetching(), now) {
+                // Contained: storing the error drops the entry's previous one, the
+                // consumer's value. The error replaces no value: no leftovers.
+                contained(|| drop(self.apply(slot, Err(GetError::Abandoned), false, now)));
+            }
             true
         });
         if ended == Some(true) {
@@ -255,9 +262,12 @@ impl<T: CacheType> Store<T> {
         async move {
             let rt = &self.shared.rt;
             let mut reserved = false;
+            // The timer for the reserved token fired: the token is due even if `now()` is not
+            // quite there yet (timers that fire early would otherwise spin here).
+            let mut paid = false;
             loop {
                 // Only the wait is kept across the await below, not the step or the limit.
-                match self.reserve_step(entry, generation, rt.now(), &mut reserved) {
+                match self.reserve_step(entry, generation, rt.now(), &mut reserved, paid) {
                     Some(Ok(ready)) => return Some(ready),
                     Some(Err(_)) => {}
                     // Evicted or replaced while waiting.
@@ -268,7 +278,7 @@ impl<T: CacheType> Store<T> {
                 let limit_changed = self.shared.limit_changed.listen();
                 let changed = entry.changed.listen();
                 let now = rt.now();
-                let wait = match self.reserve_step(entry, generation, now, &mut reserved) {
+                let wait = match self.reserve_step(entry, generation, now, &mut reserved, paid) {
                     Some(Ok(ready)) => return Some(ready),
                     Some(Err(wait)) => wait,
                     _ => return None,
@@ -280,7 +290,7 @@ impl<T: CacheType> Store<T> {
                     Some(at) => {
                         let timer = sleep.get_or_insert_with(|| Sleep::until(&**rt, at));
                         timer.reset(at);
-                        select(woken, timer).await;
+                        paid = matches!(select(woken, timer).await, Either::Right(_));
                     }
                     None => {
                         woken.await;
@@ -299,6 +309,7 @@ impl<T: CacheType> Store<T> {
         generation: u32,
         now: Instant,
         reserved: &mut bool,
+        paid: bool,
     ) -> Option<Result<Ready<T>, Duration>> {
         let limit = self.shared.rate_limit();
         self.with_slot(entry, |slot| {
@@ -313,7 +324,8 @@ impl<T: CacheType> Store<T> {
                     bucket.reserve(now, &limit)
                 };
                 *reserved = true;
-                if !wait.is_zero() {
+                // The bucket is brought up to `now` either way, for the next reservation.
+                if !wait.is_zero() && !paid {
                     return Some(Err(wait));
                 }
             }
@@ -393,10 +405,13 @@ impl<T: CacheType> Store<T> {
                 return (None, None, None);
             }
             let leftovers = self.apply(slot, result, fatal, now);
-            let snapshot =
-                (slot.state().watched()).then(|| self.snapshot_of(slot.state(), false, now));
             let wait = self.next_fetch(slot, now);
             slot.state_mut().chain.fetch_done(wait);
+            // Contained: it clones the value, the consumer's code, under the lock (a panic
+            // there skips this delivery, and the result stays stored).
+            let snapshot = (slot.state().watched())
+                .then(|| contained(|| self.snapshot_of(slot.state(), false, now)))
+                .flatten();
             (wait, snapshot, Some(leftovers))
         });
         // What the result replaced is dropped out of the lock: its `Drop` is the consumer's
@@ -522,14 +537,22 @@ impl<T: CacheType> Store<T> {
 
 /// A fetch chain ready to run, returned by [`Store::start_chain`] under the table's lock and
 /// spawned once it is released: a runtime may drop a task inside `spawn` (tokio's, shutting
-/// down), and the dropped task's [`ChainTask`] then takes that lock to end its chain.
+/// down), or a woken one inside `wake`, and a dropped chain task's [`ChainTask`] takes that
+/// lock to end its chain.
 #[must_use = "a started chain runs only once spawned"]
-pub(crate) struct StartedChain(BoxFuture<'static, ()>);
+pub(crate) struct StartedChain<T: CacheType> {
+    task: BoxFuture<'static, ()>,
+    /// The entry whose sleeping chain this one replaced, to wake so that the old one stops.
+    replaced: Option<Arc<EntryHandle<T>>>,
+}
 
-impl StartedChain {
-    /// Hands the chain to the runtime.
+impl<T: CacheType> StartedChain<T> {
+    /// Wakes the chain it replaced, and hands itself to the runtime.
     pub(crate) fn spawn(self, rt: &dyn Runtime) {
-        rt.spawn(self.0);
+        if let Some(entry) = self.replaced {
+            wake_all(&entry.changed);
+        }
+        rt.spawn(self.task);
     }
 }
 

@@ -8,7 +8,7 @@
 use std::any::{Any, TypeId};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use event_listener::Event;
 use futures::future::{Either, select};
@@ -211,8 +211,8 @@ impl CacheState {
     pub(crate) async fn run_expiry(self: Arc<Self>) {
         let shared = &self;
         let mut sleep: Option<Sleep> = None;
-        // The timer fired last time round.
-        let mut fired = false;
+        // The deadline the timer fired for, last time round.
+        let mut fired: Option<Instant> = None;
         loop {
             let earlier = shared.expiry_changed.listen();
             let closed = shared.close_event.listen();
@@ -230,23 +230,20 @@ impl CacheState {
                     (a, b) => a.or(b),
                 };
             }
-            // Fired, yet nothing due: the runtime's timers fire early.
-            let early = std::mem::take(&mut fired) && !any_due;
+            // Fired before `now()` reached its deadline (timers that fire early): by how much.
+            let early = fired
+                .take()
+                .map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
             if any_due {
                 continue;
             }
             let wake = select(earlier, closed);
             match next {
                 Some(mut deadline) => {
-                    if early {
-                        // Arm past the deadline by the gap, so that the next firing finds it
-                        // due, rather than re-arm a timer that fires at once and spin until
-                        // `now()` gets there (an entry never expires before its time by
-                        // `now()`).
-                        deadline = deadline
-                            .checked_add(deadline.saturating_duration_since(now))
-                            .unwrap_or(deadline);
-                    }
+                    // Arm that much later, so that the next firing finds the deadline due,
+                    // rather than re-arm a timer that fires at once and spin until `now()`
+                    // gets there (an entry never expires before its time by `now()`).
+                    deadline = deadline.checked_add(early).unwrap_or(deadline);
                     let timer = match sleep.as_mut() {
                         Some(timer) => {
                             timer.reset(deadline);
@@ -255,7 +252,9 @@ impl CacheState {
                         None => sleep.insert(Sleep::until(&*shared.rt, deadline)),
                     };
                     // A fired timer is re-armed by `reset` next time round.
-                    fired = matches!(select(wake, timer).await, Either::Right(_));
+                    if let Either::Right(_) = select(wake, timer).await {
+                        fired = Some(deadline);
+                    }
                 }
                 None => {
                     wake.await;

@@ -29,7 +29,7 @@ use cache_core::sim::SimRuntime;
 use cache_core::testing::{MockError, MockRequest, MockType};
 use cache_core::{
     Cache, CacheRequest, CacheType, CoarseClock, Connected, FetchOptions, FetchResult, GetError,
-    RegisterOptions, RequestInfo, Runtime,
+    RateLimit, RegisterOptions, RequestInfo, Runtime,
 };
 use futures::FutureExt;
 
@@ -1015,6 +1015,50 @@ fn early_timers_do_not_spin() {
         assert!(refreshes.load(Ordering::SeqCst) >= 5);
         assert_eq!(rt.panics(), 0);
     });
+    // The per-entry rate limit's wait for a token, on a refresh with no timer.
+    bounded("early timers, rate limit", Duration::from_secs(5), || {
+        let rt = Adv::new(2);
+        *rt.early.lock().unwrap() = Duration::from_millis(1);
+        let cache = Cache::builder(rt.handle())
+            .rate_limit(RateLimit::new(1.0, 1).unwrap())
+            .build();
+        let (ty, n) = counting(RegisterOptions::new().refresh(true));
+        let typed = cache.register(ty);
+        rt.block_on(async {
+            typed.get(&MockRequest::new("a")).await.unwrap();
+            rt.sleep(secs(30)).await;
+        });
+        let n = n.load(Ordering::SeqCst);
+        assert!(
+            (20..=32).contains(&n),
+            "{n} fetches in 30 s at 1 per second"
+        );
+        assert_eq!(rt.panics(), 0);
+    });
+}
+
+/// Expiry stays on time across a re-registration, which empties the old store's queue while
+/// the expiry timer is armed for its entry: that firing finds nothing due, and must not be
+/// taken for an early timer that would push the next deadline back.
+#[test]
+fn expiry_stays_on_time_after_a_re_registration_empties_its_queue() {
+    let len = bounded("expiry after re-registration", LIMIT, || {
+        let rt = Adv::new(1);
+        let cache = Cache::new(rt.handle());
+        let ttl = RegisterOptions::new().last_get_ttl(secs(10));
+        let first = cache.register(counting32(ttl.clone()).0);
+        rt.block_on(async {
+            first.get(&MockRequest::new("a")).await.unwrap();
+            rt.sleep(secs(5)).await;
+            let second = cache.register(counting32(ttl).0);
+            rt.sleep(secs(1)).await;
+            second.get(&MockRequest::new("b")).await.unwrap();
+            // "b" expires at 16 s; the timer armed for "a" (10 s) fires first, for nothing.
+            rt.sleep(secs(11)).await;
+            cache.len()
+        })
+    });
+    assert_eq!(len, 0, "expired at 16 s");
 }
 
 static LAG_CLOCK: AtomicU64 = AtomicU64::new(0);
