@@ -31,7 +31,6 @@ async fn bad_query_parameters() {
             ("/v1/kv/k?cached&consistent", "?cached with ?consistent"),
             ("/v1/kv/k?recurse&keys", "cannot be combined"),
             ("/v1/kv/k?raw&recurse", "?raw"),
-            ("/v1/kv/k?separator=/", "?separator applies only with ?keys"),
             ("/v1/kv/", "missing key name"),
             ("/v1/kv/k?dc=dc2", "dc2"),
             ("/v1/kv/k?ns=team", "namespace"),

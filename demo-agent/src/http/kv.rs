@@ -6,7 +6,8 @@
 //!
 //! - `GET /v1/kv/<key>`: `[{"LockIndex","Key","Flags","Value" (base64, null when empty),
 //!   "CreateIndex","ModifyIndex"}]`; `?recurse` (every entry under the prefix), `?keys` with
-//!   `?separator=`, `?raw` (the bare value); 404 with an empty body when absent. Reads carry
+//!   `?separator=` (ignored without `?keys`, as Consul ignores it: rs-consul sends one with
+//!   `?recurse`), `?raw` (the bare value); 404 with an empty body when absent. Reads carry
 //!   `X-Consul-Index`, `X-Consul-KnownLeader`, `X-Consul-LastContact`,
 //!   `X-Consul-Effective-Consistency`.
 //! - `PUT /v1/kv/<key>`: the body is the value (any bytes, at most 512 KiB); `?flags=`,
@@ -272,9 +273,6 @@ pub(super) async fn consul_read(
         (false, true, false) => Shape::Keys { separator },
         (false, false, raw) => Shape::Key { raw },
     };
-    if separator.is_some() && !matches!(shape, Shape::Keys { .. }) {
-        return Err(ApiError::bad_request("?separator applies only with ?keys"));
-    }
     match shape {
         Shape::Key { .. } => check_key(&key)?,
         Shape::Recurse | Shape::Keys { .. } => {
