@@ -29,8 +29,6 @@ async fn bad_query_parameters() {
             ("/v1/kv/p/?recurse&index=x", "invalid index"),
             ("/v1/kv/k?stale&consistent", "conflicting"),
             ("/v1/kv/k?cached&consistent", "?cached with ?consistent"),
-            ("/v1/kv/k?recurse&keys", "cannot be combined"),
-            ("/v1/kv/k?raw&recurse", "?raw"),
             ("/v1/kv/", "missing key name"),
             ("/v1/kv/k?dc=dc2", "dc2"),
             ("/v1/kv/k?ns=team", "namespace"),

@@ -397,6 +397,13 @@ async fn recurse_keys_and_blocking_listing() {
             .await
             .unwrap();
         assert_eq!(keys, json!(["app/", "other"]));
+        // As Consul: `?keys` wins over `?recurse`, and `?raw` is ignored by either.
+        for path in ["/v1/kv/app/?recurse&keys", "/v1/kv/app/?keys&raw"] {
+            let keys: Value = t.get(path).await.json().await.unwrap();
+            assert_eq!(keys, json!(["app/a", "app/b", "app/sub/x"]), "{path}");
+        }
+        let raw_recurse: Value = t.get("/v1/kv/app/?recurse&raw").await.json().await.unwrap();
+        assert_eq!(raw_recurse.as_array().unwrap().len(), 3);
         let all: Value = t.get("/v1/kv?recurse").await.json().await.unwrap();
         assert_eq!(all.as_array().unwrap().len(), 4);
         // Nothing under a prefix: 404, empty body.

@@ -7,7 +7,8 @@
 //! - `GET /v1/kv/<key>`: `[{"LockIndex","Key","Flags","Value" (base64, null when empty),
 //!   "CreateIndex","ModifyIndex"}]`; `?recurse` (every entry under the prefix), `?keys` with
 //!   `?separator=` (ignored without `?keys`, as Consul ignores it: rs-consul sends one with
-//!   `?recurse`), `?raw` (the bare value); 404 with an empty body when absent. Reads carry
+//!   `?recurse`), `?raw` (the bare value); as in Consul, `?keys` wins over `?recurse` and `?raw`
+//!   applies to one key only; 404 with an empty body when absent. Reads carry
 //!   `X-Consul-Index`, `X-Consul-KnownLeader`, `X-Consul-LastContact`,
 //!   `X-Consul-Effective-Consistency`.
 //! - `PUT /v1/kv/<key>`: the body is the value (any bytes, at most 512 KiB); `?flags=`,
@@ -258,20 +259,16 @@ pub(super) async fn consul_read(
     let query = ConsulQuery::parse(query, GET_PARAMS)?;
     let mode = query.read_mode()?;
     let separator = query.get("separator").or_else(|| query.get("seperator"));
-    let shape = match (query.flag("recurse"), query.flag("keys"), query.flag("raw")) {
-        (true, true, _) => {
-            return Err(ApiError::bad_request(
-                "?recurse and ?keys cannot be combined: use one",
-            ));
+    // As Consul's KVSEndpoint: `?keys` wins over `?recurse`, and `?raw` applies to a single
+    // key only (ignored with either).
+    let shape = if query.flag("keys") {
+        Shape::Keys { separator }
+    } else if query.flag("recurse") {
+        Shape::Recurse
+    } else {
+        Shape::Key {
+            raw: query.flag("raw"),
         }
-        (true, false, true) | (false, true, true) => {
-            return Err(ApiError::bad_request(
-                "?raw answers one value: it cannot be combined with ?recurse or ?keys",
-            ));
-        }
-        (true, false, false) => Shape::Recurse,
-        (false, true, false) => Shape::Keys { separator },
-        (false, false, raw) => Shape::Key { raw },
     };
     match shape {
         Shape::Key { .. } => check_key(&key)?,
