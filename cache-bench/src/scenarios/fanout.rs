@@ -15,10 +15,12 @@
 //!   before the `send`s and stops when the last receiver task has seen the change.
 //! - Each consumer decrements one shared counter; the one that reaches zero takes the time.
 //!   The median and p99 are over rounds (one change per round), after one warm-up round.
-//! - Bytes per idle watch (one-key case): counting-allocator live bytes ÷ watches, (a) for the
-//!   watch alone (its record, its `WatchHandle` and its bounded(1) channel, measured before
-//!   any consumer task exists) and (b) with its consumer task parked on `recv()`; the baseline
-//!   is a receiver parked in its task. RSS deltas (after `malloc_trim`) likewise.
+//! - Bytes per idle watch (one-key case): counting-allocator live bytes ÷ watches, for every
+//!   watch on one shared channel (the cache's own cost), for a `TypedCache::watch` stream per
+//!   watch (the cache's own per-watch channel), and, for context, (a) for the watch with its
+//!   own `async_channel::bounded(1)` (its record, its `WatchHandle` and the channel, measured
+//!   before any consumer task exists) and (b) with its consumer task parked on `recv()`; the
+//!   baseline is a receiver parked in its task. RSS deltas (after `malloc_trim`) likewise.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use cache_core::testing::{MockRequest, MockServer};
 use cache_core::{Cache, RegisterOptions, SharedRuntime, Sleep, WatchHandle};
+use futures::StreamExt;
 
 use crate::Mode;
 use crate::alloc::Snapshot;
@@ -70,6 +73,11 @@ pub struct Fanout {
     pub shared_bytes: f64,
     /// Ours: RSS per idle watch on a shared channel.
     pub shared_rss: f64,
+    /// Ours: live bytes per idle [`WatchStream`](cache_core::watch::WatchStream), the
+    /// cache's own per-watch channel (a one-event slot shared with the record).
+    pub stream_bytes: f64,
+    /// Ours: RSS per idle `WatchStream`.
+    pub stream_rss: f64,
     /// Ours: live bytes per idle watch (record, handle, its own bounded(1) channel).
     pub watch_bytes: f64,
     /// Ours: live bytes per idle watch with its consumer task.
@@ -146,6 +154,28 @@ pub fn measure(rt: &BenchRt, watches: usize, keys: usize, rounds: usize) -> Fano
         while rx.try_recv().is_ok() {}
         let after = Snapshot::take();
         handles.clear();
+        (
+            before.live_per(&after, watches),
+            before.rss_per(&after, watches),
+        )
+    };
+
+    // A `WatchStream` per watch: the cache's own per-watch channel.
+    let (stream_bytes, stream_rss) = {
+        let before = Snapshot::take();
+        let mut streams = Vec::with_capacity(watches);
+        for request in &requests {
+            for _ in 0..per_key {
+                streams.push(typed.watch(request.clone()).expect("watch"));
+            }
+        }
+        rt.block_on(async {
+            for stream in &mut streams {
+                stream.next().await.expect("first event");
+            }
+        });
+        let after = Snapshot::take();
+        drop(streams);
         (
             before.live_per(&after, watches),
             before.rss_per(&after, watches),
@@ -243,6 +273,8 @@ pub fn measure(rt: &BenchRt, watches: usize, keys: usize, rounds: usize) -> Fano
         base_ms: s[1].clone(),
         shared_bytes,
         shared_rss,
+        stream_bytes,
+        stream_rss,
         watch_bytes: before.live_per(&watches_only, watches),
         watch_task_bytes: before.live_per(&with_tasks, watches),
         base_bytes: base_before.live_per(&base_after, watches),
@@ -299,16 +331,28 @@ pub fn run(mode: Mode) -> Vec<Figure> {
             num(one.shared_rss)
         )),
         Figure::new(
-            "fanout/bytes per idle watch, own channel",
-            one.watch_bytes,
+            "fanout/bytes per idle watch, own WatchStream",
+            one.stream_bytes,
             "B/watch",
         )
         .baseline("tokio watch receiver + task", one.base_bytes)
         .goal(Goal::AtMost(512.0))
         .note(format!(
-            "as above, but each watch has its own async_channel::bounded(1), before any \
-                 consumer task exists (RSS {} B/watch). Allocations per watch (size × count): \
-                 {}",
+            "each watch with its own channel, the cache's `TypedCache::watch` stream (one \
+                 event slot shared with the watch record), its first event read (RSS {} \
+                 B/watch)",
+            num(one.stream_rss)
+        )),
+        Figure::new(
+            "fanout/bytes per idle watch, own channel",
+            one.watch_bytes,
+            "B/watch",
+        )
+        .baseline("tokio watch receiver + task", one.base_bytes)
+        .note(format!(
+            "for context: each watch with its own async_channel::bounded(1), a channel of the \
+                 user's choosing, before any consumer task exists (RSS {} B/watch). \
+                 Allocations per watch (size × count): {}",
             num(one.watch_rss),
             one.watch_profile()
         )),
