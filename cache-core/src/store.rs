@@ -1119,14 +1119,14 @@ impl<T: CacheType> Store<T> {
     pub(crate) fn prepopulate(&self, info: &RequestInfo<'_>, value: T::Value, index: u64) {
         let now = self.shared.rt.now();
         let hash = self.hash(info);
-        let (entry, first, snapshot) = self.with_entry(hash, info, |slot| {
+        let (entry, first, snapshot, old) = self.with_entry(hash, info, |slot| {
             let state = slot.state_mut();
             let first = !state.expiry_scheduled();
             let index = index.max(1);
             if state.value.is_some() && index < state.index {
                 state.resets = state.resets.wrapping_add(1);
             }
-            state.value = Some(value);
+            let old = state.value.replace(value);
             state.index = index;
             let failing = state.set_error(None);
             self.adjust_failing(failing);
@@ -1134,10 +1134,15 @@ impl<T: CacheType> Store<T> {
             state.clear_lost_contact();
             state.trim();
             slot.touch(self.nanos(now));
-            let snapshot =
-                (slot.state().watched()).then(|| self.snapshot_of(slot.state(), false, now));
-            (slot.entry.clone(), first, snapshot)
+            // Contained: it clones the value, the consumer's code, under the lock.
+            let snapshot = (slot.state().watched())
+                .then(|| contained(|| self.snapshot_of(slot.state(), false, now)))
+                .flatten();
+            (slot.entry.clone(), first, snapshot, old)
         });
+        // The value replaced is the consumer's: dropped out of the lock, contained (as a
+        // fetch's result does).
+        drop_contained(old);
         // A retired store took the entry straight back out (see `with_entry`), or is about
         // to drain it and then clear its queue: nothing serves that queue any more.
         if first && !self.is_retired() {

@@ -681,6 +681,65 @@ fn a_state_panicking_on_close_and_drop() {
     });
 }
 
+// ===== the value's Drop =====
+
+/// A value whose `Drop` runs a callback: the consumer's code, which may use the cache.
+#[derive(Clone)]
+struct Hooked(u64, Arc<Mutex<Option<Arc<dyn Fn() + Send + Sync>>>>);
+
+impl std::fmt::Debug for Hooked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Hooked({})", self.0)
+    }
+}
+
+impl PartialEq for Hooked {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Drop for Hooked {
+    fn drop(&mut self) {
+        let hook = self.1.lock().unwrap().clone();
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+}
+
+/// `prepopulate` replacing a value whose `Drop` reads the same entry: the old value is
+/// dropped after the table's lock is released (before: under its write lock, and the read
+/// in `Drop` deadlocked). Contract: Fetch 9.
+#[test]
+fn a_value_replaced_by_prepopulate_is_dropped_out_of_the_lock() {
+    let read = bounded("prepopulate drop", LIMIT, || {
+        let rt = Adv::new(1);
+        let cache = Cache::new(rt.handle());
+        let typed = cache.register(MockType::new(RegisterOptions::new(), |_o, _r| async {
+            Ok::<_, MockError>(FetchResult::new(Hooked(0, Arc::new(Mutex::new(None))), 1))
+        }));
+        let hook = Arc::new(Mutex::new(None));
+        let info = RequestInfo::new("k");
+        typed
+            .prepopulate(&info, Hooked(1, hook.clone()), 1)
+            .unwrap();
+        let seen = Arc::new(AtomicU64::new(0));
+        let (reader, seen2) = (typed.clone(), seen.clone());
+        *hook.lock().unwrap() = Some(Arc::new(move || {
+            let got = futures::FutureExt::now_or_never(reader.get(&MockRequest::new("k")));
+            if let Some(Ok(r)) = got {
+                seen2.store(r.value.map_or(0, |v| v.0), Ordering::SeqCst);
+            }
+        }) as Arc<dyn Fn() + Send + Sync>);
+        typed
+            .prepopulate(&info, Hooked(2, Arc::new(Mutex::new(None))), 2)
+            .unwrap();
+        seen.load(Ordering::SeqCst)
+    });
+    assert_eq!(read, 2, "the old value's Drop read the new value");
+}
+
 // ===== Connected =====
 
 /// `Connected::notify` called after its fetch completed, after its entry was evicted, after
