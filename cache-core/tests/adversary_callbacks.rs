@@ -683,9 +683,12 @@ fn a_state_panicking_on_close_and_drop() {
 
 // ===== the value's Drop =====
 
+/// The callback a [`Hooked`] value runs when dropped.
+type Hook = Arc<Mutex<Option<Arc<dyn Fn() + Send + Sync>>>>;
+
 /// A value whose `Drop` runs a callback: the consumer's code, which may use the cache.
 #[derive(Clone)]
-struct Hooked(u64, Arc<Mutex<Option<Arc<dyn Fn() + Send + Sync>>>>);
+struct Hooked(u64, Hook);
 
 impl std::fmt::Debug for Hooked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -719,7 +722,7 @@ fn a_value_replaced_by_prepopulate_is_dropped_out_of_the_lock() {
         let typed = cache.register(MockType::new(RegisterOptions::new(), |_o, _r| async {
             Ok::<_, MockError>(FetchResult::new(Hooked(0, Arc::new(Mutex::new(None))), 1))
         }));
-        let hook = Arc::new(Mutex::new(None));
+        let hook: Hook = Arc::new(Mutex::new(None));
         let info = RequestInfo::new("k");
         typed
             .prepopulate(&info, Hooked(1, hook.clone()), 1)
