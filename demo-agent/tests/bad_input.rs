@@ -106,6 +106,17 @@ async fn unsupported_parameters_are_refused_by_name() {
             let response = t.client.put(t.url(path)).send().await.unwrap();
             expect_error(response, StatusCode::BAD_REQUEST, "no sessions").await;
         }
+        // So are transactions: a 400, not a 404 that python-consul2 reads as "done, nothing
+        // found".
+        let txn = t
+            .client
+            .put(t.url("/v1/txn"))
+            .body(r#"[{"KV":{"Verb":"set","Key":"t","Value":"dg=="}}]"#)
+            .send()
+            .await
+            .unwrap();
+        expect_error(txn, StatusCode::BAD_REQUEST, "no transactions").await;
+        assert_eq!(t.get("/v1/kv/t").await.status(), StatusCode::NOT_FOUND);
         // What a Consul client sends for this agent is accepted.
         let response = t
             .client

@@ -117,7 +117,8 @@ async fn binary_values_round_trip_byte_for_byte() {
         let response = t.put_body("/v1/kv/bin?flags=7", bytes.clone()).await;
         assert_eq!(response.status(), StatusCode::OK);
         let raw = t.get("/v1/kv/bin?raw").await;
-        assert_eq!(header(&raw, "content-type"), "application/octet-stream");
+        assert_eq!(header(&raw, "content-type"), "text/plain");
+        assert_eq!(header(&raw, "content-security-policy"), "sandbox");
         assert_eq!(raw.bytes().await.unwrap().to_vec(), bytes);
         let body: Value = t.get("/v1/kv/bin?cached").await.json().await.unwrap();
         assert_eq!(
@@ -404,6 +405,22 @@ async fn recurse_keys_and_blocking_listing() {
         }
         let raw_recurse: Value = t.get("/v1/kv/app/?recurse&raw").await.json().await.unwrap();
         assert_eq!(raw_recurse.as_array().unwrap().len(), 3);
+        // A path with `//` is redirected to its clean form, query kept, as Consul's Go mux
+        // does: consul-kv reads the whole store as `GET /v1/kv//?recurse`.
+        let no_redirects = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        for (path, location) in [
+            ("/v1/kv//?recurse", "/v1/kv/?recurse"),
+            ("/v1/kv/app//a", "/v1/kv/app/a"),
+        ] {
+            let moved = no_redirects.get(t.url(path)).send().await.unwrap();
+            assert_eq!(moved.status(), StatusCode::MOVED_PERMANENTLY, "{path}");
+            assert_eq!(header(&moved, "location"), location, "{path}");
+        }
+        let everything: Value = t.get("/v1/kv//?recurse").await.json().await.unwrap();
+        assert_eq!(everything.as_array().unwrap().len(), 4, "followed");
         let all: Value = t.get("/v1/kv?recurse").await.json().await.unwrap();
         assert_eq!(all.as_array().unwrap().len(), 4);
         // Nothing under a prefix: 404, empty body.

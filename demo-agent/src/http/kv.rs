@@ -477,17 +477,19 @@ fn not_found() -> Response {
     (StatusCode::NOT_FOUND, Body::empty()).into_response()
 }
 
-/// `?raw`: the value's bytes.
+/// `?raw`: the value's bytes, with Consul's headers (a `text/plain` type a browser may not
+/// sniff past, and a sandbox so that a stored page runs no script).
 fn raw_response(value: &[u8]) -> Response {
     let mut response = Response::new(Body::from(value.to_vec()));
     let headers = response.headers_mut();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     headers.insert(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        "content-security-policy",
+        HeaderValue::from_static("sandbox"),
     );
     response
 }

@@ -68,6 +68,9 @@ impl Service<Request> for KvReadShortcut {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        if let Some(redirect) = redirect_to_clean(&request) {
+            return ShortcutFuture::Direct(Box::pin(std::future::ready(redirect)));
+        }
         match direct_key(request.method(), request.uri().path()) {
             Some(key) => {
                 let state = self.state.clone();
@@ -87,6 +90,63 @@ impl Service<Request> for KvReadShortcut {
             None => ShortcutFuture::Router(Box::new(self.router.call(request))),
         }
     }
+}
+
+/// The clean form of a request path, as Go's `http.ServeMux` (Consul's HTTP server) computes
+/// it: repeated slashes, `.` and `..` segments removed, a trailing slash kept. `None` when
+/// `path` is clean already: the usual case, told by one scan for `//` and `/.`.
+fn clean_path(path: &str) -> Option<String> {
+    let suspect = !path.starts_with('/')
+        || path
+            .as_bytes()
+            .windows(2)
+            .any(|pair| pair == b"//" || pair == b"/.");
+    if !suspect {
+        return None;
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in path.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            segment => segments.push(segment),
+        }
+    }
+    let mut clean = String::with_capacity(path.len());
+    for segment in &segments {
+        clean.push('/');
+        clean.push_str(segment);
+    }
+    if clean.is_empty() || path.ends_with('/') {
+        clean.push('/');
+    }
+    (clean != path).then_some(clean)
+}
+
+/// A `301 Moved Permanently` to the clean form of the request's path, query kept, for a
+/// path that is not clean (Consul's server mux answers so, and clients rely on it: consul-kv
+/// reads the whole store as `GET /v1/kv//?recurse`). A key with `//` in it is thus not
+/// reachable, as in Consul.
+fn redirect_to_clean(request: &Request) -> Option<Response<Body>> {
+    if request.method() == Method::CONNECT {
+        return None;
+    }
+    let clean = clean_path(request.uri().path())?;
+    let location = match request.uri().query() {
+        Some(query) => format!("{clean}?{query}"),
+        None => clean,
+    };
+    let location = axum::http::HeaderValue::try_from(location).ok()?;
+    Some(
+        Response::builder()
+            .status(axum::http::StatusCode::MOVED_PERMANENTLY)
+            .header(axum::http::header::LOCATION, location)
+            .header(CONTENT_LENGTH, 0)
+            .body(Body::empty())
+            .expect("a valid response"),
+    )
 }
 
 /// Sets `Content-Length` from a body of known size when the response has none, as the

@@ -7,7 +7,8 @@
 //! | `PUT /v1/kv/{key}` | Consul's KV write: the body is the value; `?flags=N`, `?cas=N`; `true`/`false` |
 //! | `DELETE /v1/kv/{key}` | Consul's KV delete: `?recurse`, `?cas=N`; `true`/`false` |
 //! | `GET /v1/status/leader`, `/v1/status/peers`, `/v1/agent/self` | the probes Consul clients call first |
-//! | `/v1/session/*` | 400: sessions are not implemented |
+//! | `/v1/session/*`, `/v1/txn` | 400: sessions and transactions are not implemented |
+//! | a path with `//`, `/./` or `/../` | 301 to the cleaned path, as Consul's Go server mux does |
 //! | `GET`/`PUT`/`DELETE /v1/agent/kv/{key}`, `GET /v1/agent/kv/?prefix=p` | the agent's own text shape `{"key","value","index"}` |
 //! | `GET /v1/watch?key=a&prefix=c` | server-sent events, several watches on one stream |
 //! | `GET /v1/agent/metrics` | Prometheus text |
@@ -92,6 +93,7 @@ fn routes(state: AgentState) -> Router {
         .route("/v1/agent/self", get(status::agent_self))
         .route("/v1/session", any(status::session))
         .route("/v1/session/{*rest}", any(status::session))
+        .route("/v1/txn", any(status::txn))
         .route("/v1/watch", get(watch::watch))
         .route("/v1/agent/metrics", get(agent_routes::metrics))
         .route("/v1/agent/health", get(agent_routes::health))

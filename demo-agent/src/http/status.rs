@@ -7,6 +7,8 @@
 //!   agent's datacenter, node name, version, server = false) and `Member`, plus `DemoAgent`
 //!   (the upstream in use).
 //! - `/v1/session/*`: sessions (and so locks) are not implemented: a 400 saying so.
+//! - `/v1/txn`: transactions are not implemented: a 400 saying so (a 404 would read as
+//!   "nothing found" to clients that treat 404 so, and a transaction would seem done).
 
 use axum::extract::State;
 use axum::http::header::HOST;
@@ -89,6 +91,18 @@ pub(super) async fn session(uri: Uri) -> ApiError {
         format!(
             "{} is not supported: this agent implements no sessions (and so no locks, \
              ?acquire or ?release)",
+            uri.path()
+        ),
+    )
+}
+
+/// `/v1/txn`: not implemented.
+pub(super) async fn txn(uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        format!(
+            "{} is not supported: this agent implements no transactions; write keys one by \
+             one (PUT /v1/kv/<key>, with ?cas= for a compare-and-set)",
             uri.path()
         ),
     )
