@@ -187,6 +187,33 @@ impl Future for ShortcutFuture {
 mod tests {
     use super::*;
 
+    /// Go's `cleanPath` on the paths clients send: clean ones untouched (`None`), the rest
+    /// as Go's mux would redirect them.
+    #[test]
+    fn paths_clean_as_go_cleans_them() {
+        for clean in [
+            "/v1/kv/a",
+            "/v1/kv/a/",
+            "/v1/kv/.hidden",
+            "/v1/kv/a.b/c..d",
+            "/",
+        ] {
+            assert_eq!(clean_path(clean), None, "{clean}");
+        }
+        for (path, want) in [
+            ("/v1/kv//", "/v1/kv/"),
+            ("/v1/kv/a//b", "/v1/kv/a/b"),
+            ("/v1/kv/./a", "/v1/kv/a"),
+            ("/v1/kv/a/.", "/v1/kv/a"),
+            ("/v1/kv/a/../b/", "/v1/kv/b/"),
+            ("/v1/kv/a/..", "/v1/kv"),
+            ("/../..", "/"),
+            ("//", "/"),
+        ] {
+            assert_eq!(clean_path(path).as_deref(), Some(want), "{path}");
+        }
+    }
+
     #[test]
     fn only_gets_of_a_decodable_key_go_direct() {
         let get = Method::GET;
