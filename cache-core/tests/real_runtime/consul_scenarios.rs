@@ -1974,7 +1974,14 @@ pub(crate) async fn cache_notify_first_revision(rt: SharedRuntime) {
         script.count() == 5
     })
     .await;
+    // Go: cancel(), then release the query that may still be open. `notify_until` sees its
+    // signal in a task of its own, so on a multi-thread runtime a fetch released at once can
+    // still be delivered before that task has run; wait until it has.
     ctx.open();
+    eventually(&rt, "the cancel signal ended both watches", || {
+        cache.metrics().total().watches == 0
+    })
+    .await;
     gates[3].open();
     assert_eq!(
         next_event(&rt, &rx, ANSWER).await.map(|e| seen(&e)),
