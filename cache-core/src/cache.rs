@@ -17,7 +17,9 @@ use crate::ratelimit::RateLimit;
 use crate::runtime::SharedRuntime;
 use crate::shared::{CacheState, ErasedStore};
 use crate::store::Store;
-use crate::watch::{self, EventSink, UpdateEvent, WatchError, WatchHandle, WatchStream};
+use crate::watch::{
+    self, CancelSignal, EventSink, UntilSink, UpdateEvent, WatchError, WatchHandle, WatchStream,
+};
 
 /// Builds a [`Cache`] with non-default cache-wide options.
 #[derive(Debug)]
@@ -487,7 +489,9 @@ impl<T: CacheType> TypedCache<T> {
     }
 
     /// Like [`TypedCache::notify`], but the watch runs until `cancel` completes (a shutdown
-    /// signal, a oneshot, a timer), or until its receiver is gone or the cache closes.
+    /// signal, a oneshot, a timer), or until its receiver is gone or the cache closes. Once
+    /// `cancel` has completed, no further event is delivered (it is also polled before each
+    /// delivery, so, like a sink, it must not call back into the cache).
     ///
     /// # Errors
     ///
@@ -504,9 +508,23 @@ impl<T: CacheType> TypedCache<T> {
         S: EventSink<UpdateEvent<C, T::Value, T::Error>>,
         F: std::future::Future<Output = ()> + Send + 'static,
     {
+        // The sink looks at the signal before each delivery too: once `cancel` has completed,
+        // nothing more is delivered, even before the task below has run.
+        let signal = CancelSignal::new(cancel);
+        let sink = UntilSink {
+            inner: sink,
+            signal: signal.clone(),
+        };
         let handle = self.notify(request, correlation_id, sink)?;
         self.store.shared.rt.spawn(Box::pin(async move {
             {
+                let cancel = std::future::poll_fn(|cx| {
+                    if signal.fired(Some(cx.waker())) {
+                        std::task::Poll::Ready(())
+                    } else {
+                        std::task::Poll::Pending
+                    }
+                });
                 let cancel = std::pin::pin!(cancel);
                 let ended = std::pin::pin!(handle.ended());
                 futures::future::select(cancel, ended).await;

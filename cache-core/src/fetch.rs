@@ -217,13 +217,21 @@ impl<T: CacheType> Store<T> {
         deadline: Option<Instant>,
         fired: bool,
     ) -> Option<bool> {
+        let mut woken = false;
         let claimed = self.with_slot(entry, |slot| {
             if !slot.state().chain.owns(generation) {
                 return Some(false);
             }
             if !self.chain_needed(slot) {
+                // A fetch claimed by `complete` that will not run: the gets that saw it in
+                // flight and wait for it look again.
+                woken = slot.state().chain.is_fetching();
                 slot.state_mut().chain.stop(generation);
                 return Some(false);
+            }
+            if slot.state().chain.is_fetching() {
+                // Claimed by `complete` (due at once).
+                return Some(true);
             }
             let due = fired || deadline.is_some_and(|d| self.shared.rt.now() >= d);
             slot.state_mut()
@@ -231,6 +239,9 @@ impl<T: CacheType> Store<T> {
                 .claim(generation, due)
                 .then_some(true)
         });
+        if woken {
+            wake_all(&entry.changed);
+        }
         // Gone from its table: the chain ends.
         claimed.unwrap_or(Some(false))
     }
@@ -407,6 +418,13 @@ impl<T: CacheType> Store<T> {
             let leftovers = self.apply(slot, result, fatal, now);
             let wait = self.next_fetch(slot, now);
             slot.state_mut().chain.fetch_done(wait);
+            if wait == Some(Duration::ZERO) {
+                // Due at once: claimed here, under the lock the woken gets look under, so that
+                // each of them finds the next fetch in flight on any runtime (contract:
+                // Refresh 6); on a multi-thread one a get could otherwise look before the
+                // chain's own claim.
+                slot.state_mut().chain.claim(generation, true);
+            }
             // Contained: it clones the value, the consumer's code, under the lock (a panic
             // there skips this delivery, and the result stays stored).
             let snapshot = (slot.state().watched())

@@ -305,6 +305,37 @@ fn cancel_signal_stops_the_watch() {
     assert_eq!(cache.metrics().total().watches, 0);
 }
 
+/// Once the `notify_until` signal has completed, nothing more is delivered, even before the
+/// task waiting on it has run: a change stored at once after the signal (here a prepopulate,
+/// which delivers in the caller) is not delivered (before: it was, until that task ran; seen
+/// on async-std by the real-runtime Consul scenarios). Contract: Watch 8.
+#[test]
+fn nothing_is_delivered_after_the_cancel_signal_completed() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::new(sim.handle());
+    let server = MockServer::new(sim.handle(), 1u64, 5);
+    let typed = cache.register(server.blocking_type(RegisterOptions::new()));
+    let (tx, rx) = async_channel::bounded(16);
+    let (stop, stopped) = futures::channel::oneshot::channel::<()>();
+    typed
+        .notify_until(MockRequest::new("k"), "k", tx, async move {
+            let _ = stopped.await;
+        })
+        .unwrap();
+    sim.block_on(async {
+        sim.sleep(secs(1)).await;
+        assert_eq!(indexes(&drain(&rx)), [5]);
+    });
+    // No task runs between these two lines.
+    stop.send(()).unwrap();
+    typed
+        .prepopulate(&cache_core::RequestInfo::new("k"), 2, 9)
+        .unwrap();
+    assert_eq!(drain(&rx).len(), 0, "delivered after the signal");
+    sim.block_on(sim.sleep(secs(1)));
+    assert_eq!(cache.metrics().total().watches, 0);
+}
+
 #[test]
 fn close_ends_every_watch() {
     let sim = SimRuntime::new(1);

@@ -37,7 +37,8 @@ impl<T: CacheType> Store<T> {
     /// Offers a fetch's outcome to every watch of the entry, dropping those whose receiver is
     /// gone.
     pub(crate) fn deliver(&self, entry: &Arc<EntryHandle<T>>, snapshot: &Snapshot<T>) {
-        let mut removed = 0;
+        // Watches whose receiver is gone; no allocation unless there are some.
+        let mut gone = Vec::new();
         let mut list = entry.extras();
         let mut at = 0;
         while at < list.len() {
@@ -46,15 +47,19 @@ impl<T: CacheType> Store<T> {
                 at += 1;
                 continue;
             }
-            let Some(gone) = take_at(&mut list, at) else {
+            let Some(watcher) = take_at(&mut list, at) else {
                 break;
             };
-            gone.cancel();
-            removed += 1;
+            gone.push(watcher);
         }
         drop(list);
-        if removed > 0 {
-            self.watchers_removed(entry, removed);
+        if !gone.is_empty() {
+            // Counted out before their sinks are dropped (see `remove_watcher`), and the
+            // sinks (the consumer's) dropped out of the watch list's lock.
+            self.watchers_removed(entry, gone.len());
+            for watcher in gone {
+                watcher.cancel();
+            }
         }
     }
 
@@ -130,8 +135,10 @@ impl<T: CacheType> Store<T> {
                 .flatten()
         };
         if let Some(watcher) = removed {
-            watcher.cancel();
+            // Counted out before its sink is dropped: a consumer that sees its channel close
+            // finds the watch gone from the counts too.
             self.watchers_removed(entry, 1);
+            watcher.cancel();
         }
     }
 

@@ -61,6 +61,7 @@ mod sweep;
 pub use crate::error::WatchError;
 pub use handle::WatchHandle;
 pub(crate) use record::start;
+pub(crate) use sink::{CancelSignal, UntilSink};
 pub use sink::{EventSink, MapSink, SinkClosed, TrySendError, UpdateEvent, map_sink};
 pub use stream::WatchStream;
 pub(crate) use stream::start_stream;

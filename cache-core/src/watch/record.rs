@@ -286,12 +286,14 @@ where
     }
 
     fn stop(&self) {
-        self.cancel();
+        // Out of its entry (and the counts) first, then the sink dropped: a consumer that
+        // sees its channel close finds the watch gone from the counts too.
         if let Some((store, entry)) = self.home.get() {
             if let (Some(store), Some(entry)) = (store.upgrade(), entry.upgrade()) {
                 store.remove_watcher(&entry, self);
             }
         }
+        self.cancel();
     }
 }
 

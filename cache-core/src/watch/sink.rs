@@ -2,6 +2,10 @@
 //! and [`map_sink`]) and the event itself, [`UpdateEvent`].
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Waker};
 
 use crate::error::GetError;
 use crate::outcome::ResultMeta;
@@ -122,5 +126,88 @@ where
 
     fn is_closed(&self) -> bool {
         self.sink.is_closed()
+    }
+}
+
+/// The cancel signal of a [`TypedCache::notify_until`](crate::TypedCache::notify_until)
+/// watch, shared by the task that waits for it and the watch's sink ([`UntilSink`]), which
+/// looks at it before each delivery: once the signal has completed, no event is delivered,
+/// even before that task has run (Consul checks its context before each callback).
+pub(crate) struct CancelSignal<F> {
+    state: Mutex<SignalState<F>>,
+}
+
+struct SignalState<F> {
+    /// The caller's future, until it completes.
+    future: Option<Pin<Box<F>>>,
+    /// The waiting task's waker, used for every poll so that its wake-up stays registered.
+    waker: Option<Waker>,
+}
+
+impl<F: Future<Output = ()> + Send + 'static> CancelSignal<F> {
+    pub(crate) fn new(future: F) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(SignalState {
+                future: Some(Box::pin(future)),
+                waker: None,
+            }),
+        })
+    }
+
+    /// Whether the signal has completed, polling it once more (with the task's waker when
+    /// `waker` is `None`; `Some`: the task polling, whose waker is kept).
+    pub(crate) fn fired(&self, waker: Option<&Waker>) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(waker) = waker {
+            if !state.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                state.waker = Some(waker.clone());
+            }
+        }
+        let waker = state.waker.clone().unwrap_or_else(|| Waker::noop().clone());
+        let Some(future) = state.future.as_mut() else {
+            return true;
+        };
+        if future
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending()
+        {
+            return false;
+        }
+        let done = state.future.take();
+        drop(state);
+        drop(done);
+        true
+    }
+}
+
+/// A sink that refuses every event once its watch's [`CancelSignal`] has completed.
+pub(crate) struct UntilSink<S, F> {
+    pub(crate) inner: S,
+    pub(crate) signal: Arc<CancelSignal<F>>,
+}
+
+impl<Ev, S, F> EventSink<Ev> for UntilSink<S, F>
+where
+    Ev: Send + 'static,
+    S: EventSink<Ev>,
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn try_send(&self, event: Ev) -> Result<(), TrySendError> {
+        if self.signal.fired(None) {
+            return Err(TrySendError::Closed);
+        }
+        self.inner.try_send(event)
+    }
+
+    fn send(&self, event: Ev) -> BoxFuture<'static, Result<(), SinkClosed>> {
+        if self.signal.fired(None) {
+            return Box::pin(std::future::ready(Err(SinkClosed)));
+        }
+        self.inner.send(event)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.signal.fired(None) || self.inner.is_closed()
     }
 }
