@@ -1,5 +1,6 @@
-//! The harness of the adversarial cases (`adversary_real_time.rs`, `adversary_watch.rs`): each
-//! case on a fresh tokio runtime of one flavour, under a watchdog.
+//! The tokio harnesses of the adversarial cases (`adversary_real_time.rs`,
+//! `adversary_watch.rs`, whose shared cases are in `cache-core/tests/real_runtime/`): each case
+//! on a fresh tokio runtime of one flavour. The shared macros arm the watchdog.
 
 // Each test file is its own crate and runs the flavours it needs.
 #![allow(dead_code)]
@@ -7,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_core::testing::Watchdog;
 use cache_core::{BoxFuture, SharedRuntime};
 use cache_tokio::TokioRuntime;
 
@@ -22,12 +22,8 @@ pub(crate) enum Flavour {
     MultiWorker,
 }
 
-pub(crate) type Case = fn(SharedRuntime) -> BoxFuture<'static, ()>;
-
-/// Runs `case` on a new runtime of `flavour`; aborts the process if it is still running after
-/// a minute (a case that starves its runtime cannot fail by itself).
-pub(crate) fn run(flavour: Flavour, name: &'static str, case: Case) {
-    let _watchdog = Watchdog::arm(format!("adversary case {name} ({flavour:?})"));
+/// Runs `case` on a new runtime of `flavour`.
+pub(crate) fn run(flavour: Flavour, case: impl FnOnce(SharedRuntime) -> BoxFuture<'static, ()>) {
     let runtime = match flavour {
         Flavour::CurrentThread => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -51,4 +47,17 @@ pub(crate) fn run(flavour: Flavour, name: &'static str, case: Case) {
     });
     // Background tasks of a starved or leaking cache must not hold the test up either.
     runtime.shutdown_timeout(Duration::from_secs(5));
+}
+
+/// One harness per flavour, in the shape the shared case macros call.
+pub(crate) fn current_thread(case: impl FnOnce(SharedRuntime) -> BoxFuture<'static, ()>) {
+    run(Flavour::CurrentThread, case);
+}
+
+pub(crate) fn multi_thread(case: impl FnOnce(SharedRuntime) -> BoxFuture<'static, ()>) {
+    run(Flavour::MultiThread, case);
+}
+
+pub(crate) fn multi_worker(case: impl FnOnce(SharedRuntime) -> BoxFuture<'static, ()>) {
+    run(Flavour::MultiWorker, case);
 }
