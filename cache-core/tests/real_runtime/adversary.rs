@@ -227,8 +227,9 @@ impl Drop for Ticker {
 
 type Event = UpdateEvent<&'static str, u64, MockError>;
 
-/// A small bounded channel implementing `EventSink`, whose state the cases inspect: `Tx` is the sink, `Rx` the consumer; `Rx::recv` answers `None` once every
-/// `Tx` is gone and the buffer is drained.
+/// A small bounded channel implementing `EventSink`, whose state the cases inspect: `Tx` is
+/// the sink, `Rx` the consumer; `Rx::recv` answers `None` once every `Tx` is gone and the
+/// buffer is drained.
 struct ChanState<T> {
     buf: VecDeque<T>,
     cap: usize,
@@ -1473,8 +1474,8 @@ pub(crate) async fn reregister_churn(rt: SharedRuntime) {
 // ===== Threads =====
 
 /// Many OS threads hammer get / prepopulate / notify (each get blocked on from its thread with
-/// `futures`' executor, the cache's tasks on the runtime) while one closes the cache midway: no deadlock, no panic; once close has returned no watch is open
-/// (contract: Lifecycle 6).
+/// `futures`' executor, the cache's tasks on the runtime) while one closes the cache midway:
+/// no deadlock, no panic; once close has returned no watch is open (contract: Lifecycle 6).
 pub(crate) async fn threads_hammer_get_prepopulate_close(rt: SharedRuntime) {
     let cache = Cache::new(rt.clone());
     let typed = cache.register(slow(&rt, blocking(), Duration::from_micros(100)));
