@@ -490,8 +490,9 @@ impl<T: CacheType> TypedCache<T> {
 
     /// Like [`TypedCache::notify`], but the watch runs until `cancel` completes (a shutdown
     /// signal, a oneshot, a timer), or until its receiver is gone or the cache closes. Once
-    /// `cancel` has completed, no further event is delivered (it is also polled before each
-    /// delivery, so, like a sink, it must not call back into the cache).
+    /// `cancel` has completed, no further event is delivered: it is also polled before each
+    /// delivery, while the cache holds the entry's watch list, so, like a sink's `try_send`,
+    /// its `poll` must not call back into the cache.
     ///
     /// # Errors
     ///
@@ -519,7 +520,7 @@ impl<T: CacheType> TypedCache<T> {
         self.store.shared.rt.spawn(Box::pin(async move {
             {
                 let cancel = std::future::poll_fn(|cx| {
-                    if signal.fired(Some(cx.waker())) {
+                    if signal.poll_fired(cx.waker()) {
                         std::task::Poll::Ready(())
                     } else {
                         std::task::Poll::Pending

@@ -6,7 +6,9 @@
 //! invalid and nothing fetching starts one; for refresh types, and for any entry with watches,
 //! the same chain goes on fetching after each completed fetch, pausing for backoff, the
 //! refresh timer or a polled watch's interval. Each start bumps the generation, so an older
-//! chain that wakes up finds it no longer owns the entry and stops.
+//! chain that wakes up finds it no longer owns the entry and stops. A fetch due at once after
+//! the last one is claimed (`Sleeping` → `Fetching`) by the completion itself, under the lock
+//! the woken gets look under, so that they find it in flight (contract: Refresh 6).
 //!
 //! ```text
 //!            start(now)                     fetch completes, next_fetch = Some(wait)
@@ -91,8 +93,9 @@ impl ChainState {
         (self.generation, replaced)
     }
 
-    /// The sleeping chain of `generation` looks: it fetches if its time is `due` or it was
-    /// asked to retry now. Returns whether it now fetches.
+    /// The sleeping chain of `generation` claims its next fetch if its time is `due` or it was
+    /// asked to retry now (called by the chain when it looks, and by a completion whose next
+    /// fetch is due at once). Returns whether it now fetches.
     pub(crate) fn claim(&mut self, generation: u32, due: bool) -> bool {
         match self.chain {
             Chain::Sleeping { retry_now } if self.owns(generation) && (due || retry_now) => {

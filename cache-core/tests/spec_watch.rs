@@ -336,6 +336,39 @@ fn nothing_is_delivered_after_the_cancel_signal_completed() {
     assert_eq!(cache.metrics().total().watches, 0);
 }
 
+/// The same for an event waiting for room in a full sink: room that appears after the signal
+/// does not let it through (the waiting send checks the signal before each poll). Contract:
+/// Watch 8.
+#[test]
+fn an_event_waiting_for_room_is_not_delivered_after_the_cancel_signal() {
+    let sim = SimRuntime::new(1);
+    let cache = Cache::new(sim.handle());
+    let server = MockServer::new(sim.handle(), 1u64, 5);
+    let typed = cache.register(server.blocking_type(RegisterOptions::new()));
+    let (tx, rx) = async_channel::bounded(1);
+    let (stop, stopped) = futures::channel::oneshot::channel::<()>();
+    typed
+        .notify_until(MockRequest::new("k"), "k", tx, async move {
+            let _ = stopped.await;
+        })
+        .unwrap();
+    sim.block_on(async {
+        sim.sleep(secs(1)).await;
+        // The sink holds index 5; the change to 6 waits for room.
+        server.set(2, 6);
+        sim.sleep(secs(1)).await;
+    });
+    stop.send(()).unwrap();
+    let first: Event<u64> = rx.try_recv().unwrap();
+    assert_eq!(first.meta.index, 5);
+    sim.block_on(sim.sleep(secs(1)));
+    let after: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|e| e.meta.index)
+        .collect();
+    assert!(after.is_empty(), "delivered after the signal: {after:?}");
+    assert_eq!(cache.metrics().total().watches, 0);
+}
+
 #[test]
 fn close_ends_every_watch() {
     let sim = SimRuntime::new(1);

@@ -4,12 +4,14 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Waker};
+use std::task::{Context, Poll, Waker};
 
 use crate::error::GetError;
 use crate::outcome::ResultMeta;
 use crate::runtime::BoxFuture;
+use crate::store::{contained, drop_contained};
 
 /// One change of a watched entry (Consul's `UpdateEvent`).
 #[derive(Debug, Clone)]
@@ -133,20 +135,29 @@ where
 /// watch, shared by the task that waits for it and the watch's sink ([`UntilSink`]), which
 /// looks at it before each delivery: once the signal has completed, no event is delivered,
 /// even before that task has run (Consul checks its context before each callback).
+///
+/// The sink looks while the cache holds the entry's watch list, so it never waits for the
+/// signal's lock: when the task is polling the signal at that moment, the sink counts it as
+/// not fired (the task, seeing it fire, ends the watch).
 pub(crate) struct CancelSignal<F> {
+    /// Set once the future has completed (or panicked): read without the lock.
+    done: AtomicBool,
     state: Mutex<SignalState<F>>,
 }
 
 struct SignalState<F> {
     /// The caller's future, until it completes.
     future: Option<Pin<Box<F>>>,
-    /// The waiting task's waker, used for every poll so that its wake-up stays registered.
+    /// The waiting task's waker, used for every poll so that its wake-up stays registered
+    /// (before the task's first poll, a poll from the sink uses a no-op waker; the task's
+    /// first poll registers its own).
     waker: Option<Waker>,
 }
 
 impl<F: Future<Output = ()> + Send + 'static> CancelSignal<F> {
     pub(crate) fn new(future: F) -> Arc<Self> {
         Arc::new(Self {
+            done: AtomicBool::new(false),
             state: Mutex::new(SignalState {
                 future: Some(Box::pin(future)),
                 waker: None,
@@ -154,29 +165,47 @@ impl<F: Future<Output = ()> + Send + 'static> CancelSignal<F> {
         })
     }
 
-    /// Whether the signal has completed, polling it once more (with the task's waker when
-    /// `waker` is `None`; `Some`: the task polling, whose waker is kept).
-    pub(crate) fn fired(&self, waker: Option<&Waker>) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(waker) = waker {
-            if !state.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-                state.waker = Some(waker.clone());
-            }
+    /// The waiting task's look: whether the signal has completed, polling it with the task's
+    /// `waker` (kept for the sink's polls).
+    pub(crate) fn poll_fired(&self, waker: &Waker) -> bool {
+        if self.done.load(Ordering::Acquire) {
+            return true;
         }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !state.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            state.waker = Some(waker.clone());
+        }
+        self.poll_locked(state)
+    }
+
+    /// The sink's look before a delivery: whether the signal has completed, polling it once
+    /// more unless the task is polling it right now (then: not yet).
+    pub(crate) fn fired(&self) -> bool {
+        if self.done.load(Ordering::Acquire) {
+            return true;
+        }
+        match self.state.try_lock() {
+            Ok(state) => self.poll_locked(state),
+            Err(std::sync::TryLockError::Poisoned(p)) => self.poll_locked(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
+    }
+
+    /// Polls the future once under its lock. A panic counts as fired (the watch ends, as for a
+    /// panicking sink); the finished future is dropped after the lock, contained.
+    fn poll_locked(&self, mut state: std::sync::MutexGuard<'_, SignalState<F>>) -> bool {
         let waker = state.waker.clone().unwrap_or_else(|| Waker::noop().clone());
         let Some(future) = state.future.as_mut() else {
             return true;
         };
-        if future
-            .as_mut()
-            .poll(&mut Context::from_waker(&waker))
-            .is_pending()
-        {
+        let polled = contained(|| future.as_mut().poll(&mut Context::from_waker(&waker)));
+        if let Some(Poll::Pending) = polled {
             return false;
         }
-        let done = state.future.take();
+        let finished = state.future.take();
+        self.done.store(true, Ordering::Release);
         drop(state);
-        drop(done);
+        drop_contained(finished);
         true
     }
 }
@@ -194,20 +223,29 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn try_send(&self, event: Ev) -> Result<(), TrySendError> {
-        if self.signal.fired(None) {
+        if self.signal.fired() {
             return Err(TrySendError::Closed);
         }
         self.inner.try_send(event)
     }
 
     fn send(&self, event: Ev) -> BoxFuture<'static, Result<(), SinkClosed>> {
-        if self.signal.fired(None) {
+        if self.signal.fired() {
             return Box::pin(std::future::ready(Err(SinkClosed)));
         }
-        self.inner.send(event)
+        // A send waiting for room checks the signal before each poll: room that appears after
+        // the signal does not let the event through.
+        let mut send = self.inner.send(event);
+        let signal = self.signal.clone();
+        Box::pin(std::future::poll_fn(move |cx| {
+            if signal.fired() {
+                return Poll::Ready(Err(SinkClosed));
+            }
+            send.as_mut().poll(cx)
+        }))
     }
 
     fn is_closed(&self) -> bool {
-        self.signal.fired(None) || self.inner.is_closed()
+        self.signal.fired() || self.inner.is_closed()
     }
 }
