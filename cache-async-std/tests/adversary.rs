@@ -7,6 +7,9 @@ use std::sync::Arc;
 use cache_async_std::AsyncStdRuntime;
 use cache_core::{BoxFuture, SharedRuntime};
 
+#[path = "../../cache-core/tests/real_runtime/harness.rs"]
+mod harness;
+
 #[macro_use]
 #[path = "../../cache-core/tests/real_runtime/adversary.rs"]
 mod adversary;

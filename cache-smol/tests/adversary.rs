@@ -8,6 +8,9 @@ use std::sync::Arc;
 use cache_core::{BoxFuture, SharedRuntime};
 use cache_smol::SmolRuntime;
 
+#[path = "../../cache-core/tests/real_runtime/harness.rs"]
+mod harness;
+
 #[macro_use]
 #[path = "../../cache-core/tests/real_runtime/adversary.rs"]
 mod adversary;

@@ -20,6 +20,9 @@ use cache_tokio::TokioRuntime;
 
 mod support;
 
+#[path = "../../cache-core/tests/real_runtime/harness.rs"]
+mod harness;
+
 #[macro_use]
 #[path = "../../cache-core/tests/real_runtime/adversary.rs"]
 mod adversary;

@@ -7,6 +7,9 @@
 
 mod support;
 
+#[path = "../../cache-core/tests/real_runtime/harness.rs"]
+mod harness;
+
 #[macro_use]
 #[path = "../../cache-core/tests/real_runtime/adversary_watch.rs"]
 mod adversary_watch;

@@ -18,22 +18,17 @@
 //! [`Watchdog`]: cache_core::testing::Watchdog
 
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cache_core::testing::{MockError, MockRequest, MockServer, MockType};
 use cache_core::watch::{EventSink, SinkClosed, TrySendError, UpdateEvent};
 use cache_core::{
     BackoffPolicy, BoxFuture, Cache, CacheType, FetchOptions, FetchResult, RegisterOptions,
-    RequestInfo, SharedRuntime, Sleep, WatchError,
+    RequestInfo, SharedRuntime, WatchError,
 };
-use futures::channel::oneshot;
-use futures::future::{AbortHandle, Abortable, Aborted, Either, select};
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{Stream, StreamExt};
 
 /// One `#[test]` per case, each run by `$harness` under a watchdog. `$harness` is called with
 /// the case as `FnOnce(SharedRuntime) -> BoxFuture<'static, ()>`; the including module must be
@@ -77,97 +72,13 @@ macro_rules! adversary_watch_cases {
 
 // ===== Helpers =====
 
-const MARGIN: Duration = Duration::from_secs(5);
 const LONG: Duration = Duration::from_secs(10);
 
 type Ev = UpdateEvent<usize, u64, MockError>;
 type Rx = async_channel::Receiver<Ev>;
 
-async fn sleep(rt: &SharedRuntime, d: Duration) {
-    Sleep::after(&**rt, d).await;
-}
-
-/// `fut`'s output if it completes within `d` (else `fut` is dropped).
-async fn timeout<F: Future>(rt: &SharedRuntime, d: Duration, fut: F) -> Option<F::Output> {
-    let fut = std::pin::pin!(fut);
-    match select(fut, Sleep::after(&**rt, d)).await {
-        Either::Left((out, _)) => Some(out),
-        Either::Right(_) => None,
-    }
-}
-
-/// Lets the runtime run other tasks once.
-async fn yield_now() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    })
-    .await
-}
-
-/// A task spawned with [`spawn`]: awaiting it gives its output (`Err(Aborted)` once
-/// [`Task::abort`] stopped it) and resumes its panic if it panicked.
-struct Task<T> {
-    output: oneshot::Receiver<std::thread::Result<T>>,
-    abort: AbortHandle,
-}
-
-impl<T> Task<T> {
-    fn abort(&self) {
-        self.abort.abort();
-    }
-}
-
-impl<T> Future for Task<T> {
-    type Output = Result<T, Aborted>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.output.poll_unpin(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Ok(out))) => Poll::Ready(Ok(out)),
-            Poll::Ready(Ok(Err(panic))) => std::panic::resume_unwind(panic),
-            Poll::Ready(Err(oneshot::Canceled)) => Poll::Ready(Err(Aborted)),
-        }
-    }
-}
-
-/// Runs `fut` on the cache's runtime (`Runtime::spawn`).
-fn spawn<T: Send + 'static>(
-    rt: &SharedRuntime,
-    fut: impl Future<Output = T> + Send + 'static,
-) -> Task<T> {
-    let (tx, output) = oneshot::channel();
-    let (abort, registration) = AbortHandle::new_pair();
-    rt.spawn(Box::pin(async move {
-        let run = Abortable::new(AssertUnwindSafe(fut).catch_unwind(), registration);
-        if let Ok(out) = run.await {
-            let _ = tx.send(out);
-        }
-    }));
-    Task { output, abort }
-}
-
-/// Polls `cond` every few milliseconds until it holds, failing after 10 s.
-async fn eventually(rt: &SharedRuntime, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = rt.now() + LONG;
-    while !cond() {
-        assert!(rt.now() < deadline, "timed out waiting until {what}");
-        sleep(rt, Duration::from_millis(5)).await;
-    }
-}
-
-/// Awaits `fut`, failing if it takes more than `limit`.
-async fn within<F: Future>(rt: &SharedRuntime, limit: Duration, what: &str, fut: F) -> F::Output {
-    timeout(rt, limit, fut)
-        .await
-        .unwrap_or_else(|| panic!("{what}: not done within {limit:?}"))
-}
+// The including crate declares the shared harness (`real_runtime/harness.rs`) as `harness`.
+use crate::harness::{MARGIN, eventually, sleep, spawn, timeout, within, yield_now};
 
 /// The next event of a channel (`None` once it closed), failing after 10 s.
 async fn recv<T>(rt: &SharedRuntime, rx: &async_channel::Receiver<T>, what: &str) -> Option<T> {
