@@ -131,14 +131,19 @@ where
     }
 }
 
+/// How many times a delivery looks at a cancel signal that the waiting task is polling (see
+/// [`CancelSignal::fired`]).
+const SIGNAL_LOOKS: u32 = 1_000;
+
 /// The cancel signal of a [`TypedCache::notify_until`](crate::TypedCache::notify_until)
 /// watch, shared by the task that waits for it and the watch's sink ([`UntilSink`]), which
 /// looks at it before each delivery: once the signal has completed, no event is delivered,
 /// even before that task has run (Consul checks its context before each callback).
 ///
-/// The sink looks while the cache holds the entry's watch list, so it never waits for the
-/// signal's lock: when the task is polling the signal at that moment, the sink counts it as
-/// not fired (the task, seeing it fire, ends the watch).
+/// The sink looks while the cache holds the entry's watch list, so it never blocks on the
+/// signal's lock: when the task is polling the signal at that moment, the sink waits a little
+/// for that poll (which sets `done` if the signal fired), then counts it as not fired (the
+/// task, seeing it fire, ends the watch).
 pub(crate) struct CancelSignal<F> {
     /// Set once the future has completed (or panicked): read without the lock.
     done: AtomicBool,
@@ -179,16 +184,24 @@ impl<F: Future<Output = ()> + Send + 'static> CancelSignal<F> {
     }
 
     /// The sink's look before a delivery: whether the signal has completed, polling it once
-    /// more unless the task is polling it right now (then: not yet).
+    /// more. When the waiting task is polling it at that moment, the look waits for that poll
+    /// (a future's poll is short: a spin, then yielding the thread), but never blocks on the
+    /// lock: after [`SIGNAL_LOOKS`] tries it counts the signal as not fired.
     pub(crate) fn fired(&self) -> bool {
-        if self.done.load(Ordering::Acquire) {
-            return true;
+        for look in 0..SIGNAL_LOOKS {
+            if self.done.load(Ordering::Acquire) {
+                return true;
+            }
+            match self.state.try_lock() {
+                Ok(state) => return self.poll_locked(state),
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    return self.poll_locked(p.into_inner());
+                }
+                Err(std::sync::TryLockError::WouldBlock) if look < 64 => std::hint::spin_loop(),
+                Err(std::sync::TryLockError::WouldBlock) => std::thread::yield_now(),
+            }
         }
-        match self.state.try_lock() {
-            Ok(state) => self.poll_locked(state),
-            Err(std::sync::TryLockError::Poisoned(p)) => self.poll_locked(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => false,
-        }
+        self.done.load(Ordering::Acquire)
     }
 
     /// Polls the future once under its lock. A panic counts as fired (the watch ends, as for a

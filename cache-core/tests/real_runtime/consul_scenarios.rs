@@ -1985,10 +1985,27 @@ pub(crate) async fn cache_notify_first_revision(rt: SharedRuntime) {
         "cancelling the context ended both watches"
     );
     until_index(&rt, &typed, 8).await;
+    eventually(&rt, "both watches are counted out", || {
+        cache.metrics().total().watches == 0
+    })
+    .await;
     sleep(&rt, ms(50)).await;
-    assert_eq!(script.count(), 5, "nothing fetches after the watches ended");
-    assert_eq!(script.min_indexes(), [0, 4, 5, 5, 7]);
-    assert_eq!(cache.metrics().total().watches, 0);
+    // The released query's completion may race the watches' removal (their task runs on
+    // another thread, and the script answers index 8 at once from then on): until the chain
+    // sees the entry unwatched it may fetch again at 8, delivering nothing (asserted above);
+    // it stops after the fetch in flight (contract: Watch 8). Nothing fetches after that.
+    let fetched = script.min_indexes();
+    assert!(
+        fetched.starts_with(&[0, 4, 5, 5, 7]) && fetched[5..].iter().all(|&i| i == 8),
+        "{fetched:?}"
+    );
+    let settled = script.count();
+    sleep(&rt, ms(100)).await;
+    assert_eq!(
+        script.count(),
+        settled,
+        "nothing fetches after the watches ended"
+    );
     cache.close();
 }
 
