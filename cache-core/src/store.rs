@@ -1240,13 +1240,7 @@ impl<T: CacheType> ErasedStore for Store<T> {
                 .collect();
             for entry in entries {
                 let list = entry.extras().take();
-                if !list.is_empty() {
-                    // Counted out before the sinks are dropped (see `remove_watcher`).
-                    self.watchers_removed(&entry, list.len());
-                    for watcher in &list {
-                        watcher.cancel();
-                    }
-                }
+                self.watchers_removed(&entry, &list);
             }
         }
     }

@@ -279,19 +279,49 @@ fn dropping_the_receiver_ends_the_watch() {
     assert_eq!(cache.metrics().total().watches, 0);
 }
 
-#[test]
-fn cancel_signal_stops_the_watch() {
+/// A blocking watch of "k" (server at index 5) through `notify_until` whose signal is
+/// `stop`, on a sink of `cap` events.
+struct UntilWatch {
+    sim: SimRuntime,
+    cache: Cache,
+    server: Arc<MockServer<u64>>,
+    typed: cache_core::TypedCache<MockType<u64>>,
+    rx: Receiver<Event<u64>>,
+    stop: futures::channel::oneshot::Sender<()>,
+}
+
+fn until_watch(cap: usize) -> UntilWatch {
     let sim = SimRuntime::new(1);
     let cache = Cache::new(sim.handle());
     let server = MockServer::new(sim.handle(), 1u64, 5);
     let typed = cache.register(server.blocking_type(RegisterOptions::new()));
-    let (tx, rx) = async_channel::bounded(16);
+    let (tx, rx) = async_channel::bounded(cap);
     let (stop, stopped) = futures::channel::oneshot::channel::<()>();
     typed
         .notify_until(MockRequest::new("k"), "k", tx, async move {
             let _ = stopped.await;
         })
         .unwrap();
+    UntilWatch {
+        sim,
+        cache,
+        server,
+        typed,
+        rx,
+        stop,
+    }
+}
+
+#[test]
+fn cancel_signal_stops_the_watch() {
+    let UntilWatch {
+        sim,
+        cache,
+        server,
+        typed: _typed,
+        rx,
+        stop,
+    } = until_watch(16);
     sim.block_on(async {
         sim.sleep(secs(1)).await;
         assert_eq!(drain(&rx).len(), 1);
@@ -311,17 +341,14 @@ fn cancel_signal_stops_the_watch() {
 /// on async-std by the real-runtime Consul scenarios). Contract: Watch 8.
 #[test]
 fn nothing_is_delivered_after_the_cancel_signal_completed() {
-    let sim = SimRuntime::new(1);
-    let cache = Cache::new(sim.handle());
-    let server = MockServer::new(sim.handle(), 1u64, 5);
-    let typed = cache.register(server.blocking_type(RegisterOptions::new()));
-    let (tx, rx) = async_channel::bounded(16);
-    let (stop, stopped) = futures::channel::oneshot::channel::<()>();
-    typed
-        .notify_until(MockRequest::new("k"), "k", tx, async move {
-            let _ = stopped.await;
-        })
-        .unwrap();
+    let UntilWatch {
+        sim,
+        cache,
+        server: _server,
+        typed,
+        rx,
+        stop,
+    } = until_watch(16);
     sim.block_on(async {
         sim.sleep(secs(1)).await;
         assert_eq!(indexes(&drain(&rx)), [5]);
@@ -341,17 +368,14 @@ fn nothing_is_delivered_after_the_cancel_signal_completed() {
 /// Watch 8.
 #[test]
 fn an_event_waiting_for_room_is_not_delivered_after_the_cancel_signal() {
-    let sim = SimRuntime::new(1);
-    let cache = Cache::new(sim.handle());
-    let server = MockServer::new(sim.handle(), 1u64, 5);
-    let typed = cache.register(server.blocking_type(RegisterOptions::new()));
-    let (tx, rx) = async_channel::bounded(1);
-    let (stop, stopped) = futures::channel::oneshot::channel::<()>();
-    typed
-        .notify_until(MockRequest::new("k"), "k", tx, async move {
-            let _ = stopped.await;
-        })
-        .unwrap();
+    let UntilWatch {
+        sim,
+        cache,
+        server,
+        typed: _typed,
+        rx,
+        stop,
+    } = until_watch(1);
     sim.block_on(async {
         sim.sleep(secs(1)).await;
         // The sink holds index 5; the change to 6 waits for room.

@@ -53,14 +53,8 @@ impl<T: CacheType> Store<T> {
             gone.push(watcher);
         }
         drop(list);
-        if !gone.is_empty() {
-            // Counted out before their sinks are dropped (see `remove_watcher`), and the
-            // sinks (the consumer's) dropped out of the watch list's lock.
-            self.watchers_removed(entry, gone.len());
-            for watcher in gone {
-                watcher.cancel();
-            }
-        }
+        // Their sinks (the consumer's) are dropped out of the watch list's lock.
+        self.watchers_removed(entry, &gone);
     }
 
     /// Registers a watch on the entry of `request` and makes sure something keeps fetching it.
@@ -135,14 +129,28 @@ impl<T: CacheType> Store<T> {
                 .flatten()
         };
         if let Some(watcher) = removed {
-            // Counted out before its sink is dropped: a consumer that sees its channel close
-            // finds the watch gone from the counts too.
-            self.watchers_removed(entry, 1);
+            self.watchers_removed(entry, std::slice::from_ref(&watcher));
+        }
+    }
+
+    /// Ends watches already taken out of `entry`'s list: counts them out, then cancels them
+    /// (drops their sinks), in that order on every path, so that a consumer that sees its
+    /// channel close finds the watch gone from the counts too.
+    pub(crate) fn watchers_removed(
+        &self,
+        entry: &Arc<EntryHandle<T>>,
+        removed: &[Arc<dyn Watcher<T>>],
+    ) {
+        if removed.is_empty() {
+            return;
+        }
+        self.count_out(entry, removed.len());
+        for watcher in removed {
             watcher.cancel();
         }
     }
 
-    pub(crate) fn watchers_removed(&self, entry: &Arc<EntryHandle<T>>, n: usize) {
+    fn count_out(&self, entry: &Arc<EntryHandle<T>>, n: usize) {
         self.counters.watches.fetch_sub(n as u64, Ordering::Relaxed);
         // The TTL counts again from the last watch.
         let now = self.nanos(self.shared.rt.now());

@@ -86,24 +86,25 @@ pub(super) async fn agent_self(State(state): State<AgentState>, headers: HeaderM
 
 /// `/v1/session/*`: not implemented.
 pub(super) async fn session(uri: Uri) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        format!(
-            "{} is not supported: this agent implements no sessions (and so no locks, \
-             ?acquire or ?release)",
-            uri.path()
-        ),
+    not_supported(
+        &uri,
+        "this agent implements no sessions (and so no locks, ?acquire or ?release)",
     )
 }
 
 /// `/v1/txn`: not implemented.
 pub(super) async fn txn(uri: Uri) -> ApiError {
+    not_supported(
+        &uri,
+        "this agent implements no transactions; write keys one by one (PUT /v1/kv/<key>, \
+         with ?cas= for a compare-and-set)",
+    )
+}
+
+/// A 400 naming the Consul endpoint the agent does not implement, and why.
+fn not_supported(uri: &Uri, why: &str) -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
-        format!(
-            "{} is not supported: this agent implements no transactions; write keys one by \
-             one (PUT /v1/kv/<key>, with ?cas= for a compare-and-set)",
-            uri.path()
-        ),
+        format!("{} is not supported: {why}", uri.path()),
     )
 }
